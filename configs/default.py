@@ -1,0 +1,93 @@
+"""Base configuration for MoCo pretraining; every experiment config patches it.
+
+Not an experiment by itself: `configs/imagenette.py`, `configs/imagenet.py`,
+`configs/cifar10.py` and the `configs/mocov1*.py` ablation rows start from
+`get_config()` here and change the fields their recipe needs. Every field has a
+comment so that `--config.a.b=value` overrides can be chosen without reading
+the code. Sentinels: `-1` means "derive it" (documented per field).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (MoCo v2, ResNet-18, Imagenette 128 px) configuration."""
+  config = ml_collections.ConfigDict()
+
+  config.seed = 0  # Seeds parameters, queue, augmentation and data order.
+  config.batch_size = 256  # Global batch (all devices, all hosts).
+  config.num_epochs = 200  # Length of pretraining in passes over the train split.
+  config.num_train_steps = -1  # -1: num_epochs x steps_per_epoch; >0 overrides.
+
+  # --- Encoder ---------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet18'  # resnet18 | resnet50 | resnet_tiny (tests).
+  config.model.stem = 'imagenet'  # imagenet (7x7/2 + maxpool) | cifar (3x3/1, no maxpool).
+  config.model.width = 64  # Channels of the first stage (torchvision: 64).
+  config.model.head = 'mlp'  # mlp (v2: Linear-ReLU-Linear) | linear (v1).
+  config.model.head_hidden_dim = -1  # -1: the backbone's feature width (512 R18, 2048 R50).
+  config.model.embed_dim = 128  # Output dim of the head = dim of queue keys.
+  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (loss stays float32).
+
+  # --- MoCo ---------------------------------------------------------------------
+  config.moco = ml_collections.ConfigDict()
+  config.moco.queue_size = 16384  # K: negatives kept; any K >= global batch works.
+  config.moco.temperature = 0.2  # T of InfoNCE (v2: 0.2, v1: 0.07).
+  config.moco.momentum = 0.999  # m of the key encoder EMA, in [0, 1).
+  config.moco.bn_mode = 'shuffle'  # shuffle (paper) | sync (global stats) | local (per device).
+  config.moco.bn_splits = -1  # BN groups per device in shuffle mode; -1: 8 groups in total.
+
+  # --- Data ---------------------------------------------------------------------
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds'  # tfds | folder (ImageFolder dir or .tar/.tgz) | synthetic.
+  config.data.name = 'imagenette/160px-v2'  # tfds dataset name (source=tfds).
+  config.data.data_dir = ''  # tfds data_dir ('' = tfds default).
+  config.data.path = ''  # Local ImageFolder tree or archive; setting it selects source=folder.
+  config.data.train_split = 'train'  # Split used for pretraining.
+  config.data.eval_split = 'val'  # Split used for kNN / linear evaluation.
+  config.data.image_size = 128  # Network input size (crop output), pixels.
+  config.data.cache_size = -1  # Decoded square size kept in memory; -1: image_size.
+  config.data.cache_dir = ''  # Where decoded arrays are cached ('' = ~/.cache/moco_jax).
+  config.data.num_workers = 4  # Host decode threads.
+  config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
+  config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
+
+  # --- Augmentation (on the accelerator) ---------------------------------------
+  config.aug = ml_collections.ConfigDict()
+  config.aug.crop_scale = (0.2, 1.0)  # RandomResizedCrop area range (v1: 0.2-1).
+  config.aug.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range.
+  config.aug.jitter = (0.4, 0.4, 0.4, 0.1)  # Brightness, contrast, saturation, hue.
+  config.aug.jitter_prob = 0.8  # Probability of colour jitter (v1: 1.0).
+  config.aug.grayscale_prob = 0.2  # Probability of grayscale.
+  config.aug.blur_prob = 0.5  # Probability of Gaussian blur (v1: 0.0).
+  config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range.
+  config.aug.flip = True  # Random horizontal flip.
+  config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).
+  config.aug.std = (0.229, 0.224, 0.225)  # Normalisation std (ImageNet).
+
+  # --- Optimiser ------------------------------------------------------------------
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 0.03  # lr for batch 256; actual lr = base_lr x batch_size / 256.
+  config.optim.momentum = 0.9  # SGD momentum.
+  config.optim.weight_decay = 1e-4  # L2 on all query parameters (none on keys).
+  config.optim.schedule = 'cosine'  # cosine | step | constant.
+  config.optim.step_epochs = (120, 160)  # step schedule: epochs where lr x0.1.
+  config.optim.warmup_epochs = 0.0  # Linear warm-up length (epochs), 0 = none.
+
+  # --- Evaluation --------------------------------------------------------------------
+  config.eval = ml_collections.ConfigDict()
+  config.eval.knn_every_epochs = 10  # kNN monitor period in epochs; 0 = only at the end; -1 = never.
+  config.eval.knn_k = 200  # Neighbours of the kNN monitor.
+  config.eval.knn_temperature = 0.1  # Weight exp(sim / t) of the kNN vote.
+  config.eval.batch_size = 512  # Batch of feature extraction.
+  config.eval.linear_epochs = 100  # Linear probe epochs (paper: 100).
+  config.eval.linear_lr = 30.0  # Linear probe lr for batch 256 (paper: 30, unnormalised features).
+  config.eval.linear_batch_size = 256  # Linear probe batch.
+  config.eval.linear_step_epochs = (60, 80)  # Linear probe lr x0.1 at these epochs.
+
+  # --- Logging and checkpoints ------------------------------------------------------
+  config.log_every_steps = 50  # Progress line + metrics.jsonl row period.
+  config.checkpoint_every_steps = 1000  # Orbax save period (and always at the end).
+  config.keep_checkpoints = 3  # Checkpoints kept in workdir/checkpoints.
+  config.tensorboard = True  # Also write TensorBoard events when TF is importable.
+  return config

@@ -1,0 +1,75 @@
+"""Config validation: reject bad values before anything is compiled.
+
+Every message names the field and says how to fix it, so a typo in an override
+costs a second, not a traceback from inside XLA after minutes of compilation.
+"""
+
+import ml_collections
+
+_CHOICES = {
+    ('model', 'name'): ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny'),
+    ('model', 'stem'): ('imagenet', 'cifar'),
+    ('model', 'head'): ('mlp', 'linear'),
+    ('model', 'dtype'): ('float32', 'bfloat16'),
+    ('moco', 'bn_mode'): ('shuffle', 'sync', 'local'),
+    ('optim', 'schedule'): ('cosine', 'step', 'constant'),
+    ('data', 'source'): ('tfds', 'folder', 'synthetic'),
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1):
+  """Raises ConfigError for the first config value that cannot work."""
+  for (section, field), choices in _CHOICES.items():
+    value = config[section][field]
+    _require(value in choices,
+             f'config.{section}.{field}={value!r} is not one of {list(choices)}.')
+  batch = config.batch_size
+  _require(isinstance(batch, int) and batch > 0, f'config.batch_size={batch!r} must be > 0.')
+  _require(batch % num_devices == 0,
+           f'config.batch_size={batch} is not divisible by the {num_devices} devices: use a '
+           f'multiple of {num_devices}, e.g. --config.batch_size={max(1, batch // num_devices) * num_devices}.')
+  _require(batch % process_count == 0,
+           f'config.batch_size={batch} is not divisible by the {process_count} processes.')
+  _require(config.optim.base_lr > 0, f'config.optim.base_lr={config.optim.base_lr} must be > 0.')
+  _require(config.optim.weight_decay >= 0,
+           f'config.optim.weight_decay={config.optim.weight_decay} must be >= 0.')
+  _require(0 <= config.optim.momentum < 1,
+           f'config.optim.momentum={config.optim.momentum} must be in [0, 1).')
+  _require(config.optim.warmup_epochs >= 0,
+           f'config.optim.warmup_epochs={config.optim.warmup_epochs} must be >= 0.')
+  _require(config.moco.temperature > 0,
+           f'config.moco.temperature={config.moco.temperature} must be > 0 (paper: 0.2).')
+  _require(0 <= config.moco.momentum < 1,
+           f'config.moco.momentum={config.moco.momentum} must be in [0, 1) (paper: 0.999).')
+  _require(config.moco.queue_size >= batch,
+           f'config.moco.queue_size={config.moco.queue_size} must be >= config.batch_size={batch}: '
+           'each step enqueues the whole global batch.')
+  _require(config.model.embed_dim > 0, f'config.model.embed_dim={config.model.embed_dim} must be > 0.')
+  _require(config.model.width > 0, f'config.model.width={config.model.width} must be > 0.')
+  _require(config.data.image_size > 0, f'config.data.image_size={config.data.image_size} must be > 0.')
+  if config.moco.bn_mode == 'shuffle' and config.moco.bn_splits > 0:
+    local = batch // num_devices
+    _require(local % config.moco.bn_splits == 0,
+             f'config.moco.bn_splits={config.moco.bn_splits} does not divide the per-device batch '
+             f'{local} (batch_size / devices).')
+  _require(config.num_epochs > 0 or config.num_train_steps > 0,
+           'config.num_epochs or config.num_train_steps must be > 0.')
+  _require(config.log_every_steps > 0, f'config.log_every_steps={config.log_every_steps} must be > 0.')
+  _require(config.checkpoint_every_steps > 0,
+           f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0.')
+
+
+def check_dataset(config: ml_collections.ConfigDict, num_examples: int):
+  """The dataset must hold at least one global batch."""
+  _require(num_examples >= config.batch_size,
+           f'config.batch_size={config.batch_size} is larger than the training split '
+           f'({num_examples} examples): lower --config.batch_size.')

@@ -1,0 +1,112 @@
+"""Progress lines and plottable metrics: WORKDIR/metrics.jsonl (+ TensorBoard).
+
+metrics.jsonl holds one JSON object per logged step, so `pandas.read_json(...,
+lines=True)` plots a run; TensorBoard events are written too when tensorboardX
+is importable (no TensorFlow needed, so the GPU machines can have them).
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+
+def average(rows):
+  """Mean of each metric over a list of per-step metric dicts."""
+  return {k: float(np.mean([np.asarray(r[k]) for r in rows])) for k in rows[0]}
+
+
+class Progress:
+  """Throughput and ETA from wall time between logged steps."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch: int, steps_per_epoch: int):
+    self.total_steps = total_steps
+    self.global_batch = global_batch
+    self.steps_per_epoch = max(steps_per_epoch, 1)
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = step - self._last_step
+    seconds = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    steps_per_sec = steps / seconds
+    return {
+        'epoch': step / self.steps_per_epoch,
+        'steps_per_sec': steps_per_sec,
+        'images_per_sec': steps_per_sec * self.global_batch,
+        'eta_sec': (self.total_steps - step) / max(steps_per_sec, 1e-9),
+    }
+
+
+class MetricsWriter:
+  """Writes config.json once and a metrics.jsonl row (+ TB scalars) per call."""
+
+  def __init__(self, workdir: str, config=None, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.workdir = workdir
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if config is not None:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      tensorboard = tensorboard and config.get('tensorboard', True)
+    if tensorboard:
+      self._tb = _maybe_tensorboard(workdir)
+
+  def write(self, step: int, scalars: dict, quiet: bool = False):
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    if self._tb is not None:
+      self._tb(step, row)
+    if not quiet:
+      logging.info('%s', format_progress(row))
+
+  def close(self):
+    self._tb = None
+
+
+def format_progress(row: dict) -> str:
+  """'step 100 | epoch 2.7 | loss 7.1234 | 1234 img/s | ETA 0:12:34' style line."""
+  parts = [f"step {row['step']}"]
+  if 'epoch' in row:
+    parts.append(f"epoch {row['epoch']:.2f}")
+  for key in ('train_loss', 'contrastive_acc', 'learning_rate', 'knn_top1'):
+    if key in row:
+      parts.append(f'{key} {row[key]:.4g}')
+  if 'images_per_sec' in row:
+    parts.append(f"{row['images_per_sec']:.1f} img/s")
+  if 'eta_sec' in row:
+    eta = int(row['eta_sec'])
+    parts.append(f'ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}')
+  return ' | '.join(parts)
+
+
+def _plain(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+def _maybe_tensorboard(workdir: str):
+  """A scalar writer from tensorboardX (no TensorFlow needed), or None."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(step, row):
+    for key, value in row.items():
+      if key != 'step' and isinstance(value, (int, float)):
+        writer.add_scalar(key, value, int(step))
+    writer.flush()
+
+  return write

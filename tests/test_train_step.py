@@ -1,0 +1,222 @@
+"""The MoCo step: EMA, gradients, queue, devices and Shuffle BN."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from moco_jax import input_pipeline
+from moco_jax import losses
+from moco_jax import state as state_lib
+from moco_jax import train
+
+AXIS = train.AXIS
+
+
+def _config(bn_mode='sync', **overrides):
+  config = tiny.get_config()
+  config.moco.bn_mode = bn_mode
+  config.moco.momentum = 0.9  # Large enough that the EMA visibly moves.
+  config.optim.base_lr = 0.5
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  return config
+
+
+def _setup(config, num_devices):
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
+  tx = train.create_optimizer(config, lr)
+  setup = train.make_step_setup(config, num_devices, tx)
+  state = state_lib.create_train_state(jax.random.PRNGKey(0), setup.query_encoder, tx,
+                                       config.data.image_size, config.moco.queue_size,
+                                       config.model.embed_dim)
+  return setup, lr, state
+
+
+def _images(config, step=0):
+  ds = input_pipeline.load_split(config.data, 'train')
+  return next(input_pipeline.train_batches(ds, global_batch=config.batch_size, seed=0,
+                                           start_step=step))['image']
+
+
+def _run_steps(config, devices, num_steps=2):
+  mesh = train.make_mesh(devices)
+  setup, lr, state = _setup(config, len(devices))
+  state = train.replicate(state, mesh)
+  step = train.make_sharded_step(setup, lr, mesh)
+  metrics = []
+  for i in range(num_steps):
+    state, m = step(state, train.shard_batch(_images(config, i), mesh))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+def _per_device(fn, mesh, in_specs):
+  """shard_map with every output stacked per device, to compare devices."""
+  def stacked(*args):
+    return jax.tree.map(lambda x: x[None], fn(*args))
+  return jax.jit(jax.shard_map(stacked, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS),
+                               check_vma=False))
+
+
+def test_ema_update_is_exact_and_key_gets_no_weight_decay():
+  config = _config(optim__weight_decay=0.1)
+  initial = jax.device_get(_setup(config, 8)[2])
+  final, _ = _run_steps(config, jax.devices(), num_steps=1)
+  m = config.moco.momentum
+  expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, initial.key_params,
+                          final.query_params)
+  for got, want in zip(jax.tree.leaves(final.key_params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # Key starts as a copy of query; after one step query moved, key moved by (1 - m) of it.
+  moved_q = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final.query_params),
+                                                   jax.tree.leaves(initial.query_params))]
+  assert max(moved_q) > 0
+
+
+def test_gradient_flows_to_query_only():
+  config = _config()
+  mesh = train.make_mesh(jax.devices()[:1])
+  setup, _, state = _setup(config, 1)
+  images = _images(config)
+
+  def grads(state, images):
+    query_view, key_view, rng = train.augment_views(state, images, setup)
+    def loss(qp, kp):
+      return train.moco_loss(qp, kp, state, query_view, key_view, rng, setup)[0]
+    return jax.grad(loss, argnums=(0, 1))(state.query_params, state.key_params)
+
+  grad_q, grad_k = _per_device(grads, mesh, (P(), P(AXIS)))(state, images)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_k)) == 0.0
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_q)) > 0.0
+
+
+def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
+  config = _config('local')
+  devices = jax.devices()
+  mesh = train.make_mesh(devices)
+  setup, lr, state = _setup(config, len(devices))
+  images = _images(config)
+  step = functools.partial(train.train_step, setup=setup, learning_rate_fn=lr)
+  new_state, _ = _per_device(step, mesh, (P(), P(AXIS)))(state, images)
+  queues = np.asarray(new_state.queue)
+  for d in range(1, len(devices)):
+    np.testing.assert_array_equal(queues[d], queues[0])
+
+  # Reference: each device's keys from its own slice (local BN), concatenated in device order.
+  local = config.batch_size // len(devices)
+  query_view, key_view, _ = _per_device(lambda s, x: train.augment_views(s, x, setup), mesh,
+                                        (P(), P(AXIS)))(state, images)
+  expected = []
+  for d in range(len(devices)):
+    keys = setup.key_encoder.apply(
+        {'params': state.key_params, 'batch_stats': state.key_batch_stats}, key_view[d],
+        train=True, mutable=['batch_stats'])[0]
+    expected.append(losses.l2_normalize(keys))
+  expected = np.concatenate(expected)
+  assert expected.shape[0] == local * len(devices)
+  np.testing.assert_allclose(queues[0][:config.batch_size], expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(new_state.queue_ptr), config.batch_size)
+  # The rows not yet overwritten still hold the initial queue.
+  np.testing.assert_array_equal(queues[0][config.batch_size:],
+                                np.asarray(state.queue)[config.batch_size:])
+
+
+def test_one_and_eight_devices_agree_with_sync_bn():
+  config = _config('sync')
+  one_state, one_metrics = _run_steps(config, jax.devices()[:1])
+  eight_state, eight_metrics = _run_steps(config, jax.devices())
+  for a, b in zip(one_metrics, eight_metrics):
+    np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-4)
+  for name in ('query_params', 'key_params', 'query_batch_stats', 'queue'):
+    for a, b in zip(jax.tree.leaves(getattr(one_state, name)),
+                    jax.tree.leaves(getattr(eight_state, name))):
+      np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=name)
+  assert int(one_state.queue_ptr) == int(eight_state.queue_ptr) == 2 * config.batch_size
+
+
+def _shuffled_reference_keys(setup, state, key_view, rng, num_devices):
+  """Slow reference: permute the whole batch, encode per device chunk, scatter back."""
+  perm = np.asarray(jax.random.permutation(rng, key_view.shape[0]))
+  shuffled = key_view[perm]
+  chunks = np.split(shuffled, num_devices)
+  variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+  outs = [setup.key_encoder.apply(variables, c, train=True, mutable=['batch_stats'])[0]
+          for c in chunks]
+  keys = np.empty((key_view.shape[0], outs[0].shape[1]), np.float32)
+  keys[perm] = np.concatenate(outs)
+  return np.asarray(losses.l2_normalize(keys)), perm
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_shuffle_bn_permutation_is_undone(num_devices):
+  config = _config('shuffle')
+  mesh = train.make_mesh(jax.devices()[:num_devices])
+  setup, _, state = _setup(config, num_devices)
+  rng = jax.random.PRNGKey(7)
+  key_view = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, 32, 32, 3)))
+
+  def encode(x):
+    return train.encode_keys(setup, state.key_params, state.key_batch_stats, x, rng)[0]
+
+  keys = jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
+                               check_vma=False))(key_view)
+  expected, perm = _shuffled_reference_keys(setup, state, key_view, rng, num_devices)
+  assert not np.array_equal(perm, np.arange(len(perm)))
+  np.testing.assert_allclose(keys, expected, rtol=1e-4, atol=1e-5)
+  # Without the shuffle, BN groups hold other examples: the keys would differ.
+  unshuffled = jax.jit(jax.shard_map(
+      lambda x: train.encode_keys(dataclasses.replace(setup, shuffle_keys=False),
+                                  state.key_params, state.key_batch_stats, x, rng)[0],
+      mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False))(key_view)
+  assert np.abs(np.asarray(unshuffled) - expected).max() > 1e-3
+
+
+def test_bn_splits_default_to_eight_groups_in_total():
+  config = _config('shuffle')
+  assert train.bn_splits_per_device(config, 1) == 8
+  assert train.bn_splits_per_device(config, 8) == 1
+  config.moco.bn_splits = 4
+  assert train.bn_splits_per_device(config, 8) == 4
+  config.moco.bn_mode = 'sync'
+  assert train.bn_splits_per_device(config, 1) == 1
+
+
+def test_learning_rate_scales_with_batch_and_follows_cosine():
+  config = _config()
+  config.batch_size = 512
+  config.optim.base_lr = 0.03
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose(lr(0), 0.06, rtol=1e-6)
+  np.testing.assert_allclose(lr(50), 0.03, rtol=1e-5)
+  np.testing.assert_allclose(lr(100), 0.0, atol=1e-7)
+  config.optim.warmup_epochs = 1.0
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose(lr(5), 0.03, rtol=1e-6)
+  config.optim.warmup_epochs = 0.0
+  config.optim.schedule = 'step'
+  config.optim.step_epochs = (5, 8)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([lr(49), lr(50), lr(80)], [0.06, 0.006, 0.0006], rtol=1e-5)
+
+
+def test_sgd_matches_torch_semantics():
+  """torch.optim.SGD: buf = mu * buf + (g + wd * p); p -= lr * buf."""
+  config = _config(optim__weight_decay=0.01)
+  tx = train.create_optimizer(config, 0.1)
+  p = {'w': jnp.array([1.0, -2.0])}
+  opt = tx.init(p)
+  buf = np.zeros(2)
+  ref = np.array([1.0, -2.0])
+  for g in ([0.5, 0.5], [1.0, -1.0]):
+    updates, opt = tx.update({'w': jnp.array(g)}, opt, p)
+    p = jax.tree.map(lambda a, b: a + b, p, updates)
+    buf = config.optim.momentum * buf + (np.array(g) + 0.01 * ref)
+    ref = ref - 0.1 * buf
+    np.testing.assert_allclose(p['w'], ref, rtol=1e-6)
