@@ -1,10 +1,18 @@
 """MoCo v2 pretraining and evaluation.
 
   python main.py --config=configs/imagenette.py --workdir=DIR [--config.a.b=value]
+  python main.py --mode=knn|linear_eval|export --config=... --workdir=DIR
 
-This file only parses flags; the work is in `moco_jax.train.train_and_evaluate`,
-which tests call too.
+--mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
+latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
+encoder: the floor) and merge their results into DIR/eval.json; export writes
+DIR/backbone_torchvision.npz. This file only parses flags; the work is in
+`moco_jax.train`, `moco_jax.evaluate`, `moco_jax.linear_eval` and
+`moco_jax.export`, which tests call too.
 """
+
+import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -12,23 +20,48 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from moco_jax import config_checks
+from moco_jax import evaluate
+from moco_jax import export
+from moco_jax import linear_eval
 from moco_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export'], 'What to run.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host GPU/TPU runs).')
 config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every array transfer at INFO; keep its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  logging.info('JAX process %d / %d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info('JAX process %d / %d, %d devices: %s', jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.devices()[:8])
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'knn':
+      logging.info('Results: %s', evaluate.run_knn(FLAGS.config, FLAGS.workdir))
+    elif FLAGS.mode == 'linear_eval':
+      logging.info('Results: %s', linear_eval.run_linear_eval(FLAGS.config, FLAGS.workdir))
+    elif FLAGS.mode == 'export':
+      logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
+  except config_checks.ConfigError as e:
+    sys.exit(f'Config error: {e}')
 
 
 if __name__ == '__main__':

@@ -39,16 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data ---------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # tfds | folder (ImageFolder dir or .tar/.tgz) | synthetic.
+  config.data.source = 'tfds'  # tfds (read only if prepared: no downloads) | folder | synthetic.
   config.data.name = 'imagenette/160px-v2'  # tfds dataset name (source=tfds).
   config.data.data_dir = ''  # tfds data_dir ('' = tfds default).
-  config.data.path = ''  # Local ImageFolder tree or archive; setting it selects source=folder.
+  config.data.path = ''  # ROOT/{train,val}/<class>/* dir or .tar/.tgz of one; set => source=folder.
   config.data.train_split = 'train'  # Split used for pretraining.
-  config.data.eval_split = 'val'  # Split used for kNN / linear evaluation.
+  config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
   config.data.image_size = 128  # Network input size (crop output), pixels.
-  config.data.cache_size = -1  # Decoded square size kept in memory; -1: image_size.
-  config.data.cache_dir = ''  # Where decoded arrays are cached ('' = ~/.cache/moco_jax).
-  config.data.num_workers = 4  # Host decode threads.
+  config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: image_size.
+  config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
+  config.data.num_workers = 4  # Host threads decoding images (Pillow) on a cold cache.
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
 
@@ -56,11 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug = ml_collections.ConfigDict()
   config.aug.crop_scale = (0.2, 1.0)  # RandomResizedCrop area range (v1: 0.2-1).
   config.aug.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range.
-  config.aug.jitter = (0.4, 0.4, 0.4, 0.1)  # Brightness, contrast, saturation, hue.
+  config.aug.jitter = (0.4, 0.4, 0.4, 0.1)  # Brightness, contrast, saturation, hue (v1: 0.4 x4).
   config.aug.jitter_prob = 0.8  # Probability of colour jitter (v1: 1.0).
   config.aug.grayscale_prob = 0.2  # Probability of grayscale.
   config.aug.blur_prob = 0.5  # Probability of Gaussian blur (v1: 0.0).
-  config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range.
+  config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range (kernel ~10% of image_size).
   config.aug.flip = True  # Random horizontal flip.
   config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).
   config.aug.std = (0.229, 0.224, 0.225)  # Normalisation std (ImageNet).
@@ -76,14 +76,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation --------------------------------------------------------------------
   config.eval = ml_collections.ConfigDict()
+  # Accuracies (knn_top1, linear_top1/5) are percentages everywhere.
   config.eval.knn_every_epochs = 10  # kNN monitor period in epochs; 0 = only at the end; -1 = never.
-  config.eval.knn_k = 200  # Neighbours of the kNN monitor.
+  config.eval.knn_k = 200  # Neighbours of the kNN monitor (clipped to the train split's size).
   config.eval.knn_temperature = 0.1  # Weight exp(sim / t) of the kNN vote.
-  config.eval.batch_size = 512  # Batch of feature extraction.
+  config.eval.batch_size = 512  # Batch of feature extraction (rounded up to a multiple of devices).
   config.eval.linear_epochs = 100  # Linear probe epochs (paper: 100).
   config.eval.linear_lr = 30.0  # Linear probe lr for batch 256 (paper: 30, unnormalised features).
   config.eval.linear_batch_size = 256  # Linear probe batch.
+  config.eval.linear_schedule = 'step'  # step (paper: x0.1 at linear_step_epochs) | cosine.
   config.eval.linear_step_epochs = (60, 80)  # Linear probe lr x0.1 at these epochs.
+  config.eval.linear_weight_decay = 0.0  # Linear probe weight decay (paper: 0).
+  config.eval.linear_standardize = False  # Standardise features per dim first (MAE-style); paper: no.
+  config.eval.random_init = False  # --mode=knn/linear_eval on the step-0 encoder: the floor.
 
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.

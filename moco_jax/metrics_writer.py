@@ -28,6 +28,13 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
 
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._last_time
+
+  def restart(self, step: int):
+    """Measures from now and `step` on (e.g. after compilation)."""
+    self._last_step, self._last_time = step, time.perf_counter()
+
   def update(self, step: int) -> dict:
     now = time.perf_counter()
     steps = step - self._last_step

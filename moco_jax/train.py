@@ -23,6 +23,7 @@ from moco_jax import augment
 from moco_jax import checkpoints
 from moco_jax import config_checks
 from moco_jax import input_pipeline
+from moco_jax import knn
 from moco_jax import losses
 from moco_jax import metrics_writer
 from moco_jax import models
@@ -229,6 +230,21 @@ def make_step_setup(config, num_devices: int, tx) -> StepSetup:
       shuffle_keys=config.moco.bn_mode == 'shuffle')
 
 
+def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
+  """The initial TrainState, built by one jit-compiled program, replicated on `mesh`.
+
+  Compiling the initialisation (rather than running it op by op) is much
+  faster for big models, and `out_shardings` places the result on every
+  device of every host directly.
+  """
+  create = functools.partial(
+      state_lib.create_train_state, encoder=setup.query_encoder, tx=setup.tx,
+      image_size=config.data.image_size, queue_size=config.moco.queue_size,
+      embed_dim=config.model.embed_dim)
+  return jax.jit(create, out_shardings=NamedSharding(mesh, P()))(
+      jax.random.PRNGKey(config.seed))
+
+
 def replicate(tree, mesh: Mesh):
   """Places a host pytree on every device of `mesh` (works across hosts)."""
   sharding = NamedSharding(mesh, P())
@@ -262,10 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tx = create_optimizer(config, learning_rate_fn)
   setup = make_step_setup(config, num_devices, tx)
 
-  state = state_lib.create_train_state(
-      jax.random.PRNGKey(config.seed), setup.query_encoder, tx, config.data.image_size,
-      config.moco.queue_size, config.model.embed_dim)
-  state = replicate(state, mesh)
+  state = init_state(config, setup, mesh)
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
@@ -285,6 +298,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state, metrics = p_step(state, shard_batch(batch['image'], mesh))
     pending.append(metrics)
     done = step + 1
+    if step == start_step:
+      # Compilation is not throughput: time the run from the end of its first step.
+      jax.block_until_ready(metrics)
+      logging.info('First step (with compilation) took %.1f s.', progress.elapsed())
+      progress.restart(done)
     if done % config.log_every_steps == 0 or done == total_steps:
       summary = metrics_writer.average(jax.device_get(pending))
       pending = []
@@ -302,10 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _eval_hooks(config, workdir, mesh, setup, steps_per_epoch, total_steps, writer):
-  """Evaluations run during pretraining (the kNN monitor), if available."""
-  try:
-    from moco_jax import knn  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return []
+  """Evaluations run during pretraining: the kNN monitor (config.eval.knn_every_epochs)."""
   return knn.make_monitor_hooks(config, workdir, mesh, setup, steps_per_epoch, total_steps,
                                 writer)

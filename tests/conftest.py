@@ -7,3 +7,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The tests compile the same tiny programs many times (every train_and_evaluate
+# builds its own jitted step, subprocesses start cold): a persistent compilation
+# cache shared by this session's processes turns the repeats into cache hits.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.cache',
+                                   'jax_test_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

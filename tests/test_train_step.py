@@ -12,7 +12,6 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from moco_jax import input_pipeline
 from moco_jax import losses
-from moco_jax import state as state_lib
 from moco_jax import train
 
 AXIS = train.AXIS
@@ -33,9 +32,8 @@ def _setup(config, num_devices):
   lr = train.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
   tx = train.create_optimizer(config, lr)
   setup = train.make_step_setup(config, num_devices, tx)
-  state = state_lib.create_train_state(jax.random.PRNGKey(0), setup.query_encoder, tx,
-                                       config.data.image_size, config.moco.queue_size,
-                                       config.model.embed_dim)
+  # Built by the compiled initialiser, then brought to the host for the tests to share.
+  state = jax.device_get(train.init_state(config, setup, train.make_mesh(jax.devices()[:1])))
   return setup, lr, state
 
 
@@ -46,15 +44,24 @@ def _images(config, step=0):
 
 
 def _run_steps(config, devices, num_steps=2):
+  """States after 0..num_steps steps (host copies) and the metrics of each step."""
   mesh = train.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
   state = train.replicate(state, mesh)
   step = train.make_sharded_step(setup, lr, mesh)
-  metrics = []
+  states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
     state, m = step(state, train.shard_batch(_images(config, i), mesh))
+    states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
-  return jax.device_get(state), metrics
+  return states, metrics
+
+
+@pytest.fixture(scope='module')
+def sync_runs():
+  """Two steps with sync BN on 1 and on 8 devices (shared: compiling is the slow part)."""
+  config = _config('sync', optim__weight_decay=0.1)
+  return config, _run_steps(config, jax.devices()[:1]), _run_steps(config, jax.devices())
 
 
 def _per_device(fn, mesh, in_specs):
@@ -65,19 +72,20 @@ def _per_device(fn, mesh, in_specs):
                                check_vma=False))
 
 
-def test_ema_update_is_exact_and_key_gets_no_weight_decay():
-  config = _config(optim__weight_decay=0.1)
-  initial = jax.device_get(_setup(config, 8)[2])
-  final, _ = _run_steps(config, jax.devices(), num_steps=1)
+def test_ema_update_is_exact_and_key_gets_no_weight_decay(sync_runs):
+  config, _, (states, _) = sync_runs
   m = config.moco.momentum
-  expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, initial.key_params,
-                          final.query_params)
-  for got, want in zip(jax.tree.leaves(final.key_params), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  # Key starts as a copy of query; after one step query moved, key moved by (1 - m) of it.
-  moved_q = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final.query_params),
-                                                   jax.tree.leaves(initial.query_params))]
-  assert max(moved_q) > 0
+  for before, after in zip(states[:-1], states[1:]):
+    expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, before.key_params,
+                            after.query_params)
+    for got, want in zip(jax.tree.leaves(after.key_params), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # The key starts as a copy of the query; the query did move.
+  for k, q in zip(jax.tree.leaves(states[0].key_params), jax.tree.leaves(states[0].query_params)):
+    np.testing.assert_array_equal(k, q)
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(states[1].query_params),
+                                                 jax.tree.leaves(states[0].query_params))]
+  assert max(moved) > 0
 
 
 def test_gradient_flows_to_query_only():
@@ -113,13 +121,10 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   local = config.batch_size // len(devices)
   query_view, key_view, _ = _per_device(lambda s, x: train.augment_views(s, x, setup), mesh,
                                         (P(), P(AXIS)))(state, images)
-  expected = []
-  for d in range(len(devices)):
-    keys = setup.key_encoder.apply(
-        {'params': state.key_params, 'batch_stats': state.key_batch_stats}, key_view[d],
-        train=True, mutable=['batch_stats'])[0]
-    expected.append(losses.l2_normalize(keys))
-  expected = np.concatenate(expected)
+  encode = jax.jit(lambda x: losses.l2_normalize(setup.key_encoder.apply(
+      {'params': state.key_params, 'batch_stats': state.key_batch_stats}, x,
+      train=True, mutable=['batch_stats'])[0]))
+  expected = np.concatenate([encode(key_view[d]) for d in range(len(devices))])
   assert expected.shape[0] == local * len(devices)
   np.testing.assert_allclose(queues[0][:config.batch_size], expected, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(new_state.queue_ptr), config.batch_size)
@@ -128,12 +133,11 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
                                 np.asarray(state.queue)[config.batch_size:])
 
 
-def test_one_and_eight_devices_agree_with_sync_bn():
-  config = _config('sync')
-  one_state, one_metrics = _run_steps(config, jax.devices()[:1])
-  eight_state, eight_metrics = _run_steps(config, jax.devices())
+def test_one_and_eight_devices_agree_with_sync_bn(sync_runs):
+  config, (one_states, one_metrics), (eight_states, eight_metrics) = sync_runs
   for a, b in zip(one_metrics, eight_metrics):
     np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-4)
+  one_state, eight_state = one_states[-1], eight_states[-1]
   for name in ('query_params', 'key_params', 'query_batch_stats', 'queue'):
     for a, b in zip(jax.tree.leaves(getattr(one_state, name)),
                     jax.tree.leaves(getattr(eight_state, name))):

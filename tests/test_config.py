@@ -1,0 +1,76 @@
+"""Configs: every shipped config validates; bad values fail early, naming the field."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import imagenet_ablation
+from configs import tiny
+from moco_jax import config_checks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ['default', 'tiny', 'imagenette', 'imagenet', 'cifar10', 'mocov1', 'imagenet_ablation']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_shipped_configs_validate(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_checks.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('batch_size', 60, 'config.batch_size=60 is not divisible by the 8 devices'),
+    ('optim.base_lr', 0.0, 'config.optim.base_lr'),
+    ('optim.base_lr', -1.0, 'config.optim.base_lr'),
+    ('moco.temperature', 0.0, 'config.moco.temperature'),
+    ('moco.momentum', 1.0, 'config.moco.momentum'),
+    ('moco.momentum', -0.1, 'config.moco.momentum'),
+    ('moco.queue_size', 32, 'config.moco.queue_size=32 must be >= config.batch_size=64'),
+    ('moco.bn_mode', 'group', "config.moco.bn_mode='group'"),
+    ('moco.bn_splits', 3, 'config.moco.bn_splits=3'),
+    ('model.name', 'vgg', "config.model.name='vgg'"),
+    ('model.dtype', 'float16', "config.model.dtype='float16'"),
+    ('optim.schedule', 'linear', "config.optim.schedule='linear'"),
+])
+def test_bad_values_are_rejected_with_the_field_name(field, value, needle):
+  config = tiny.get_config()
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_checks.ConfigError, match=None) as info:
+    config_checks.validate(config, num_devices=8)
+  assert needle in str(info.value)
+
+
+def test_ablation_rows():
+  v1 = imagenet_ablation.get_config('v1')
+  assert (v1.model.head, v1.moco.temperature, v1.aug.blur_prob, v1.optim.schedule) == (
+      'linear', 0.07, 0.0, 'step')
+  v2 = imagenet_ablation.get_config('mlp,aug+,cos')
+  assert (v2.model.head, v2.moco.temperature, v2.aug.blur_prob, v2.optim.schedule) == (
+      'mlp', 0.2, 0.5, 'cosine')
+  with pytest.raises(ValueError, match='unknown'):
+    imagenet_ablation.get_config('mlp,bigger')
+
+
+def _main(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_overrides_reach_validation_before_compiling(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+                 '--config.moco.temperature=-0.5')
+  assert result.returncode != 0
+  assert 'config.moco.temperature=-0.5 must be > 0' in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()  # Failed before any work.
+
+
+def test_cli_rejects_unknown_fields(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.moco.queue=4')
+  assert result.returncode != 0
+  assert 'queue' in result.stderr

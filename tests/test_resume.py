@@ -1,0 +1,122 @@
+"""End to end: train_and_evaluate writes its outputs, and resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from moco_jax import checkpoints
+from moco_jax import input_pipeline
+from moco_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(steps=6):
+  config = tiny.get_config()
+  config.num_train_steps = steps
+  config.checkpoint_every_steps = steps // 2
+  config.log_every_steps = 1
+  return config
+
+
+def _assert_same_state(a, b):
+  a, b = jax.device_get(a), jax.device_get(b)
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_and_evaluate_writes_checkpoints_and_metrics(tmp_path):
+  config = _config()
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 6
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  for key in ('step', 'epoch', 'train_loss', 'learning_rate', 'images_per_sec', 'eta_sec'):
+    assert key in rows[-1], key
+  assert all(np.isfinite(r['train_loss']) for r in rows)
+  # The first loss is InfoNCE against a random queue: near log(K + 1) or below.
+  assert rows[0]['train_loss'] < np.log(config.moco.queue_size + 1) + 0.5
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['moco']['queue_size'] == config.moco.queue_size
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
+  config = _config(steps=6)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  workdir = tmp_path / 'resumed'
+  real_batches = input_pipeline.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    """Serves 4 batches, waits for the step-3 checkpoint to be complete, then dies."""
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == 4:
+        deadline = time.time() + 60
+        while not (workdir / 'checkpoints' / '3').is_dir() and time.time() < deadline:
+          time.sleep(0.1)
+        raise KeyboardInterrupt('simulated kill')
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_batches', crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.setattr(input_pipeline, 'train_batches', real_batches)
+  resumed = train.train_and_evaluate(config, str(workdir))
+  _assert_same_state(straight, resumed)
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  # The rerun started from the checkpoint at step 3, not from scratch.
+  assert [r['step'] for r in rows][-3:] == [4, 5, 6]
+  assert [r['step'] for r in rows].count(1) == 1
+
+
+def _restore(workdir, config):
+  mesh = train.make_mesh(jax.devices()[:2])
+  lr = train.create_learning_rate_fn(config, 4, config.num_train_steps)
+  tx = train.create_optimizer(config, lr)
+  setup = train.make_step_setup(config, 2, tx)
+  target = train.init_state(config, setup, mesh)
+  manager = checkpoints.create_manager(str(workdir), config)
+  return checkpoints.restore(manager, config.num_train_steps, target)
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
+  """A real `python main.py` killed with SIGKILL mid-run, then rerun as is."""
+  steps = 24
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+
+  def command(workdir):
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+            f'--config.num_train_steps={steps}', '--config.checkpoint_every_steps=2',
+            '--config.log_every_steps=1']
+
+  subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / 'checkpoints' / '4').is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished_before_kill = (killed / 'checkpoints' / str(steps)).is_dir()
+  subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
+                 timeout=600)
+  config = tiny.get_config()
+  config.num_train_steps = steps
+  _assert_same_state(_restore(tmp_path / 'straight', config), _restore(killed, config))
+  assert not finished_before_kill, 'the kill came too late to test anything'
