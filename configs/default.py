@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 128  # Network input size (crop output), pixels.
   config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: image_size.
   config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
+  config.data.on_device = False  # Keep the decoded train split on every device; host sends indices.
   config.data.num_workers = 4  # Host threads decoding images (Pillow) on a cold cache.
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.

@@ -210,14 +210,25 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
-def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh):
-  """jit(shard_map(train_step)): state replicated, images split on 'data'.
+def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
+                      on_device_data: bool = False):
+  """jit(shard_map(train_step)): state replicated, the batch split on 'data'.
 
+  Called as step(state, images) with uint8 images [B, S, S, 3], or, with
+  `on_device_data`, as step(state, dataset, indices): the whole decoded split
+  stays on every device and the host sends only the int32 indices of the
+  batch, so no image crosses the host-device link during training.
   The state is donated: its buffers (the queue above all) are reused in place.
   """
   step = functools.partial(train_step, setup=setup, learning_rate_fn=learning_rate_fn)
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                          check_vma=False)
+  if on_device_data:
+    def gather_and_step(state, dataset, indices):
+      return step(state, jnp.take(dataset, indices, axis=0))
+    sharded = jax.shard_map(gather_and_step, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
+                            out_specs=(P(), P()), check_vma=False)
+  else:
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                            check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))
 
 
@@ -285,17 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
 
-  p_step = make_sharded_step(setup, learning_rate_fn, mesh)
-  batches = input_pipeline.train_batches(
-      train_ds, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  p_step = make_sharded_step(setup, learning_rate_fn, mesh, config.data.on_device)
+  next_batch = _batch_feeder(config, train_ds, mesh, start_step)
   hooks = _eval_hooks(config, workdir, mesh, setup, steps_per_epoch, total_steps, writer)
 
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
   pending = []
   for step in range(start_step, total_steps):
-    batch = next(batches)
-    state, metrics = p_step(state, shard_batch(batch['image'], mesh))
+    state, metrics = p_step(state, *next_batch(step))
     pending.append(metrics)
     done = step + 1
     if step == start_step:
@@ -317,6 +325,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   manager.wait_until_finished()
   writer.close()
   return state
+
+
+def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
+  """step -> the arguments after `state` of the sharded step, for that step.
+
+  Either a sharded uint8 batch from the host pipeline, or (with
+  `data.on_device`) the device-resident split and the batch's indices. Both
+  read the same examples at the same step: `input_pipeline.train_indices`.
+  """
+  process, processes = jax.process_index(), jax.process_count()
+  if config.data.on_device:
+    dataset = replicate(train_ds.images, mesh)
+    local = config.batch_size // processes
+
+    def indices(step):
+      idx = input_pipeline.train_indices(len(train_ds), config.batch_size, config.seed, step)
+      return dataset, shard_batch(idx[process * local:(process + 1) * local].astype(np.int32),
+                                  mesh)
+    return indices
+
+  batches = input_pipeline.train_batches(
+      train_ds, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=process, process_count=processes)
+  return lambda step: (shard_batch(next(batches)['image'], mesh),)
 
 
 def _eval_hooks(config, workdir, mesh, setup, steps_per_epoch, total_steps, writer):

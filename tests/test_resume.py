@@ -120,3 +120,13 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   config.num_train_steps = steps
   _assert_same_state(_restore(tmp_path / 'straight', config), _restore(killed, config))
   assert not finished_before_kill, 'the kill came too late to test anything'
+
+
+def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
+  config = _config(steps=2)
+  host = train.train_and_evaluate(config, str(tmp_path / 'host'))
+  config.data.on_device = True
+  device = train.train_and_evaluate(config, str(tmp_path / 'device'))
+  leaves_host, leaves_device = jax.tree.leaves(host), jax.tree.leaves(device)
+  for a, b in zip(leaves_host, leaves_device):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
