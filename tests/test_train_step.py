@@ -224,3 +224,25 @@ def test_sgd_matches_torch_semantics():
     buf = config.optim.momentum * buf + (np.array(g) + 0.01 * ref)
     ref = ref - 0.1 * buf
     np.testing.assert_allclose(p['w'], ref, rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+  config = _config('local')
+  mesh = train.make_mesh(jax.devices()[:1])
+  images = _images(config)
+  losses_by_dtype = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    setup, _, state = _setup(config, 1)
+
+    def loss(state, images):
+      query_view, key_view, rng = train.augment_views(state, images, setup)
+      assert query_view.dtype == jnp.dtype(dtype)
+      value, (keys, *_) = train.moco_loss(state.query_params, state.key_params, state,
+                                         query_view, key_view, rng, setup)
+      assert value.dtype == jnp.float32 and keys.dtype == jnp.float32
+      return value
+
+    losses_by_dtype[dtype] = float(_per_device(loss, mesh, (P(), P(AXIS)))(state, images)[0])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.query_params))
+  np.testing.assert_allclose(losses_by_dtype['bfloat16'], losses_by_dtype['float32'], rtol=0.03)
