@@ -300,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   next_batch = _batch_feeder(config, train_ds, mesh, start_step)
   hooks = _eval_hooks(config, workdir, mesh, setup, steps_per_epoch, total_steps, writer)
 
+  preemption = checkpoints.PreemptionWatcher()
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
   pending = []
   for step in range(start_step, total_steps):
@@ -320,9 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       writer.write(done, {**summary, **progress.update(done)})
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       checkpoints.save(manager, done, state)
+    elif preemption.requested(manager, done):
+      logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
+                      'command to continue.', done)
+      checkpoints.save(manager, done, state)
+      break
     for hook in hooks:
       hook(done, state)
   manager.wait_until_finished()
+  preemption.uninstall()
   writer.close()
   return state
 
