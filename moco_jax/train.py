@@ -302,34 +302,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   preemption = checkpoints.PreemptionWatcher()
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
-  pending = []
-  for step in range(start_step, total_steps):
-    state, metrics = p_step(state, *next_batch(step))
-    pending.append(metrics)
-    done = step + 1
-    if step == start_step:
-      # Compilation is not throughput: time the run from the end of its first step.
-      jax.block_until_ready(metrics)
-      logging.info('First step (with compilation) took %.1f s.', progress.elapsed())
-      progress.restart(done)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      summary = metrics_writer.average(jax.device_get(pending))
-      pending = []
-      if not math.isfinite(summary['train_loss']):
-        raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
-                                 'optim.base_lr or check the data.')
-      writer.write(done, {**summary, **progress.update(done)})
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
-      checkpoints.save(manager, done, state)
-    elif preemption.requested(manager, done):
-      logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
-                      'command to continue.', done)
-      checkpoints.save(manager, done, state)
-      break
-    for hook in hooks:
-      hook(done, state)
+  try:
+    pending = []
+    for step in range(start_step, total_steps):
+      state, metrics = p_step(state, *next_batch(step))
+      pending.append(metrics)
+      done = step + 1
+      if step == start_step:
+        # Compilation is not throughput: time the run from the end of its first step.
+        jax.block_until_ready(metrics)
+        logging.info('First step (with compilation) took %.1f s.', progress.elapsed())
+        progress.restart(done)
+      if done % config.log_every_steps == 0 or done == total_steps:
+        summary = metrics_writer.average(jax.device_get(pending))
+        pending = []
+        if not math.isfinite(summary['train_loss']):
+          raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
+                                   'optim.base_lr or check the data.')
+        writer.write(done, {**summary, **progress.update(done)})
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        checkpoints.save(manager, done, state)
+      elif preemption.requested(manager, done):
+        logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
+                        'command to continue.', done)
+        checkpoints.save(manager, done, state)
+        break
+      for hook in hooks:
+        hook(done, state)
+  finally:
+    preemption.uninstall()
   manager.wait_until_finished()
-  preemption.uninstall()
   writer.close()
   return state
 
