@@ -39,6 +39,8 @@ class Progress:
     now = time.perf_counter()
     steps = step - self._last_step
     seconds = max(now - self._last_time, 1e-9)
+    if steps <= 0:  # Nothing timed yet (e.g. the compiling first step): no rate to report.
+      return {'epoch': step / self.steps_per_epoch}
     self._last_step, self._last_time = step, now
     steps_per_sec = steps / seconds
     return {
