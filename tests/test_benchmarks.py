@@ -1,0 +1,142 @@
+"""The benchmark harness: it runs, measures something, and refuses bad timings.
+
+No speed is asserted (CI machines are shared); what is checked is that the
+numbers exist and that the guards a GPU session relies on actually fire.
+"""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import bench_peer
+from benchmarks import bench_train
+from moco_jax import state as state_lib
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_preset_runs_and_measures(tmp_path):
+  # A fresh interpreter: 2 simulated devices (so FLOPs are scaled by the device
+  # count), and XLA's CPU backend optimisation off, which cuts compilation
+  # ~10x here; the harness code path is the same.
+  out = tmp_path / 'result.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             '--xla_backend_optimization_level=0')
+  subprocess.run([sys.executable, os.path.join(_ROOT, 'benchmarks', 'bench_train.py'),
+                  '--preset=tiny', '--steps=2', '--warmup=0', f'--json_out={out}'],
+                 check=True, env=env, cwd=_ROOT, timeout=300)
+  result = bench_train.Result(**json.loads(out.read_text()))
+  assert result.num_devices == 2
+  assert result.images_per_second > 0
+  assert result.flops_per_image > 0
+  assert math.isfinite(result.final_loss)
+  assert result.mfu is None and result.peak_tflops is None  # CPU: no stated peak.
+  row = result.as_row()
+  assert row.startswith('| tiny | resnet_tiny_cifar | 32 | 64 |')
+  assert row.count('|') == bench_train.TABLE_HEADER.splitlines()[0].count('|')
+  assert '| n/a |' in row
+
+
+def test_recompilation_guard_fires_when_the_state_changes_shape():
+  # A step whose state grows (here: the queue) is compiled twice; the guard
+  # must refuse the timing rather than report compile time as step time.
+  def state(queue_size):
+    return state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), query_params={'w': jnp.ones(3)},
+        query_batch_stats={}, key_params={'w': jnp.ones(3)}, key_batch_stats={},
+        opt_state=(), queue=jnp.zeros((queue_size, 4)), queue_ptr=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(0))
+
+  step = jax.jit(lambda s: s.replace(step=s.step + 1))
+  step(state(8))
+  step(state(8))
+  bench_train.check_no_recompilation(step)  # Same shapes: one compilation.
+  step(state(16))
+  with pytest.raises(RuntimeError, match='compiled 2 times'):
+    bench_train.check_no_recompilation(step)
+
+
+def test_presets_build_valid_configs():
+  config = bench_train.make_config('r50_224', dtype='bfloat16', batch=128)
+  assert (config.model.name, config.data.image_size, config.batch_size,
+          config.moco.queue_size, config.model.dtype) == ('resnet50', 224, 128, 65536, 'bfloat16')
+  cifar = bench_train.make_config('cifar_r18')
+  assert (cifar.model.stem, cifar.data.image_size, cifar.batch_size) == ('cifar', 32, 512)
+  with pytest.raises(ValueError, match='--preset'):
+    bench_train.make_config('r101')
+
+
+def test_stated_peaks():
+  assert bench_train.stated_peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert bench_train.stated_peak_tflops('NVIDIA H100 PCIe') == 756.0
+  assert bench_train.stated_peak_tflops('NVIDIA H200') == 989.0
+  assert bench_train.stated_peak_tflops('cpu') is None
+
+
+def test_append_docs_never_overwrites(tmp_path):
+  path = str(tmp_path / 'benchmarks.md')
+  bench_train.append_docs(['| row 1 |'], 'cmd one', path=path)
+  text = open(path).read()
+  assert text.startswith('# Benchmarks\n') and '## Training throughput' in text
+  with open(path, 'a') as f:
+    f.write('\n## Evaluation speed\n\nsomeone else\n')
+  bench_train.append_docs(['| row 2 |'], 'cmd two', path=path)
+  text = open(path).read()
+  # Both runs kept, in order, inside our section; the other section untouched, after it.
+  assert text.index('| row 1 |') < text.index('| row 2 |') < text.index('## Evaluation speed')
+  assert text.rstrip().endswith('someone else')
+  assert text.count('## Training throughput') == 1
+
+
+def test_merge_docs_copies_gpu_tables_into_their_sections(tmp_path):
+  # A GPU machine writes a fresh file under $OUT; merging puts each table in its section.
+  remote, local = str(tmp_path / 'remote.md'), str(tmp_path / 'local.md')
+  bench_train.append_docs(['| gpu row |'], 'train cmd', path=remote)
+  bench_train.append_docs(['| peer row |'], 'peer cmd', path=remote,
+                          section=bench_peer.DOCS_SECTION, header=bench_peer.PEER_HEADER)
+  with open(local, 'w') as f:
+    f.write('# Benchmarks\n\n## Training throughput\n\nintro\n\n'
+            f'{bench_peer.DOCS_SECTION}\n\npeer intro\n\n## Input pipeline\n\ntheirs\n')
+  assert bench_train.merge_docs(remote, local) == 2
+  text = open(local).read()
+  assert (text.index('intro') < text.index('| gpu row |') < text.index(bench_peer.DOCS_SECTION)
+          < text.index('peer intro') < text.index('| peer row |') < text.index('## Input pipeline'))
+  assert text.rstrip().endswith('theirs')
+  empty = tmp_path / 'empty.md'
+  empty.write_text('# Benchmarks\n')
+  with pytest.raises(ValueError, match='no non-empty section'):
+    bench_train.merge_docs(str(empty), local)
+
+
+_LOG = '\n'.join(
+    [f'Epoch: [0][{i:2d}/36]\tTime  {t:.3f} ( 0.500)\tData  {d:.3f} ( 0.1)\tLoss 1.0e+01 (1.0e+01)'
+     for i, t, d in [(0, 5.0, 4.0)] + [(i, 0.25, 0.05) for i in range(1, 36)]]
+    + ['Epoch: [1][ 0/36]\tTime  3.000 ( 3.000)\tData  2.900 ( 2.9)\tLoss 1.0e+01 (1.0e+01)'])
+
+
+def test_peer_log_parser_skips_warmup_and_epoch_starts():
+  result = bench_peer.parse_log(_LOG, batch=256, skip=1)
+  assert result['steps'] == 35
+  assert result['images_per_second'] == pytest.approx(256 / 0.25)
+  assert result['compute_images_per_second'] == pytest.approx(256 / 0.2)
+  with pytest.raises(ValueError, match='--print-freq 1'):
+    bench_peer.parse_log('no progress here', batch=256)
+
+
+def test_peer_window_protocol(monkeypatch):
+  # The CPU comparison drives both workers through this loop: one JSON line
+  # to say ready, then one timing per request, until an empty line.
+  out = io.StringIO()
+  monkeypatch.setattr(sys, 'stdin', io.StringIO('2\n3\n\n'))
+  monkeypatch.setattr(sys, 'stdout', out)
+  bench_peer._serve(lambda steps: 0.5 * steps, {'device': 'test'})  # pylint: disable=protected-access
+  lines = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert lines == [{'ready': True, 'device': 'test'}, {'seconds': 1.0}, {'seconds': 1.5}]
