@@ -68,6 +68,12 @@ class BatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
+# torchvision pads every 3x3 convolution by 1 on each side. 'SAME' would pad a
+# stride-2 convolution of an even input by (0, 1) instead, shifting the sampling
+# grid: the features would no longer match the exported torchvision model.
+_PAD3 = ((1, 1), (1, 1))
+
+
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: two 3x3 convolutions."""
   filters: int
@@ -78,9 +84,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv1')(x)
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_PAD3,
+                  name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.filters, (3, 3), name='conv2')(y)
+    y = self.conv(self.filters, (3, 3), padding=_PAD3, name='conv2')(y)
     y = self.norm(name='bn2')(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
@@ -101,7 +108,8 @@ class Bottleneck(nn.Module):
     residual = x
     y = self.conv(self.filters, (1, 1), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv2')(y)
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_PAD3,
+                  name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3')(y)
@@ -140,7 +148,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, padding='SAME',
+        nn.Conv, use_bias=False, dtype=self.dtype, padding='VALID',
         kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
     norm = functools.partial(
         BatchNorm, use_running_average=not train, num_splits=self.bn_splits,
@@ -151,7 +159,7 @@ class ResNet(nn.Module):
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
-      x = conv(self.width, (3, 3), name='conv1')(x)
+      x = conv(self.width, (3, 3), padding=_PAD3, name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
     else:
       raise ValueError(f"model.stem={self.stem!r}: expected 'imagenet' or 'cifar'.")

@@ -106,3 +106,53 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   monkeypatch.setattr(input_pipeline, 'train_batches', real_batches)
   _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
+
+
+def _restore(workdir, config):
+  mesh = train.make_mesh(jax.devices()[:2])
+  lr = train.create_learning_rate_fn(config, 4, config.num_train_steps)
+  tx = train.create_optimizer(config, lr)
+  setup = train.make_step_setup(config, 2, tx)
+  target = train.init_state(config, setup, mesh)
+  manager = checkpoints.create_manager(str(workdir), config)
+  return checkpoints.restore(manager, config.num_train_steps, target)
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
+  """A real `python main.py` killed with SIGKILL mid-run, then rerun as is."""
+  steps = 24
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+
+  def command(workdir):
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+            f'--config.num_train_steps={steps}', '--config.checkpoint_every_steps=2',
+            '--config.log_every_steps=1']
+
+  subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / 'checkpoints' / '4').is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished_before_kill = (killed / 'checkpoints' / str(steps)).is_dir()
+  subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
+                 timeout=600)
+  config = tiny.get_config()
+  config.num_train_steps = steps
+  _assert_same_state(_restore(tmp_path / 'straight', config), _restore(killed, config))
+  assert not finished_before_kill, 'the kill came too late to test anything'
+
+
+def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
+  config = _config(steps=2)
+  host = train.train_and_evaluate(config, str(tmp_path / 'host'))
+  config.data.on_device = True
+  device = train.train_and_evaluate(config, str(tmp_path / 'device'))
+  leaves_host, leaves_device = jax.tree.leaves(host), jax.tree.leaves(device)
+  for a, b in zip(leaves_host, leaves_device):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
