@@ -8,7 +8,6 @@ on one GPU, eight GPUs, a TPU pod and many hosts.
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, Callable
 
 from absl import logging

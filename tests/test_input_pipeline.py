@@ -257,7 +257,6 @@ def _synthetic(n=50, side=4):
 
 def test_train_order_is_deterministic_and_resumable():
   ds = _synthetic()
-  ids = lambda b: b['image'][:, 0, 0, 0].astype(int) * 1000 + b['label']  # noqa: E731
 
   def take(n, **kw):
     it = input_pipeline.train_batches(ds, global_batch=8, seed=5, **kw)
