@@ -51,7 +51,10 @@ class BatchNorm(nn.Module):
       y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
     else:
       n = x.shape[0]
-      groups = self.num_splits if n % self.num_splits == 0 else 1
+      groups = self.num_splits
+      if n % groups:
+        raise ValueError(f'BatchNorm: batch {n} does not split into num_splits={groups} equal '
+                         'groups (config.moco.bn_splits).')
       xg = x32.reshape((groups, n // groups) + x.shape[1:])
       axes = tuple(range(1, xg.ndim - 1))
       mean = jnp.mean(xg, axis=axes, keepdims=True)

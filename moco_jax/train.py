@@ -45,13 +45,7 @@ class StepSetup:
   shuffle_keys: bool
 
 
-def bn_splits_per_device(config, num_devices: int) -> int:
-  """BatchNorm groups per device: `moco.bn_splits`, or 8 groups in total if -1."""
-  if config.moco.bn_mode != 'shuffle':
-    return 1
-  if config.moco.bn_splits > 0:
-    return config.moco.bn_splits
-  return max(1, 8 // num_devices)
+bn_splits_per_device = config_checks.bn_splits_per_device
 
 
 def create_encoders(config, num_devices: int):

@@ -44,6 +44,18 @@ def test_bad_values_are_rejected_with_the_field_name(field, value, needle):
   assert needle in str(info.value)
 
 
+def test_default_shuffle_bn_groups_must_divide_the_device_batch():
+  config = tiny.get_config()  # bn_splits=-1: 8 groups on one device, 1 on each of 8.
+  config.batch_size = 60
+  with pytest.raises(config_checks.ConfigError, match='8 BatchNorm groups per device'):
+    config_checks.validate(config, num_devices=1)
+  config.batch_size = 64
+  config_checks.validate(config, num_devices=1)
+  config.moco.bn_mode = 'sync'  # One group: any batch the devices divide works.
+  config.batch_size = 60
+  config_checks.validate(config, num_devices=1)
+
+
 def test_ablation_rows():
   v1 = imagenet_ablation.get_config('v1')
   assert (v1.model.head, v1.moco.temperature, v1.aug.blur_prob, v1.optim.schedule) == (
