@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from moco_jax import knn
 from moco_jax import models
+from moco_jax import state as state_lib
 from moco_jax import train
 
 RESULTS_FILE = 'eval.json'
@@ -166,14 +167,12 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
 def random_init_encoder(config):
   """(params, batch_stats) of the step-0 query encoder: the untrained floor.
 
-  The same key split as `state.create_train_state`, so these are exactly the
-  weights pretraining starts from with this config.seed.
+  `state.initial_encoder_variables`, which `state.create_train_state` uses
+  too: exactly the weights pretraining starts from with this config.seed.
   """
   encoder = models.create_encoder(config.model)
-  init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]
-  dummy = jnp.zeros((2, config.data.image_size, config.data.image_size, 3), jnp.float32)
-  variables = encoder.init(init_rng, dummy, train=False)
-  return variables['params'], variables['batch_stats']
+  return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
+                                             config.data.image_size)
 
 
 def load_backbone(config, workdir: str):

@@ -42,13 +42,27 @@ def init_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
   return losses.l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
 
 
+def _split_rng(rng: jax.Array):
+  """(init, queue, state) keys of a run seeded with `rng`."""
+  return jax.random.split(rng, 3)
+
+
+def initial_encoder_variables(rng: jax.Array, encoder, image_size: int):
+  """(params, batch_stats) of the encoder at step 0 of a run seeded with `rng`.
+
+  Shared by `create_train_state` and the random-init evaluation floor, so the
+  floor is exactly the encoder that pretraining starts from.
+  """
+  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  variables = encoder.init(_split_rng(rng)[0], dummy, train=False)
+  return variables['params'], variables['batch_stats']
+
+
 def create_train_state(rng: jax.Array, encoder, tx: optax.GradientTransformation,
                        image_size: int, queue_size: int, embed_dim: int) -> TrainState:
   """Initialises the query encoder, copies it into the key encoder, fills the queue."""
-  init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
-  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-  variables = encoder.init(init_rng, dummy, train=False)
-  params, batch_stats = variables['params'], variables['batch_stats']
+  _, queue_rng, state_rng = _split_rng(rng)
+  params, batch_stats = initial_encoder_variables(rng, encoder, image_size)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       query_params=params,
