@@ -12,11 +12,16 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute (Orbax wants absolute paths)."""
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+
+
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   """A manager keeping `config.keep_checkpoints` steps in WORKDIR/checkpoints."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  return ocp.CheckpointManager(checkpoint_dir(workdir),
                                options=options)
 
 

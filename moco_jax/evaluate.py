@@ -26,10 +26,11 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
+from moco_jax import checkpoints
 from moco_jax import knn
+from moco_jax import metrics_writer
 from moco_jax import models
 from moco_jax import state as state_lib
 from moco_jax import train
@@ -119,13 +120,9 @@ def _pretraining_model_hint(workdir: str) -> str:
 # Restoring.
 
 
-def _checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
-
-
 def latest_checkpoint_step(workdir: str) -> int:
   """The newest complete checkpoint step in WORKDIR/checkpoints, or a clear error."""
-  directory = _checkpoint_dir(workdir)
+  directory = checkpoints.checkpoint_dir(workdir)
   found = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
   step = None
   if found:
@@ -149,7 +146,7 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
   architecture fails in a second with both descriptions, not deep in Orbax.
   """
   step = latest_checkpoint_step(workdir) if step is None else step
-  directory = _checkpoint_dir(workdir)
+  directory = checkpoints.checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   try:
     metadata = manager.item_metadata(step)
@@ -200,7 +197,7 @@ def write_results(workdir: str, results: dict) -> dict:
   """Merges `results` into WORKDIR/eval.json (atomically, process 0 only); returns all."""
   path = os.path.join(workdir, RESULTS_FILE)
   merged = read_results(workdir)
-  merged.update({k: _plain(v) for k, v in results.items()})
+  merged.update({k: metrics_writer.json_value(v) for k, v in results.items()})
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
@@ -217,11 +214,6 @@ def read_results(workdir: str) -> dict:
     return {}
   with open(path) as f:
     return json.load(f)
-
-
-def _plain(value):
-  value = np.asarray(value)
-  return value.item() if value.size == 1 else value.tolist()
 
 
 # --------------------------------------------------------------------------

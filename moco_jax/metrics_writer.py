@@ -71,7 +71,7 @@ class MetricsWriter:
   def write(self, step: int, scalars: dict, quiet: bool = False):
     if not self.enabled:
       return
-    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    row = {'step': int(step), **{k: json_value(v) for k, v in scalars.items()}}
     with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps(row) + '\n')
     if self._tb is not None:
@@ -99,7 +99,8 @@ def format_progress(row: dict) -> str:
   return ' | '.join(parts)
 
 
-def _plain(value):
+def json_value(value):
+  """A scalar or array as a plain Python number or list, for json.dumps."""
   value = np.asarray(value)
   return value.item() if value.size == 1 else value.tolist()
 

@@ -214,14 +214,13 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
   The state is donated: its buffers (the queue above all) are reused in place.
   """
   step = functools.partial(train_step, setup=setup, learning_rate_fn=learning_rate_fn)
-  if on_device_data:
-    def gather_and_step(state, dataset, indices):
-      return step(state, jnp.take(dataset, indices, axis=0))
-    sharded = jax.shard_map(gather_and_step, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
-                            out_specs=(P(), P()), check_vma=False)
-  else:
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                            check_vma=False)
+  def gather_and_step(state, dataset, indices):
+    return step(state, jnp.take(dataset, indices, axis=0))
+
+  fn, in_specs = ((gather_and_step, (P(), P(), P(AXIS))) if on_device_data
+                  else (step, (P(), P(AXIS))))
+  sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()),
+                          check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))
 
 
