@@ -7,7 +7,7 @@
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
 DIR/backbone_torchvision.npz. This file only parses flags; the work is in
-`moco_jax.train`, `moco_jax.evaluate`, `moco_jax.linear_eval` and
+`moco_jax.train`, `moco_jax.knn`, `moco_jax.linear_probe` and
 `moco_jax.export`, which tests call too.
 """
 
@@ -21,9 +21,9 @@ import jax
 from ml_collections import config_flags
 
 from moco_jax import config_checks
-from moco_jax import evaluate
 from moco_jax import export
-from moco_jax import linear_eval
+from moco_jax import knn
+from moco_jax import linear_probe
 from moco_jax import train
 
 FLAGS = flags.FLAGS
@@ -55,9 +55,9 @@ def main(argv):
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'knn':
-      logging.info('Results: %s', evaluate.run_knn(FLAGS.config, FLAGS.workdir))
+      logging.info('Results: %s', knn.run_knn(FLAGS.config, FLAGS.workdir))
     elif FLAGS.mode == 'linear_eval':
-      logging.info('Results: %s', linear_eval.run_linear_eval(FLAGS.config, FLAGS.workdir))
+      logging.info('Results: %s', linear_probe.run_linear_eval(FLAGS.config, FLAGS.workdir))
     elif FLAGS.mode == 'export':
       logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
   except config_checks.ConfigError as e:

@@ -4,7 +4,7 @@
   python benchmarks/bench_input.py --peer_python=/tmp/peervenv/bin/python --append_docs
 
 Measures, on real archives from ../shared/data:
-  * host pipeline: `input_pipeline.load_split` with a cold cache (list the
+  * host pipeline: `sources.load_split` with a cold cache (list the
     archive, decode every JPEG with Pillow threads, write the .npy cache) and a
     warm one (load the .npy), then `train_batches` images/s at batch 256. One
     image delivered = the source of both views (views are made on device).
@@ -19,10 +19,8 @@ Numbers depend on the machine's load: the docs say where they were taken.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,10 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
+from benchmarks import report
 from moco_jax import augment
-from moco_jax import input_pipeline
+from moco_jax import image_ops
+from moco_jax.data import batching
+from moco_jax.data import sources
 
-DOCS_PATH = os.path.join(_ROOT, 'docs', 'benchmarks.md')
+DOCS_PATH = report.DOCS_PATH
 DATA = os.path.join(os.path.dirname(_ROOT), 'shared', 'data')
 DATASETS = {  # name: (archive, decoded side S, view size)
     'imagenette 128px': ('imagenette2-128sq.tgz', 128, 128),
@@ -91,7 +92,7 @@ print(json.dumps({'images_per_s': count / (time.perf_counter() - start), 'images
 INPUT_INTRO = """What the host does per run, and what `benchmarks/bench_input.py` times
 (train split of the real archives in `../shared/data`, read as is):
 
-- **Cold**: `input_pipeline.load_split` with an empty `data.cache_dir`. An
+- **Cold**: `sources.load_split` with an empty `data.cache_dir`. An
   archive is decompressed once: the same pass lists it (to find the split and
   class folders and check them) and hands the files of the wanted split to
   Pillow decode threads; each image is resized (shorter side to S, centre
@@ -151,21 +152,6 @@ torch==2.14.1 torchvision==0.29.1`), never in `requirements.txt`.
 """
 
 
-def environment_line() -> str:
-  cpu = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
-  return (f'{cpu}, {os.cpu_count()} cores shared with other developers\' jobs (load average '
-          f'{load} at the end: numbers are noisy), Python {platform.python_version()}, '
-          f'jax {jax.__version__} on '
-          f'{jax.default_backend()}, {date}')
-
-
 def data_config(archive: str, side: int, cache_dir: str):
   config = default.get_config().data
   config.update(dict(path=os.path.join(DATA, archive), image_size=side, cache_size=side,
@@ -177,12 +163,12 @@ def bench_host(archive: str, side: int, cache_dir: str, batch: int, steps: int) 
   """Cold decode, warm cache load and batch gathering of the train split."""
   config = data_config(archive, side, cache_dir)
   start = time.perf_counter()
-  ds = input_pipeline.load_split(config, 'train')
+  ds = sources.load_split(config, 'train')
   cold = time.perf_counter() - start
   start = time.perf_counter()
-  ds = input_pipeline.load_split(config, 'train')
+  ds = sources.load_split(config, 'train')
   warm = time.perf_counter() - start
-  batches = input_pipeline.train_batches(ds, global_batch=batch, seed=0)
+  batches = batching.train_batches(ds, global_batch=batch, seed=0)
   next(batches)
   start = time.perf_counter()
   checksum = 0
@@ -219,35 +205,12 @@ def bench_peer(python: str, images: np.ndarray, image_size: int, batch: int) -> 
     args = {'npy': npy, 'size': image_size, 'scale': list(aug.crop_scale),
             'ratio': list(aug.crop_ratio), 'jitter': list(aug.jitter),
             'jitter_prob': aug.jitter_prob, 'grayscale_prob': aug.grayscale_prob,
-            'kernel': augment.blur_kernel_size(image_size), 'sigma': list(aug.blur_sigma),
+            'kernel': image_ops.blur_kernel_size(image_size), 'sigma': list(aug.blur_sigma),
             'blur_prob': aug.blur_prob, 'mean': list(aug.mean), 'std': list(aug.std),
             'batch': batch, 'workers': os.cpu_count() or 2}
     out = subprocess.run([python, '-c', PEER_SCRIPT, json.dumps(args)], check=True,
                          capture_output=True, text=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def append_section(section: str, block: str, intro: str = '', path: str = DOCS_PATH) -> None:
-  """Adds `block` at the end of `section` ('## ...'), creating file/section if needed.
-
-  A new section starts with `intro` (what is measured and how to read it).
-  Other sections belong to other benchmarks and are left as they are.
-  """
-  text = open(path).read() if os.path.exists(path) else ''
-  if not text.strip():
-    text = '# Benchmarks\n'
-  lines = text.splitlines(keepends=True)
-  start = next((i for i, line in enumerate(lines) if line.rstrip() == section), None)
-  if start is None:
-    text = text.rstrip('\n') + f'\n\n{section}\n\n' + (intro + '\n' if intro else '') + block
-  else:
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')),
-               len(lines))
-    after = ''.join(lines[end:])
-    text = ''.join(lines[:end]).rstrip('\n') + '\n\n' + block + ('\n' + after if after else '')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(text)
 
 
 def main(argv=None):
@@ -301,12 +264,12 @@ def main(argv=None):
   if args.append_docs:
     command = 'python benchmarks/bench_input.py ' + ' '.join(
         a for a in (sys.argv[1:] if argv is None else argv))
-    env = environment_line()
-    append_section('## Input pipeline', intro=INPUT_INTRO, block='\n'.join([
+    env = report.environment_line()
+    report.append_section('## Input pipeline', intro=INPUT_INTRO, block='\n'.join([
         f'Run: `{command.strip()}`', '', f'Environment: {env}.', '',
         f'Cold = first run (cache in a fresh temp dir, {os.cpu_count()} decode threads); warm = '
         'second run. One image = the source of both views.', '', *host_table, '']) + '\n')
-    append_section('## Augmentation', intro=AUG_INTRO, block='\n'.join([
+    report.append_section('## Augmentation', intro=AUG_INTRO, block='\n'.join([
         f'Run: `{command.strip()}`', '', f'Environment: {env}.', '',
         'Accelerator augmentation throughput: CPU only; GPU not lent to this task. '
         'MoCo v2 aug+ (default `config.aug`), one image = query + key view. The torchvision '

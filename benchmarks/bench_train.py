@@ -12,8 +12,8 @@ What is timed is `train.make_sharded_step`, the exact function the trainer
 runs (on-device augmentation, both encoders, InfoNCE, SGD, EMA, enqueue), over
 every local device, on synthetic uint8 images. By default the batch is placed
 on the devices once, so the number is the accelerator's speed and not the
-host's; `--feed=host` draws every batch through `input_pipeline.train_batches`
-and `train.shard_batch` inside the timed loop, as training does.
+host's; `--feed=host` draws every batch through `batching.train_batches`
+and `parallel.shard_batch` inside the timed loop, as training does.
 
 One image = one query view + one key view of it (the unit of the official
 code's "images/s" and of "epochs x dataset size"). FLOPs come from XLA's cost
@@ -28,7 +28,6 @@ one run's peak memory and compilation caches do not leak into the next.
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -47,12 +46,16 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
-from moco_jax import config_checks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from moco_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from moco_jax import state as state_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from moco_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import report
+from moco_jax import config_checks
+from moco_jax import optim
+from moco_jax import parallel
+from moco_jax import state as state_lib
+from moco_jax import train
+from moco_jax.data import batching
+from moco_jax.data import sources
 
-DOCS_PATH = os.path.join(_ROOT, 'docs', 'benchmarks.md')
+DOCS_PATH = report.DOCS_PATH
 SECTION = '## Training throughput'
 PEER_SECTION = '## Versus the official PyTorch MoCo'  # bench_peer.py's.
 
@@ -217,37 +220,37 @@ class StepBench:
     self.devices = jax.devices() if devices is None else devices
     num_devices = len(self.devices)
     config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
-    self.mesh = mesh = train.make_mesh(self.devices)
-    learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=total_steps,
+    self.mesh = mesh = parallel.make_mesh(self.devices)
+    learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch=total_steps,
                                                      total_steps=total_steps)
-    tx = train.create_optimizer(config, learning_rate_fn)
+    tx = optim.create_optimizer(config, learning_rate_fn)
     setup = train.make_step_setup(config, num_devices, tx)
     # Jitted: op-by-op initialisation of a ResNet-50 costs a compile per op on a GPU.
     create = jax.jit(state_lib.create_train_state, static_argnums=(1, 2, 3, 4, 5))
-    state = create(jax.random.PRNGKey(config.seed), setup.query_encoder, tx,
+    state = create(jax.random.PRNGKey(config.seed), setup.moco.encoder, tx,
                    config.data.image_size, config.moco.queue_size, config.model.embed_dim)
-    self.state = train.replicate(state, mesh)
+    self.state = parallel.replicate(state, mesh)
     self.p_step = train.make_sharded_step(setup, learning_rate_fn, mesh)
     self.metrics = None
     self.flops_per_image = 0.0
 
-    side = input_pipeline.image_side(config.data)
+    side = sources.image_side(config.data)
     local_batch = config.batch_size // jax.process_count()
     self._batches = None
     if feed == 'host':
       data_config = config.data.copy_and_resolve_references()
       data_config.synthetic_examples = max(2 * config.batch_size, 512)
-      ds = input_pipeline.load_split(data_config, 'train')
-      self._batches = input_pipeline.train_batches(
+      ds = sources.load_split(data_config, 'train')
+      self._batches = batching.train_batches(
           ds, global_batch=config.batch_size, seed=0, process_index=jax.process_index(),
           process_count=jax.process_count())
     else:
       host = np.random.default_rng(0).integers(0, 256, (local_batch, side, side, 3), np.uint8)
-      self._placed = train.shard_batch(host, mesh)
+      self._placed = parallel.shard_batch(host, mesh)
 
   def _images(self):
     if self._batches is not None:
-      return train.shard_batch(next(self._batches)['image'], self.mesh)
+      return parallel.shard_batch(next(self._batches)['image'], self.mesh)
     return self._placed
 
   def first_step(self) -> float:
@@ -327,20 +330,6 @@ def run_benchmark(config, *, preset: str = 'custom', steps: int = 20, warmup: in
       epoch_images=PRESETS.get(preset, {}).get('epoch_images', 0), final_loss=final_loss)
 
 
-def environment_line() -> str:
-  """Device, versions and date, for the record next to every table."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-  line = (f'{len(devices)}x {devices[0].device_kind} ({devices[0].platform}), '
-          f'jax {jax.__version__}, jaxlib {jaxlib.__version__}, '
-          f'flax {flax.__version__}, {date}')
-  if os.environ.get('XLA_FLAGS'):
-    line += f', XLA_FLAGS={os.environ["XLA_FLAGS"].strip()}'
-  return line
-
-
 def append_docs(rows: list[str], command: str, note: str = '', path: str = DOCS_PATH,
                 section: str = SECTION, header: str = TABLE_HEADER, raw: Optional[str] = None):
   """Adds a dated table to the end of `section` (default '## Training throughput').
@@ -350,36 +339,15 @@ def append_docs(rows: list[str], command: str, note: str = '', path: str = DOCS_
   the next '## ' heading (other sections belong to other benchmarks). `raw`,
   if given, is inserted as it is instead of a table.
   """
-  text = ''
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-  if not text.strip():
-    text = '# Benchmarks\n'
   if raw is not None:
     block = raw
   else:
-    block = [f'Run: `{command}`', '', f'Environment: {environment_line()}.']
+    block = [f'Run: `{command}`', '', f'Environment: {report.environment_line()}.']
     if note:
       block += ['', note]
     block += ['', header, *rows, '']
     block = '\n'.join(block) + '\n'
-  lines = text.splitlines(keepends=True)
-  start = next((i for i, line in enumerate(lines) if line.rstrip() == section), None)
-  if start is None:
-    text = text.rstrip('\n') + f'\n\n{section}\n\n' + block.rstrip('\n') + '\n'
-  else:
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')),
-               len(lines))
-    before = ''.join(lines[:end]).rstrip('\n') + '\n\n'
-    after = ''.join(lines[end:])
-    text = before + block.rstrip('\n') + ('\n\n' + after if after else '\n')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # Write-then-rename: a reader (or another benchmark appending) never sees half a file.
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  report.append_section(section, block, path=path)
 
 
 def _run_in_subprocess(preset: str, queue: Optional[int], args) -> Result:

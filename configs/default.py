@@ -1,7 +1,7 @@
 """Base configuration for MoCo pretraining; every experiment config patches it.
 
 Not an experiment by itself: `configs/imagenette.py`, `configs/imagenet.py`,
-`configs/cifar10.py` and the `configs/mocov1*.py` ablation rows start from
+`configs/cifar10.py`, `configs/mocov1.py` and the `configs/imagenet_ablation.py` rows start from
 `get_config()` here and change the fields their recipe needs. Every field has a
 comment so that `--config.a.b=value` overrides can be chosen without reading
 the code. Sentinels: `-1` means "derive it" (documented per field).
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Encoder ---------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet18'  # resnet18 | resnet50 | resnet_tiny (tests).
+  config.model.name = 'resnet18'  # resnet18 | resnet34 | resnet50 | resnet_tiny (tests).
   config.model.stem = 'imagenet'  # imagenet (7x7/2 + maxpool) | cifar (3x3/1, no maxpool).
   config.model.width = 64  # Channels of the first stage (torchvision: 64).
   config.model.head = 'mlp'  # mlp (v2: Linear-ReLU-Linear) | linear (v1).
@@ -95,5 +95,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.
   config.checkpoint_every_steps = 1000  # Orbax save period (and always at the end).
   config.keep_checkpoints = 3  # Checkpoints kept in workdir/checkpoints.
-  config.tensorboard = True  # Also write TensorBoard events when TF is importable.
+  config.tensorboard = True  # Also write TensorBoard events (tensorboardX; no TensorFlow needed).
   return config

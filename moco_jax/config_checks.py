@@ -6,6 +6,8 @@ costs a second, not a traceback from inside XLA after minutes of compilation.
 
 import ml_collections
 
+from moco_jax import moco
+
 _CHOICES = {
     ('model', 'name'): ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny'),
     ('model', 'stem'): ('imagenet', 'cifar'),
@@ -56,7 +58,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(config.model.embed_dim > 0, f'config.model.embed_dim={config.model.embed_dim} must be > 0.')
   _require(config.model.width > 0, f'config.model.width={config.model.width} must be > 0.')
   _require(config.data.image_size > 0, f'config.data.image_size={config.data.image_size} must be > 0.')
-  splits = bn_splits_per_device(config, num_devices)
+  splits = moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, num_devices)
   local = batch // num_devices
   _require(local % splits == 0,
            f'config.moco.bn_splits={config.moco.bn_splits} ({splits} BatchNorm groups per device) '
@@ -67,18 +69,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(config.log_every_steps > 0, f'config.log_every_steps={config.log_every_steps} must be > 0.')
   _require(config.checkpoint_every_steps > 0,
            f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0.')
-
-
-def bn_splits_per_device(config: ml_collections.ConfigDict, num_devices: int) -> int:
-  """BatchNorm groups per device: `moco.bn_splits`, or 8 groups in total if -1.
-
-  Only Shuffle BN splits the batch; sync and local modes use one group.
-  """
-  if config.moco.bn_mode != 'shuffle':
-    return 1
-  if config.moco.bn_splits > 0:
-    return config.moco.bn_splits
-  return max(1, 8 // num_devices)
 
 
 def check_dataset(config: ml_collections.ConfigDict, num_examples: int):

@@ -26,7 +26,8 @@ import re
 import jax
 import numpy as np
 
-from moco_jax import evaluate
+from moco_jax import checkpoints
+from moco_jax import results
 
 # Flax BatchNorm variable -> torchvision BatchNorm2d buffer/parameter.
 _BN_PARAMS = {'scale': 'weight', 'bias': 'bias'}
@@ -133,8 +134,8 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None) 
 
 def run_export(config, workdir: str) -> str:
   """Exports the latest checkpoint's query backbone to WORKDIR/backbone_torchvision.npz."""
-  params, batch_stats, step = evaluate.restore_query_encoder(workdir, config.model)
+  params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
   path = os.path.join(workdir, 'backbone_torchvision.npz')
   export_backbone(params, batch_stats, path, config.model)
-  evaluate.write_results(workdir, {'export_step': step})
+  results.write_results(workdir, {'export_step': step})
   return path

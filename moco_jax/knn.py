@@ -15,111 +15,24 @@ docs/results.md), like the official demo's 82.6; lightly reports fractions
 
 import functools
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from moco_jax import augment
-from moco_jax import input_pipeline
-from moco_jax import losses
+from moco_jax import features
 from moco_jax import models
+from moco_jax import parallel
+from moco_jax import results
+from moco_jax.data import sources
 
-AXIS = 'data'  # The mesh axis of moco_jax.train (not imported: train imports us).
 # Eval images per kNN chunk: the similarity block is [chunk, num_train] float32,
 # 256 x 50,000 x 4 bytes = 51 MB for CIFAR-10, whatever the eval split's size.
 _QUERY_CHUNK = 256
-
-
-# --------------------------------------------------------------------------
-# Feature extraction.
-
-
-def eval_batch_size(requested: int, num_devices: int) -> int:
-  """`requested` rounded up to a multiple of the device count (each gets a slice)."""
-  return max(1, -(-requested // num_devices)) * num_devices
-
-
-class _NormConfig(NamedTuple):
-  """The two fields of config.aug that `augment.eval_view` reads, hashable for the cache."""
-  mean: tuple
-  std: tuple
-
-
-@functools.lru_cache(maxsize=8)
-def _feature_fn(backbone, image_size: int, mean: tuple, std: tuple, dtype: str, mesh: Mesh,
-                normalize: bool) -> Callable:
-  """jit(shard_map(features)) of one batch; cached so each shape compiles once per run.
-
-  Variables are replicated, uint8 images split on 'data'; each device runs the
-  deterministic eval view and the backbone on its slice, so extraction is
-  data-parallel with no collective at all.
-  """
-  aug = _NormConfig(mean, std)
-
-  def features(variables, images):
-    x = augment.eval_view(images, image_size, aug, jnp.dtype(dtype))
-    f = backbone.apply(variables, x, train=False)
-    return losses.l2_normalize(f) if normalize else f
-
-  sharded = jax.shard_map(features, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS),
-                          check_vma=False)
-  return jax.jit(sharded)
-
-
-def backbone_variables(params, batch_stats) -> dict:
-  """The backbone's variables out of an encoder's (query) params and batch stats."""
-  return {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}
-
-
-def extract_features(config, backbone, variables, ds: input_pipeline.ImageDataset, mesh: Mesh,
-                     normalize: bool = True) -> np.ndarray:
-  """Backbone features [N, C] float32 of every image of `ds`, in dataset order.
-
-  Args:
-    config: the full config (reads data.image_size, aug.mean/std, model.dtype,
-      eval.batch_size).
-    backbone: a `models.ResNet` (inference mode is chosen here).
-    variables: {'params', 'batch_stats'} of the backbone, replicated on `mesh`
-      or host arrays.
-    ds: the split to encode.
-    mesh: the one-axis ('data',) mesh.
-    normalize: L2-normalise each feature (kNN) or not (linear probe).
-  """
-  batch = eval_batch_size(config.eval.batch_size, mesh.size)
-  fn = _feature_fn(backbone, config.data.image_size, tuple(config.aug.mean),
-                   tuple(config.aug.std), config.model.dtype, mesh, normalize)
-  replicated = NamedSharding(mesh, P())
-  variables = jax.device_put(variables, replicated)
-  data_sharding = NamedSharding(mesh, P(AXIS))
-  chunks = []
-  for b in input_pipeline.eval_batches(ds, global_batch=batch, process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
-    images = jax.make_array_from_process_local_data(data_sharding, b['image'])
-    out = fn(variables, images)
-    # The last batch is padded; the mask keeps the real rows.
-    chunks.append((_to_host(out), b['mask']))
-  rows = [f[m] if jax.process_count() == 1 else f[_global_mask(m)] for f, m in chunks]
-  features = np.concatenate(rows, axis=0).astype(np.float32)
-  if features.shape[0] != len(ds):
-    raise AssertionError(f'extracted {features.shape[0]} features for {len(ds)} images')
-  return features
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-  """A global (possibly multi-host) array as one host NumPy array."""
-  if jax.process_count() == 1:
-    return np.asarray(array)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def _global_mask(local_mask: np.ndarray) -> np.ndarray:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(local_mask, tiled=True))
 
 
 # --------------------------------------------------------------------------
@@ -189,9 +102,9 @@ class KnnEvaluator:
     self.config = config
     self.mesh = mesh
     if train_ds is None:
-      train_ds = input_pipeline.load_split(config.data, 'train')
+      train_ds = sources.load_split(config.data, 'train')
     if eval_ds is None:
-      eval_ds = input_pipeline.load_split(config.data, 'eval')
+      eval_ds = sources.load_split(config.data, 'eval')
     self.train_ds, self.eval_ds = train_ds, eval_ds
     self.backbone = models.create_backbone(config.model)
     if self.train_ds.num_classes < 2:
@@ -201,9 +114,9 @@ class KnnEvaluator:
   def __call__(self, variables) -> float:
     """kNN top-1 (percent) of the backbone with `variables` ({'params', 'batch_stats'})."""
     start = time.perf_counter()
-    train_features = extract_features(self.config, self.backbone, variables, self.train_ds,
+    train_features = features.extract_features(self.config, self.backbone, variables, self.train_ds,
                                       self.mesh)
-    eval_features = extract_features(self.config, self.backbone, variables, self.eval_ds,
+    eval_features = features.extract_features(self.config, self.backbone, variables, self.eval_ds,
                                      self.mesh)
     top1 = knn_top1(train_features, self.train_ds.labels, eval_features, self.eval_ds.labels,
                     max(self.train_ds.num_classes, self.eval_ds.num_classes),
@@ -228,15 +141,14 @@ def monitor_steps(every_epochs: float, steps_per_epoch: int, total_steps: int) -
   return steps
 
 
-def make_monitor_hooks(config, workdir: str, mesh: Mesh, setup, steps_per_epoch: int,
-                       total_steps: int, writer, evaluator: Optional[KnnEvaluator] = None):
+def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: int, writer,
+                       evaluator: Optional[KnnEvaluator] = None):
   """Hooks `hook(step, state)` for the pretraining loop: the kNN monitor.
 
   Writes {'knn_top1': percent, 'epoch': ...} to metrics.jsonl at the steps of
   `monitor_steps(config.eval.knn_every_epochs, ...)`. The data are loaded here,
   once, and only if the monitor runs at all.
   """
-  del workdir, setup  # The backbone comes from config.model; inference needs no BN groups.
   steps = monitor_steps(config.eval.knn_every_epochs, steps_per_epoch, total_steps)
   if not steps:
     return []
@@ -245,7 +157,22 @@ def make_monitor_hooks(config, workdir: str, mesh: Mesh, setup, steps_per_epoch:
   def hook(step: int, state):
     if step not in steps:
       return
-    top1 = evaluator(backbone_variables(state.query_params, state.query_batch_stats))
+    top1 = evaluator(features.backbone_variables(state.query_params, state.query_batch_stats))
     writer.write(step, {'knn_top1': top1, 'epoch': step / max(steps_per_epoch, 1)})
 
   return [hook]
+
+
+def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """kNN top-1 of the latest checkpoint (or random init) -> WORKDIR/eval.json.
+
+  Returns:
+    {'<prefix>knn_top1': percent, '<prefix>knn_step': step}.
+  """
+  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  del backbone  # The evaluator builds the same one from config.model.
+  evaluator = KnnEvaluator(config, parallel.make_mesh())
+  top1 = evaluator(variables)
+  scores = {f'{prefix}knn_top1': top1, f'{prefix}knn_step': step}
+  results.write_results(workdir, scores)
+  return scores

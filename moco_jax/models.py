@@ -77,38 +77,43 @@ class BatchNorm(nn.Module):
 _PAD3 = ((1, 1), (1, 1))
 
 
-class BasicBlock(nn.Module):
-  """ResNet-18/34 block: two 3x3 convolutions."""
+def _shortcut(x, y, conv: ModuleDef, norm: ModuleDef, strides: int):
+  """The block's input, projected (1x1 conv + BN, torchvision's `downsample`) if shapes differ.
+
+  Called inside a block's compact __call__, so the two layers belong to that block.
+  """
+  if x.shape == y.shape:
+    return x
+  x = conv(y.shape[-1], (1, 1), (strides, strides), name='downsample_conv')(x)
+  return norm(name='downsample_bn')(x)
+
+
+class _Block(nn.Module):
+  """What every residual block is given: its width, conv and norm factories, its stride."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
 
+
+class BasicBlock(_Block):
+  """ResNet-18/34 block: two 3x3 convolutions."""
+
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_PAD3,
                   name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), padding=_PAD3, name='conv2')(y)
     y = self.norm(name='bn2')(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(residual + y)
+    return nn.relu(_shortcut(x, y, self.conv, self.norm, self.strides) + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """ResNet-50 block: 1x1, 3x3 (strided, as torchvision v1.5), 1x1 x4."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (1, 1), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_PAD3,
@@ -116,11 +121,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3')(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
-                           name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(residual + y)
+    return nn.relu(_shortcut(x, y, self.conv, self.norm, self.strides) + y)
 
 
 class ResNet(nn.Module):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moco_jax import losses
+from moco_jax import moco
 
 
 @flax.struct.dataclass
@@ -35,11 +35,6 @@ class TrainState:
   queue: jax.Array
   queue_ptr: jax.Array
   rng: jax.Array
-
-
-def init_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
-  """Random unit rows, as the official code (randn normalised along dim)."""
-  return losses.l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
 
 
 def _split_rng(rng: jax.Array):
@@ -71,7 +66,7 @@ def create_train_state(rng: jax.Array, encoder, tx: optax.GradientTransformation
       key_params=jax.tree.map(jnp.copy, params),
       key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       opt_state=tx.init(params),
-      queue=init_queue(queue_rng, queue_size, embed_dim),
+      queue=moco.init_queue(queue_rng, queue_size, embed_dim),
       queue_ptr=jnp.zeros((), jnp.int32),
       rng=state_rng,
   )

@@ -24,6 +24,7 @@ import pytest
 
 from configs import default
 from moco_jax import augment
+from moco_jax import image_ops
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 LUMA = np.array([0.2989, 0.587, 0.114])
@@ -128,37 +129,37 @@ def _np_hue(img, shift):
 def test_brightness_contrast_saturation_match_torchvision_formulas(photos):
   for factor in (0.6, 1.0, 1.4):
     for img in photos[:3]:
-      np.testing.assert_allclose(augment.adjust_brightness(img, factor),
+      np.testing.assert_allclose(image_ops.adjust_brightness(img, factor),
                                  _np_blend(img, 0.0, factor), atol=1e-6)
-      np.testing.assert_allclose(augment.adjust_contrast(img, factor),
+      np.testing.assert_allclose(image_ops.adjust_contrast(img, factor),
                                  _np_blend(img, _np_gray(img).mean(), factor), atol=1e-5)
-      np.testing.assert_allclose(augment.adjust_saturation(img, factor),
+      np.testing.assert_allclose(image_ops.adjust_saturation(img, factor),
                                  _np_blend(img, _np_gray(img), factor), atol=1e-5)
 
 
 def test_hue_matches_torchvision_and_keeps_value_and_luminance(photos):
   for shift in (-0.1, 0.03, 0.1, 0.5):
-    out = np.asarray(augment.adjust_hue(photos, shift))
+    out = np.asarray(image_ops.adjust_hue(photos, shift))
     np.testing.assert_allclose(out, _np_hue(photos.astype(np.float64), shift), atol=1e-4)
     np.testing.assert_allclose(out.max(-1), photos.max(-1), atol=1e-5)  # HSV value kept.
     np.testing.assert_allclose(out.min(-1), photos.min(-1), atol=1e-5)  # So is chroma.
-  small = np.asarray(augment.adjust_hue(photos, 0.05))
+  small = np.asarray(image_ops.adjust_hue(photos, 0.05))
   luma_change = np.abs(_np_gray(small) - _np_gray(photos)).mean()
   assert luma_change < 0.02, luma_change
-  np.testing.assert_allclose(augment.adjust_hue(photos, 0.0), photos, atol=1e-5)
+  np.testing.assert_allclose(image_ops.adjust_hue(photos, 0.0), photos, atol=1e-5)
   # The reference round trip and the fused op agree on pure hues too.
-  np.testing.assert_allclose(augment.hsv_to_rgb(augment.rgb_to_hsv(photos)), photos, atol=1e-5)
+  np.testing.assert_allclose(image_ops._hsv_to_rgb(image_ops._rgb_to_hsv(photos)), photos, atol=1e-5)
 
 
 def test_jitter_slots_equal_sequential_ops_in_every_order(photos):
   img = photos[0]
   factors = jnp.array([1.3, 0.7, 1.2, 0.08])
-  ops = (lambda x: augment.adjust_brightness(x, factors[0]),
-         lambda x: augment.adjust_contrast(x, factors[1]),
-         lambda x: augment.adjust_saturation(x, factors[2]),
-         lambda x: augment.adjust_hue(x, factors[3]))
+  ops = (lambda x: image_ops.adjust_brightness(x, factors[0]),
+         lambda x: image_ops.adjust_contrast(x, factors[1]),
+         lambda x: image_ops.adjust_saturation(x, factors[2]),
+         lambda x: image_ops.adjust_hue(x, factors[3]))
   orders = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [3, 0, 1, 2]])
-  got = jax.jit(jax.vmap(lambda o: augment.color_jitter(img, factors, o)))(orders)
+  got = jax.jit(jax.vmap(lambda o: image_ops.color_jitter(img, factors, o)))(orders)
   for order, out in zip(orders, got):
     want = img
     for op in order:
@@ -167,7 +168,7 @@ def test_jitter_slots_equal_sequential_ops_in_every_order(photos):
 
 
 def test_jitter_factors_follow_torchvision_ranges():
-  f = jax.vmap(lambda k: augment.jitter_factors(k, (0.4, 0.4, 0.4, 0.1)))(
+  f = jax.vmap(lambda k: image_ops._jitter_factors(k, (0.4, 0.4, 0.4, 0.1)))(
       jax.random.split(jax.random.key(0), 2000))
   assert np.all(f[:, :3] >= 0.6) and np.all(f[:, :3] <= 1.4)
   assert np.all(np.abs(f[:, 3]) <= 0.1) and f[:, 3].min() < -0.09 and f[:, 3].max() > 0.09
@@ -188,14 +189,14 @@ def test_grayscale_view_has_equal_channels(cifar):
 
 def test_blur_tiny_sigma_is_identity_and_blur_keeps_mean(photos):
   img = photos[0]
-  np.testing.assert_allclose(augment.gaussian_blur(img, 1e-3, 3), img, atol=1e-6)
-  np.testing.assert_allclose(augment.gaussian_blur(img, 1e-3, 13), img, atol=1e-6)
+  np.testing.assert_allclose(image_ops.gaussian_blur(img, 1e-3, 3), img, atol=1e-6)
+  np.testing.assert_allclose(image_ops.gaussian_blur(img, 1e-3, 13), img, atol=1e-6)
   for sigma in (0.5, 2.0):
-    out = np.asarray(augment.gaussian_blur(img, sigma, 7))
+    out = np.asarray(image_ops.gaussian_blur(img, sigma, 7))
     np.testing.assert_allclose(out.mean((0, 1)), img.mean((0, 1)), atol=5e-3)
     assert out.std() < img.std()
     # Reference: reflect-pad and convolve each row, then each column.
-    w = np.asarray(augment.gaussian_kernel(sigma, 7))
+    w = np.asarray(image_ops._gaussian_kernel(sigma, 7))
     ref = np.pad(img, ((3, 3), (0, 0), (0, 0)), mode='reflect')
     ref = sum(w[t] * ref[t:t + 32] for t in range(7))
     ref = np.pad(ref, ((0, 0), (3, 3), (0, 0)), mode='reflect')
@@ -204,7 +205,7 @@ def test_blur_tiny_sigma_is_identity_and_blur_keeps_mean(photos):
 
 
 def test_blur_kernel_size_is_about_a_tenth_and_odd():
-  assert [augment.blur_kernel_size(s) for s in (32, 96, 128, 224)] == [3, 9, 13, 23]
+  assert [image_ops.blur_kernel_size(s) for s in (32, 96, 128, 224)] == [3, 9, 13, 23]
 
 
 # --------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def test_blur_kernel_size_is_about_a_tenth_and_odd():
 @pytest.mark.parametrize('side', [32, 128])
 def test_crop_boxes_respect_scale_and_ratio(side):
   keys = jax.random.split(jax.random.key(side), 4000)
-  boxes = np.asarray(jax.vmap(lambda k: augment.crop_box(k, side, side, (0.2, 1.0),
+  boxes = np.asarray(jax.vmap(lambda k: image_ops.crop_box(k, side, side, (0.2, 1.0),
                                                          (3 / 4, 4 / 3)))(keys))
   top, left, h, w = boxes.T
   np.testing.assert_array_equal(boxes, np.round(boxes))
@@ -232,14 +233,14 @@ def test_crop_boxes_respect_scale_and_ratio(side):
 
 def test_crop_falls_back_to_a_centred_box():
   # No box of ratio 2-3 with >= 90% of the area fits a square: torchvision's fallback.
-  box = augment.crop_box(jax.random.key(0), 32, 32, (0.9, 1.0), (2.0, 3.0))
+  box = image_ops.crop_box(jax.random.key(0), 32, 32, (0.9, 1.0), (2.0, 3.0))
   np.testing.assert_array_equal(box, [8, 0, 16, 32])
 
 
 def test_full_crop_is_identity_and_flip_is_exact_mirror(cifar, photos):
   box = jnp.array([0.0, 0.0, 32.0, 32.0])
-  np.testing.assert_allclose(augment.resized_crop(photos[0], box, 32), photos[0], atol=1e-5)
-  np.testing.assert_array_equal(augment.hflip(photos[0]), photos[0][:, ::-1])
+  np.testing.assert_allclose(image_ops.resized_crop(photos[0], box, 32), photos[0], atol=1e-5)
+  np.testing.assert_array_equal(image_ops.hflip(photos[0]), photos[0][:, ::-1])
   config = _aug(**{**PLAIN, 'flip': True})
   q, k = _views(cifar, config)
   plain = (photos - np.array(config.mean)) / np.array(config.std)
@@ -258,7 +259,7 @@ def test_crop_of_a_box_matches_cropping_then_resizing(photos):
   # in the outermost output pixels: there the crop interpolates with the real
   # pixels just outside the box where crop-then-resize repeats the edge.
   box = jnp.array([4.0, 8.0, 16.0, 16.0])
-  got = augment.resized_crop(photos[1], box, 32)
+  got = image_ops.resized_crop(photos[1], box, 32)
   want = jax.image.resize(photos[1][4:20, 8:24], (32, 32, 3), 'linear')
   np.testing.assert_allclose(got[1:-1, 1:-1], want[1:-1, 1:-1], atol=1e-5)
 
@@ -269,11 +270,11 @@ def test_upsampling_crop_fast_path_equals_scale_and_translate(photos):
     top, left, h, w = box
     want = jax.image.scale_and_translate(img, (32, 32, 3), (0, 1), jnp.array([32 / h, 32 / w]),
                                          -jnp.array([top * 32 / h, left * 32 / w]), 'linear')
-    got = augment.resized_crop(img, jnp.array(box, jnp.float32), 32)
+    got = image_ops.resized_crop(img, jnp.array(box, jnp.float32), 32)
     np.testing.assert_allclose(got, want, atol=1e-5)
   # An image larger than the output takes the antialiased path.
   big = jax.image.resize(img, (64, 64, 3), 'linear')
-  full = augment.resized_crop(big, jnp.array([0.0, 0.0, 64.0, 64.0]), 32)
+  full = image_ops.resized_crop(big, jnp.array([0.0, 0.0, 64.0, 64.0]), 32)
   np.testing.assert_allclose(full, jax.image.resize(big, (32, 32, 3), 'linear'), atol=1e-5)
 
 

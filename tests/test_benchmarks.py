@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import bench_peer
+from benchmarks.peer import bench_peer
 from benchmarks import bench_train
 from moco_jax import state as state_lib
 

@@ -10,11 +10,14 @@ import pytest
 
 from configs import tiny
 from moco_jax import augment
-from moco_jax import evaluate
-from moco_jax import input_pipeline
+from moco_jax import features
 from moco_jax import knn
 from moco_jax import models
+from moco_jax import optim
+from moco_jax import parallel
+from moco_jax import results
 from moco_jax import train
+from moco_jax.data import sources
 
 
 def _unit(x):
@@ -75,13 +78,13 @@ def test_monitor_steps():
 def test_sharded_extraction_with_a_padded_last_batch_equals_a_plain_forward():
   config = tiny.get_config()
   config.eval.batch_size = 12  # Rounded up to 16 on 8 devices; 40 images = 2.5 batches.
-  ds = input_pipeline.load_split(config.data, 'train')
-  ds = input_pipeline.ImageDataset(ds.images[:40], ds.labels[:40], ds.num_classes,
+  ds = sources.load_split(config.data, 'train')
+  ds = sources.ImageDataset(ds.images[:40], ds.labels[:40], ds.num_classes,
                                    ds.class_names)
   backbone = models.create_backbone(config.model)
-  params, batch_stats = evaluate.random_init_encoder(config)
-  variables = knn.backbone_variables(params, batch_stats)
-  got = knn.extract_features(config, backbone, variables, ds, train.make_mesh())
+  params, batch_stats = features.random_init_encoder(config)
+  variables = features.backbone_variables(params, batch_stats)
+  got = features.extract_features(config, backbone, variables, ds, parallel.make_mesh())
   x = augment.eval_view(jnp.asarray(ds.images), config.data.image_size, config.aug)
   want = np.array(backbone.apply(variables, x, train=False))
   want /= np.linalg.norm(want, axis=1, keepdims=True)
@@ -110,21 +113,21 @@ def test_monitor_writes_knn_top1_during_pretraining_and_mode_knn_writes_eval_jso
   assert rows[0]['epoch'] == 2.0
 
   # --mode=knn on the same checkpoint reproduces the final monitor value.
-  results = evaluate.run_knn(config, workdir)
-  assert results == {'knn_top1': pytest.approx(rows[-1]['knn_top1']), 'knn_step': 6}
+  scores = knn.run_knn(config, workdir)
+  assert scores == {'knn_top1': pytest.approx(rows[-1]['knn_top1']), 'knn_step': 6}
   config.eval.random_init = True
-  evaluate.run_knn(config, workdir)
-  saved = evaluate.read_results(workdir)
+  knn.run_knn(config, workdir)
+  saved = results.read_results(workdir)
   assert saved['knn_step'] == 6 and saved['random_init_knn_step'] == 0
   assert set(saved) == {'knn_top1', 'knn_step', 'random_init_knn_top1', 'random_init_knn_step'}
 
 
 def test_random_init_floor_is_the_encoder_pretraining_starts_from():
   config = tiny.get_config()
-  params, batch_stats = evaluate.random_init_encoder(config)
-  lr = train.create_learning_rate_fn(config, 4, 8)
-  setup = train.make_step_setup(config, 1, train.create_optimizer(config, lr))
-  start = train.init_state(config, setup, train.make_mesh(jax.devices()[:1]))
+  params, batch_stats = features.random_init_encoder(config)
+  lr = optim.create_learning_rate_fn(config, 4, 8)
+  setup = train.make_step_setup(config, 1, optim.create_optimizer(config, lr))
+  start = train.init_state(config, setup, parallel.make_mesh(jax.devices()[:1]))
   # Same random draws; eager and compiled initialisers differ only by float rounding.
   for got, want in ((params, start.query_params), (batch_stats, start.query_batch_stats)):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

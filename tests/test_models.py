@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from moco_jax import models
-from moco_jax import train
+from moco_jax import parallel
 
 
 def _model_config(name, stem='imagenet', head='mlp'):
@@ -84,15 +84,15 @@ def test_split_batchnorm_normalises_each_group_on_its_own(groups):
 
 def test_sync_batchnorm_uses_global_statistics():
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 2, 2, 3)) * 2 - 1
-  bn = models.BatchNorm(axis_name=train.AXIS)
+  bn = models.BatchNorm(axis_name=parallel.AXIS)
   variables = models.BatchNorm().init(jax.random.PRNGKey(1), x)
-  mesh = train.make_mesh(jax.devices())
+  mesh = parallel.make_mesh(jax.devices())
   fn = jax.shard_map(lambda v: bn.apply(variables, v, mutable=['batch_stats'])[0], mesh=mesh,
-                     in_specs=P(train.AXIS), out_specs=P(train.AXIS), check_vma=False)
+                     in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS), check_vma=False)
   np.testing.assert_allclose(jax.jit(fn)(x), _reference_bn(x, 1), rtol=1e-4, atol=1e-4)
   # Per-device (local) statistics give a different answer on the same data.
   local = jax.shard_map(lambda v: models.BatchNorm().apply(variables, v, mutable=['batch_stats'])[0],
-                        mesh=mesh, in_specs=P(train.AXIS), out_specs=P(train.AXIS),
+                        mesh=mesh, in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS),
                         check_vma=False)
   assert np.abs(np.asarray(jax.jit(local)(x)) - _reference_bn(x, 1)).max() > 1e-2
 

@@ -13,8 +13,10 @@ import pytest
 
 from configs import tiny
 from moco_jax import checkpoints
-from moco_jax import input_pipeline
+from moco_jax import optim
+from moco_jax import parallel
 from moco_jax import train
+from moco_jax.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +66,7 @@ def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, st
   config = _config(steps=6)
 
   workdir = tmp_path / 'resumed'
-  real_batches = input_pipeline.train_batches
+  real_batches = batching.train_batches
 
   def crashing_batches(*args, **kwargs):
     """Serves 4 batches, waits for the step-3 checkpoint to be complete, then dies."""
@@ -76,10 +78,10 @@ def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, st
         raise KeyboardInterrupt('simulated kill')
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_batches', crashing_batches)
+  monkeypatch.setattr(batching, 'train_batches', crashing_batches)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(workdir))
-  monkeypatch.setattr(input_pipeline, 'train_batches', real_batches)
+  monkeypatch.setattr(batching, 'train_batches', real_batches)
   resumed = train.train_and_evaluate(config, str(workdir))
   _assert_same_state(straight, resumed)
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
@@ -90,7 +92,7 @@ def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, st
 
 def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatch, straight):
   config = _config(steps=6)
-  real_batches = input_pipeline.train_batches
+  real_batches = batching.train_batches
 
   def terminated_batches(*args, **kwargs):
     for i, batch in enumerate(real_batches(*args, **kwargs)):
@@ -98,20 +100,20 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
         os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 2 is being built.
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_batches', terminated_batches)
+  monkeypatch.setattr(batching, 'train_batches', terminated_batches)
   handler_before = signal.getsignal(signal.SIGTERM)
   stopped = train.train_and_evaluate(config, str(tmp_path))
   assert signal.getsignal(signal.SIGTERM) is handler_before  # The run restores it.
   assert int(stopped.step) == 2  # Not a checkpoint_every_steps multiple: saved on SIGTERM.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
-  monkeypatch.setattr(input_pipeline, 'train_batches', real_batches)
+  monkeypatch.setattr(batching, 'train_batches', real_batches)
   _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
 
 
 def _restore(workdir, config):
-  mesh = train.make_mesh(jax.devices()[:2])
-  lr = train.create_learning_rate_fn(config, 4, config.num_train_steps)
-  tx = train.create_optimizer(config, lr)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  lr = optim.create_learning_rate_fn(config, 4, config.num_train_steps)
+  tx = optim.create_optimizer(config, lr)
   setup = train.make_step_setup(config, 2, tx)
   target = train.init_state(config, setup, mesh)
   manager = checkpoints.create_manager(str(workdir), config)

@@ -10,11 +10,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from moco_jax import input_pipeline
-from moco_jax import losses
+from moco_jax import moco
+from moco_jax import optim
+from moco_jax import parallel
 from moco_jax import train
+from moco_jax.data import batching
+from moco_jax.data import sources
 
-AXIS = train.AXIS
+AXIS = parallel.AXIS
 
 
 def _config(bn_mode='sync', **overrides):
@@ -29,29 +32,29 @@ def _config(bn_mode='sync', **overrides):
 
 
 def _setup(config, num_devices):
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
-  tx = train.create_optimizer(config, lr)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
+  tx = optim.create_optimizer(config, lr)
   setup = train.make_step_setup(config, num_devices, tx)
   # Built by the compiled initialiser, then brought to the host for the tests to share.
-  state = jax.device_get(train.init_state(config, setup, train.make_mesh(jax.devices()[:1])))
+  state = jax.device_get(train.init_state(config, setup, parallel.make_mesh(jax.devices()[:1])))
   return setup, lr, state
 
 
 def _images(config, step=0):
-  ds = input_pipeline.load_split(config.data, 'train')
-  return next(input_pipeline.train_batches(ds, global_batch=config.batch_size, seed=0,
+  ds = sources.load_split(config.data, 'train')
+  return next(batching.train_batches(ds, global_batch=config.batch_size, seed=0,
                                            start_step=step))['image']
 
 
 def _run_steps(config, devices, num_steps=2):
   """States after 0..num_steps steps (host copies) and the metrics of each step."""
-  mesh = train.make_mesh(devices)
+  mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
-  state = train.replicate(state, mesh)
+  state = parallel.replicate(state, mesh)
   step = train.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
-    state, m = step(state, train.shard_batch(_images(config, i), mesh))
+    state, m = step(state, parallel.shard_batch(_images(config, i), mesh))
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
   return states, metrics
@@ -90,14 +93,14 @@ def test_ema_update_is_exact_and_key_gets_no_weight_decay(sync_runs):
 
 def test_gradient_flows_to_query_only():
   config = _config()
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   setup, _, state = _setup(config, 1)
   images = _images(config)
 
   def grads(state, images):
     query_view, key_view, rng = train.augment_views(state, images, setup)
     def loss(qp, kp):
-      return train.moco_loss(qp, kp, state, query_view, key_view, rng, setup)[0]
+      return moco.moco_loss(qp, kp, state, query_view, key_view, rng, setup.moco)[0]
     return jax.grad(loss, argnums=(0, 1))(state.query_params, state.key_params)
 
   grad_q, grad_k = _per_device(grads, mesh, (P(), P(AXIS)))(state, images)
@@ -108,7 +111,7 @@ def test_gradient_flows_to_query_only():
 def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   config = _config('local')
   devices = jax.devices()
-  mesh = train.make_mesh(devices)
+  mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
   images = _images(config)
   step = functools.partial(train.train_step, setup=setup, learning_rate_fn=lr)
@@ -121,7 +124,7 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   local = config.batch_size // len(devices)
   query_view, key_view, _ = _per_device(lambda s, x: train.augment_views(s, x, setup), mesh,
                                         (P(), P(AXIS)))(state, images)
-  encode = jax.jit(lambda x: losses.l2_normalize(setup.key_encoder.apply(
+  encode = jax.jit(lambda x: moco.l2_normalize(setup.moco.encoder.apply(
       {'params': state.key_params, 'batch_stats': state.key_batch_stats}, x,
       train=True, mutable=['batch_stats'])[0]))
   expected = np.concatenate([encode(key_view[d]) for d in range(len(devices))])
@@ -151,23 +154,23 @@ def _shuffled_reference_keys(setup, state, key_view, rng, num_devices):
   shuffled = key_view[perm]
   chunks = np.split(shuffled, num_devices)
   variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
-  outs = [setup.key_encoder.apply(variables, c, train=True, mutable=['batch_stats'])[0]
+  outs = [setup.moco.encoder.apply(variables, c, train=True, mutable=['batch_stats'])[0]
           for c in chunks]
   keys = np.empty((key_view.shape[0], outs[0].shape[1]), np.float32)
   keys[perm] = np.concatenate(outs)
-  return np.asarray(losses.l2_normalize(keys)), perm
+  return np.asarray(moco.l2_normalize(keys)), perm
 
 
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_shuffle_bn_permutation_is_undone(num_devices):
   config = _config('shuffle')
-  mesh = train.make_mesh(jax.devices()[:num_devices])
+  mesh = parallel.make_mesh(jax.devices()[:num_devices])
   setup, _, state = _setup(config, num_devices)
   rng = jax.random.PRNGKey(7)
   key_view = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, 32, 32, 3)))
 
   def encode(x):
-    return train.encode_keys(setup, state.key_params, state.key_batch_stats, x, rng)[0]
+    return moco.encode_keys(setup.moco, state.key_params, state.key_batch_stats, x, rng)[0]
 
   keys = jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
                                check_vma=False))(key_view)
@@ -176,7 +179,7 @@ def test_shuffle_bn_permutation_is_undone(num_devices):
   np.testing.assert_allclose(keys, expected, rtol=1e-4, atol=1e-5)
   # Without the shuffle, BN groups hold other examples: the keys would differ.
   unshuffled = jax.jit(jax.shard_map(
-      lambda x: train.encode_keys(dataclasses.replace(setup, shuffle_keys=False),
+      lambda x: moco.encode_keys(dataclasses.replace(setup.moco, shuffle_keys=False),
                                   state.key_params, state.key_batch_stats, x, rng)[0],
       mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False))(key_view)
   assert np.abs(np.asarray(unshuffled) - expected).max() > 1e-3
@@ -184,36 +187,36 @@ def test_shuffle_bn_permutation_is_undone(num_devices):
 
 def test_bn_splits_default_to_eight_groups_in_total():
   config = _config('shuffle')
-  assert train.bn_splits_per_device(config, 1) == 8
-  assert train.bn_splits_per_device(config, 8) == 1
+  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 8
+  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 1
   config.moco.bn_splits = 4
-  assert train.bn_splits_per_device(config, 8) == 4
+  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 4
   config.moco.bn_mode = 'sync'
-  assert train.bn_splits_per_device(config, 1) == 1
+  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 1
 
 
 def test_learning_rate_scales_with_batch_and_follows_cosine():
   config = _config()
   config.batch_size = 512
   config.optim.base_lr = 0.03
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose(lr(0), 0.06, rtol=1e-6)
   np.testing.assert_allclose(lr(50), 0.03, rtol=1e-5)
   np.testing.assert_allclose(lr(100), 0.0, atol=1e-7)
   config.optim.warmup_epochs = 1.0
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose(lr(5), 0.03, rtol=1e-6)
   config.optim.warmup_epochs = 0.0
   config.optim.schedule = 'step'
   config.optim.step_epochs = (5, 8)
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose([lr(49), lr(50), lr(80)], [0.06, 0.006, 0.0006], rtol=1e-5)
 
 
 def test_sgd_matches_torch_semantics():
   """torch.optim.SGD: buf = mu * buf + (g + wd * p); p -= lr * buf."""
   config = _config(optim__weight_decay=0.01)
-  tx = train.create_optimizer(config, 0.1)
+  tx = optim.create_optimizer(config, 0.1)
   p = {'w': jnp.array([1.0, -2.0])}
   opt = tx.init(p)
   buf = np.zeros(2)
@@ -228,7 +231,7 @@ def test_sgd_matches_torch_semantics():
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   config = _config('local')
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   images = _images(config)
   losses_by_dtype = {}
   for dtype in ('float32', 'bfloat16'):
@@ -238,8 +241,8 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     def loss(state, images):
       query_view, key_view, rng = train.augment_views(state, images, setup)
       assert query_view.dtype == jnp.dtype(dtype)
-      value, (keys, *_) = train.moco_loss(state.query_params, state.key_params, state,
-                                         query_view, key_view, rng, setup)
+      value, (keys, *_) = moco.moco_loss(state.query_params, state.key_params, state,
+                                         query_view, key_view, rng, setup.moco)
       assert value.dtype == jnp.float32 and keys.dtype == jnp.float32
       return value
 

@@ -9,8 +9,11 @@ import pytest
 
 from configs import tiny
 from moco_jax import checkpoints
-from moco_jax import evaluate
-from moco_jax import linear_eval
+from moco_jax import features
+from moco_jax import knn
+from moco_jax import linear_probe
+from moco_jax import optim
+from moco_jax import parallel
 from moco_jax import train
 
 
@@ -28,9 +31,9 @@ def _config(**eval_overrides):
 def _write_checkpoint(config, workdir, step):
   """A real Orbax checkpoint of a fresh TrainState, saved as pretraining does."""
   num_devices = jax.device_count()
-  lr = train.create_learning_rate_fn(config, 1, 1)
-  setup = train.make_step_setup(config, num_devices, train.create_optimizer(config, lr))
-  state = train.init_state(config, setup, train.make_mesh())
+  lr = optim.create_learning_rate_fn(config, 1, 1)
+  setup = train.make_step_setup(config, num_devices, optim.create_optimizer(config, lr))
+  state = train.init_state(config, setup, parallel.make_mesh())
   state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
   manager = checkpoints.create_manager(workdir, config)
   checkpoints.save(manager, step, state)
@@ -48,21 +51,21 @@ def checkpoint_dir(tmp_path_factory):
 def test_topk_accuracy():
   logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
   labels = np.array([1, 2, 0])
-  assert linear_eval.topk_accuracy(logits, labels, 1) == pytest.approx(100 / 3)
-  assert linear_eval.topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
-  assert linear_eval.topk_accuracy(logits, labels, 5) == 100.0  # k clipped to the classes.
+  assert linear_probe.topk_accuracy(logits, labels, 1) == pytest.approx(100 / 3)
+  assert linear_probe.topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
+  assert linear_probe.topk_accuracy(logits, labels, 5) == 100.0  # k clipped to the classes.
 
 
 def test_learning_rate_schedule_scales_with_batch_and_steps_down():
   config = _config(linear_lr=30.0, linear_batch_size=512, linear_epochs=10,
                    linear_step_epochs=(6, 8))
-  lr = linear_eval.linear_learning_rate_fn(config.eval, steps_per_epoch=5)
+  lr = linear_probe.linear_learning_rate_fn(config.eval, steps_per_epoch=5)
   assert float(lr(0)) == pytest.approx(60.0)
   assert float(lr(29)) == pytest.approx(60.0)
   assert float(lr(30)) == pytest.approx(6.0)
   assert float(lr(40)) == pytest.approx(0.6)
   with pytest.raises(ValueError, match='linear_schedule'):
-    linear_eval.linear_learning_rate_fn(_config(linear_schedule='poly').eval, 5)
+    linear_probe.linear_learning_rate_fn(_config(linear_schedule='poly').eval, 5)
 
 
 def test_probe_separates_linearly_separable_features():
@@ -75,13 +78,13 @@ def test_probe_separates_linearly_separable_features():
   for standardize in (False, True):
     config = _config(linear_epochs=20, linear_lr=1.0, linear_batch_size=32,
                      linear_step_epochs=(12, 16), linear_standardize=standardize)
-    scores = linear_eval.linear_probe(train_features, train_labels, eval_features, eval_labels,
+    scores = linear_probe.linear_probe(train_features, train_labels, eval_features, eval_labels,
                                       4, config.eval)
     assert scores['top1'] >= 98.0 and scores['top5'] == 100.0
 
 
 def test_classifier_init_is_the_paper_s():
-  params = linear_eval.init_classifier(jax.random.PRNGKey(0), 512, 1000)
+  params = linear_probe.init_classifier(jax.random.PRNGKey(0), 512, 1000)
   assert abs(float(np.std(params['kernel'])) - 0.01) < 1e-3
   assert not np.any(params['bias'])
 
@@ -89,11 +92,11 @@ def test_classifier_init_is_the_paper_s():
 def test_linear_eval_of_a_checkpoint_dir_writes_eval_json_with_the_step(checkpoint_dir):
   with open(os.path.join(checkpoint_dir, 'eval.json'), 'w') as f:
     json.dump({'knn_top1': 12.5, 'knn_step': 7}, f)  # Must survive the merge.
-  results = linear_eval.run_linear_eval(_config(), checkpoint_dir)
+  results = linear_probe.run_linear_eval(_config(), checkpoint_dir)
   assert results['linear_step'] == 7
   assert 0.0 <= results['linear_top1'] <= results['linear_top5'] <= 100.0
   config = _config(random_init=True)
-  floor = linear_eval.run_linear_eval(config, checkpoint_dir)
+  floor = linear_probe.run_linear_eval(config, checkpoint_dir)
   assert floor['random_init_linear_step'] == 0
   with open(os.path.join(checkpoint_dir, 'eval.json')) as f:
     saved = json.load(f)
@@ -104,8 +107,8 @@ def test_linear_eval_of_a_checkpoint_dir_writes_eval_json_with_the_step(checkpoi
 
 def test_restored_backbone_is_the_checkpoint_s(checkpoint_dir):
   config = _config()
-  _, variables, step, prefix = evaluate.load_backbone(config, checkpoint_dir)
-  params, batch_stats = evaluate.random_init_encoder(config)  # What the checkpoint holds.
+  _, variables, step, prefix = features.load_backbone(config, checkpoint_dir)
+  params, batch_stats = features.random_init_encoder(config)  # What the checkpoint holds.
   assert step == 7 and prefix == ''
   for got, want in zip(jax.tree.leaves(variables['params']),
                        jax.tree.leaves(params['backbone'])):
@@ -114,10 +117,10 @@ def test_restored_backbone_is_the_checkpoint_s(checkpoint_dir):
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'No checkpoint to evaluate in .*checkpoints'):
-    linear_eval.run_linear_eval(_config(), str(tmp_path))
+    linear_probe.run_linear_eval(_config(), str(tmp_path))
   os.makedirs(os.path.join(tmp_path, 'checkpoints', 'not_a_step'))
   with pytest.raises(FileNotFoundError, match='found: not_a_step'):
-    evaluate.run_knn(_config(), str(tmp_path))
+    knn.run_knn(_config(), str(tmp_path))
 
 
 def test_wrong_architecture_names_both(checkpoint_dir):
@@ -125,8 +128,8 @@ def test_wrong_architecture_names_both(checkpoint_dir):
   config.model.width = 16
   with pytest.raises(ValueError, match=r'holds a resnet_tiny .*width 8, 64 features.*config '
                      r'asks for resnet_tiny .*width 16, 128 features'):
-    linear_eval.run_linear_eval(config, checkpoint_dir)
+    linear_probe.run_linear_eval(config, checkpoint_dir)
   config = _config()
   config.model.name = 'resnet18'
   with pytest.raises(ValueError, match=r'asks for resnet18 \(stages \[2, 2, 2, 2\]'):
-    evaluate.run_knn(config, checkpoint_dir)
+    knn.run_knn(config, checkpoint_dir)

@@ -21,7 +21,10 @@ from PIL import Image
 import pytest
 
 from configs import default
-from moco_jax import input_pipeline
+from moco_jax.data import batching
+from moco_jax.data import dataset
+from moco_jax.data import decode
+from moco_jax.data import sources
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 CLASSES = ('airplane', 'automobile', 'bird')
@@ -117,7 +120,7 @@ def test_folder_tree_decodes_converts_and_skips_bad_files(tree, tmp_path, caplog
   root, expected = tree
   config = _config(root, cache_dir=str(tmp_path / 'cache'))
   with caplog.at_level(logging.WARNING):
-    ds = input_pipeline.load_split(config, 'train')
+    ds = sources.load_split(config, 'train')
   train = sorted(n for n in expected if n.startswith('train/') and not isinstance(expected[n], str))
   assert len(ds) == len(train) == 9 + 5
   assert ds.images.dtype == np.uint8 and ds.images.shape == (14, 32, 32, 3)
@@ -137,13 +140,13 @@ def test_folder_tree_decodes_converts_and_skips_bad_files(tree, tmp_path, caplog
 
 def test_archives_read_as_is_equal_the_folder(tree, tmp_path):
   root, _ = tree
-  folder = input_pipeline.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), 'eval')
+  folder = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), 'eval')
   tgz = _tar(root, tmp_path / 'mini.tgz', top='mini/')  # One top-level dir, like imagenette2.
   tar = _tar(root, tmp_path / 'flat.tar', mode='w')  # train/ at the top.
   for archive in (tgz, tar):
     for split in ('train', 'eval'):
-      got = input_pipeline.load_split(_config(archive, cache_dir=str(tmp_path / 'c1')), split)
-      want = input_pipeline.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), split)
+      got = sources.load_split(_config(archive, cache_dir=str(tmp_path / 'c1')), split)
+      want = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), split)
       np.testing.assert_array_equal(got.images, want.images)
       np.testing.assert_array_equal(got.labels, want.labels)
       assert got.class_names == want.class_names
@@ -155,17 +158,17 @@ def test_second_load_hits_the_cache_and_changes_invalidate_it(tree, tmp_path):
   tgz = _tar(root, tmp_path / 'mini.tar.gz', top='mini/')
   for path in (root, tgz):
     config = _config(path, cache_dir=str(tmp_path / 'cache'))
-    first = input_pipeline.load_split(config, 'train')
-    with mock.patch.object(input_pipeline, 'decode_image', side_effect=AssertionError('decoded')):
-      second = input_pipeline.load_split(config, 'train')
+    first = sources.load_split(config, 'train')
+    with mock.patch.object(decode, 'decode_image', side_effect=AssertionError('decoded')):
+      second = sources.load_split(config, 'train')
     np.testing.assert_array_equal(first.images, second.images)
     assert first.class_names == second.class_names
   assert len(list((tmp_path / 'cache').glob('*.images.npy'))) == 2
   # A changed file changes the key: decoding runs again.
   airplane = root / 'train' / 'airplane'
   (airplane / '0.jpg').write_bytes((airplane / '1.jpg').read_bytes())
-  with mock.patch.object(input_pipeline, 'decode_image', wraps=input_pipeline.decode_image) as spy:
-    input_pipeline.load_split(_config(root, cache_dir=str(tmp_path / 'cache')), 'train')
+  with mock.patch.object(decode, 'decode_image', wraps=decode.decode_image) as spy:
+    sources.load_split(_config(root, cache_dir=str(tmp_path / 'cache')), 'train')
   assert spy.call_count == 16
 
 
@@ -173,54 +176,54 @@ def test_missing_eval_split_falls_back_to_test(tmp_path, jpegs, caplog):
   root = tmp_path / 'cifar'
   _make_tree(root, jpegs, eval_dir='test')
   with caplog.at_level(logging.INFO):
-    ds = input_pipeline.load_split(_config(root, cache_dir=str(tmp_path / 'c')), 'eval')
+    ds = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c')), 'eval')
   assert len(ds) == 6 and ds.class_names == list(CLASSES)
   assert any("using split 'test'" in r.getMessage() for r in caplog.records)
   with pytest.raises(ValueError, match=r'data\.eval_split=.nope. is not in'):
-    input_pipeline.pick_split('nope', ['train'], 'eval_split', 'here', allow_fallback=True)
+    dataset.pick_split('nope', ['train'], 'eval_split', 'here', allow_fallback=True)
   with pytest.raises(ValueError, match=r'data\.train_split'):
-    input_pipeline.load_split(_config(root, train_split='test2'), 'train')
+    sources.load_split(_config(root, train_split='test2'), 'train')
 
 
 def test_bad_paths_fail_early_naming_the_field(tmp_path, jpegs):
   with pytest.raises(FileNotFoundError, match=r'data\.path=.*does not exist'):
-    input_pipeline.load_split(_config(tmp_path / 'nope.tgz'), 'train')
+    sources.load_split(_config(tmp_path / 'nope.tgz'), 'train')
   not_archive = tmp_path / 'x.zip'
   not_archive.write_bytes(b'PK')
   with pytest.raises(ValueError, match=r'data\.path=.*not a \.tar'):
-    input_pipeline.load_split(_config(not_archive), 'train')
+    sources.load_split(_config(not_archive), 'train')
   only_val = tmp_path / 'only_val'
   (only_val / 'val' / 'a').mkdir(parents=True)
   (only_val / 'val' / 'a' / '0.jpg').write_bytes(jpegs['bird'][0])
   with pytest.raises(ValueError, match=r"no 'train' folder"):
-    input_pipeline.load_split(_config(only_val), 'train')
+    sources.load_split(_config(only_val), 'train')
   with pytest.raises(ValueError, match=r"no 'train' folder"):
-    input_pipeline.load_split(_config(_tar(only_val, tmp_path / 'only_val.tgz')), 'train')
+    sources.load_split(_config(_tar(only_val, tmp_path / 'only_val.tgz')), 'train')
   empty = tmp_path / 'empty'
   _make_tree(empty, jpegs)
   (empty / 'train' / 'zebra').mkdir()
   with pytest.raises(ValueError, match=r'class folder train/zebra/ has no image files'):
-    input_pipeline.load_split(_config(empty, cache_dir=str(tmp_path / 'c')), 'train')
+    sources.load_split(_config(empty, cache_dir=str(tmp_path / 'c')), 'train')
   unreadable = tmp_path / 'junk'
   (unreadable / 'train' / 'a').mkdir(parents=True)
   (unreadable / 'train' / 'a' / 'x.jpg').write_bytes(b'junk')
   with pytest.raises(ValueError, match='No readable image'):
-    input_pipeline.load_split(_config(unreadable, cache_dir=str(tmp_path / 'c')), 'train')
+    sources.load_split(_config(unreadable, cache_dir=str(tmp_path / 'c')), 'train')
   config = _config()
   config.source = 'folder'
   with pytest.raises(ValueError, match='data.path'):
-    input_pipeline.load_split(config, 'train')
+    sources.load_split(config, 'train')
   with pytest.raises(ValueError, match="'train' or 'eval'"):
-    input_pipeline.load_split(_config(source='synthetic'), 'test')
+    sources.load_split(_config(source='synthetic'), 'test')
 
 
 def test_decode_resizes_shorter_side_then_centre_crops(jpegs):
   src = Image.fromarray(_rgb(jpegs['automobile'][0])).resize((64, 40), Image.BILINEAR)
-  got = input_pipeline.decode_image(_encode(src, 'PNG'), 20)
+  got = decode.decode_image(_encode(src, 'PNG'), 20)
   want = np.asarray(src.resize((32, 20), Image.BILINEAR))[:, 6:26]
   assert got.shape == (20, 20, 3)
   assert np.abs(got.astype(int) - want).mean() < 3  # One resample vs resample + crop.
-  assert input_pipeline.decode_image(b'\xff\xd8\xff garbage', 20) is None
+  assert decode.decode_image(b'\xff\xd8\xff garbage', 20) is None
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
   config = _config(source='tfds', name='cifar10', image_size=16, cache_dir=str(tmp_path / 'c'))
   with tfds.testing.mock_data(num_examples=6), \
       mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
-    ds = input_pipeline.load_split(config, 'train')
+    ds = sources.load_split(config, 'train')
   assert ds.images.shape == (6, 16, 16, 3) and ds.images.dtype == np.uint8
   assert ds.labels.shape == (6,) and ds.num_classes == 10
 
@@ -242,7 +245,7 @@ def test_tfds_not_prepared_fails_at_once_pointing_at_data_path(tmp_path):
   config = _config(source='tfds', name='imagenette/160px-v2', data_dir=str(tmp_path))
   start = time.time()
   with pytest.raises(FileNotFoundError, match=r'not prepared.*--config\.data\.path'):
-    input_pipeline.load_split(config, 'train')
+    sources.load_split(config, 'train')
   assert time.time() - start < 20  # tfds.load would retry downloads for minutes.
 
 
@@ -252,14 +255,14 @@ def test_tfds_not_prepared_fails_at_once_pointing_at_data_path(tmp_path):
 
 def _synthetic(n=50, side=4):
   config = _config(source='synthetic', image_size=side, synthetic_examples=n)
-  return input_pipeline.load_split(config, 'train')
+  return sources.load_split(config, 'train')
 
 
 def test_train_order_is_deterministic_and_resumable():
   ds = _synthetic()
 
   def take(n, **kw):
-    it = input_pipeline.train_batches(ds, global_batch=8, seed=5, **kw)
+    it = batching.train_batches(ds, global_batch=8, seed=5, **kw)
     out = [next(it) for _ in range(n)]
     it.close()
     return out
@@ -273,23 +276,23 @@ def test_train_order_is_deterministic_and_resumable():
   for a, b in zip(full, unthreaded):
     np.testing.assert_array_equal(a['image'], b['image'])
   # 50 // 8 = 6 steps per epoch, each epoch a fresh permutation without repeats.
-  perm0 = input_pipeline.epoch_permutation(50, 5, 0)
+  perm0 = batching.epoch_permutation(50, 5, 0)
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in full[:6]]),
                                 ds.labels[perm0[:48]])
   assert not np.array_equal(full[0]['image'], full[6]['image'])
   # The on-device feed reads the same examples through train_indices.
   for step in (0, 5, 6, 13):
-    idx = input_pipeline.train_indices(50, 8, 5, step)
+    idx = batching.train_indices(50, 8, 5, step)
     np.testing.assert_array_equal(ds.images[idx], full[step]['image'])
-  other_seed = input_pipeline.train_batches(ds, global_batch=8, seed=6)
+  other_seed = batching.train_batches(ds, global_batch=8, seed=6)
   assert not np.array_equal(next(other_seed)['image'], full[0]['image'])
   # Each process gets its slice of the same global batch.
-  halves = [next(input_pipeline.train_batches(ds, global_batch=8, seed=5, start_step=3,
+  halves = [next(batching.train_batches(ds, global_batch=8, seed=5, start_step=3,
                                               process_index=p, process_count=2))
             for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), full[3]['image'])
   with pytest.raises(ValueError, match='larger than the dataset'):
-    next(input_pipeline.train_batches(ds, global_batch=64, seed=0))
+    next(batching.train_batches(ds, global_batch=64, seed=0))
 
 
 def test_eval_batches_cover_every_example_once_with_mask():
@@ -298,16 +301,16 @@ def test_eval_batches_cover_every_example_once_with_mask():
   for count in (1, 2):
     seen = []
     for p in range(count):
-      for batch in input_pipeline.eval_batches(ds, global_batch=8, process_index=p,
+      for batch in batching.eval_batches(ds, global_batch=8, process_index=p,
                                                process_count=count):
         assert batch['image'].shape == (8 // count, 4, 4, 3) and batch['mask'].dtype == bool
         seen.extend(batch['label'][batch['mask']])
     assert sorted(seen) == list(range(23))
-  batches = list(input_pipeline.eval_batches(ds, global_batch=8))
+  batches = list(batching.eval_batches(ds, global_batch=8))
   assert len(batches) == 3 and batches[-1]['mask'].sum() == 7
 
 
 def test_synthetic_source_uses_cache_size():
   config = _config(source='synthetic', cache_size=40, synthetic_examples=6)
-  ds = input_pipeline.load_split(config, 'eval')
+  ds = sources.load_split(config, 'eval')
   assert ds.images.shape == (6, 40, 40, 3) and len(ds.class_names) == ds.num_classes

@@ -25,24 +25,24 @@ import ml_collections
 import numpy as np
 import optax
 
-from moco_jax import evaluate
-from moco_jax import input_pipeline
-from moco_jax import knn
-from moco_jax import train
+from moco_jax import features
+from moco_jax import optim
+from moco_jax import parallel
+from moco_jax import results
+from moco_jax.data import sources
 
 
 def linear_learning_rate_fn(eval_config, steps_per_epoch: int):
   """lr = linear_lr x batch / 256, stepped x0.1 at linear_step_epochs (or cosine)."""
-  peak = eval_config.linear_lr * eval_config.linear_batch_size / 256
-  total = max(1, eval_config.linear_epochs * steps_per_epoch)
-  if eval_config.linear_schedule == 'cosine':
-    return optax.cosine_decay_schedule(peak, total)
-  if eval_config.linear_schedule == 'step':
-    boundaries = {int(e * steps_per_epoch): 0.1 for e in eval_config.linear_step_epochs
-                  if 0 < e < eval_config.linear_epochs}
-    return optax.piecewise_constant_schedule(peak, boundaries)
-  raise ValueError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
-                   "'step' (paper) or 'cosine'.")
+  if eval_config.linear_schedule not in ('step', 'cosine'):
+    raise ValueError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
+                     "'step' (paper) or 'cosine'.")
+  epochs = eval_config.linear_epochs
+  return optim.learning_rate_schedule(
+      eval_config.linear_lr * eval_config.linear_batch_size / 256,
+      max(1, epochs * steps_per_epoch), kind=eval_config.linear_schedule,
+      boundaries=[int(e * steps_per_epoch) for e in eval_config.linear_step_epochs
+                  if 0 < e < epochs])
 
 
 def init_classifier(rng: jax.Array, num_features: int, num_classes: int) -> dict:
@@ -51,8 +51,8 @@ def init_classifier(rng: jax.Array, num_features: int, num_classes: int) -> dict
           'bias': jnp.zeros((num_classes,), jnp.float32)}
 
 
-def logits_fn(params: dict, features: jax.Array) -> jax.Array:
-  return features @ params['kernel'] + params['bias']
+def logits_fn(params: dict, inputs: jax.Array) -> jax.Array:
+  return inputs @ params['kernel'] + params['bias']
 
 
 def standardizer(train_features: np.ndarray):
@@ -143,15 +143,15 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {'<prefix>linear_top1', '<prefix>linear_top5', '<prefix>linear_step'}.
   """
   start = time.perf_counter()
-  backbone, variables, step, prefix = evaluate.load_backbone(config, workdir)
-  mesh = train.make_mesh()
-  train_ds = input_pipeline.load_split(config.data, 'train')
-  eval_ds = input_pipeline.load_split(config.data, 'eval')
+  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  mesh = parallel.make_mesh()
+  train_ds = sources.load_split(config.data, 'train')
+  eval_ds = sources.load_split(config.data, 'eval')
   num_classes = max(train_ds.num_classes, eval_ds.num_classes)
   # Unnormalised features, as the paper's probe (hence its lr of 30).
-  train_features = knn.extract_features(config, backbone, variables, train_ds, mesh,
+  train_features = features.extract_features(config, backbone, variables, train_ds, mesh,
                                         normalize=False)
-  eval_features = knn.extract_features(config, backbone, variables, eval_ds, mesh,
+  eval_features = features.extract_features(config, backbone, variables, eval_ds, mesh,
                                        normalize=False)
   logging.info('Extracted %s train and %s eval features in %.1f s.', train_features.shape,
                eval_features.shape, time.perf_counter() - start)
@@ -160,7 +160,7 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Linear probe (step %d%s): top-1 %.2f%%, top-5 %.2f%%, final train loss %.4f, '
                '%.1f s in all.', step, ', random init' if prefix else '', scores['top1'],
                scores['top5'], scores['train_loss'], time.perf_counter() - start)
-  results = {f'{prefix}linear_top1': scores['top1'], f'{prefix}linear_top5': scores['top5'],
-             f'{prefix}linear_step': step}
-  evaluate.write_results(workdir, results)
-  return results
+  found = {f'{prefix}linear_top1': scores['top1'], f'{prefix}linear_top5': scores['top5'],
+           f'{prefix}linear_step': step}
+  results.write_results(workdir, found)
+  return found

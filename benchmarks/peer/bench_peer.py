@@ -5,15 +5,15 @@ The peer's code is never committed and never edited: it is exported into
 change needed to run it is a monkeypatch made here and listed below.
 
   # CPU, now: the peer's builder + SGD step vs our step at the same size.
-  python benchmarks/bench_peer.py cpu --torch_python=/tmp/peervenv/bin/python
+  python benchmarks/peer/bench_peer.py cpu --torch_python=/tmp/peervenv/bin/python
 
   # GPU: the peer's own main_moco.py on Imagenette (128 px JPEGs), one GPU, DDP.
-  python benchmarks/bench_peer.py gpu --torch_python=PY --arch=resnet50 --crop=224
-  python benchmarks/bench_peer.py gpu --torch_python=PY --arch=resnet50 --crop=224 --amp=bf16
-  python benchmarks/bench_peer.py gpu --torch_python=PY --arch=resnet18 --crop=128
+  python benchmarks/peer/bench_peer.py gpu --torch_python=PY --arch=resnet50 --crop=224
+  python benchmarks/peer/bench_peer.py gpu --torch_python=PY --arch=resnet50 --crop=224 --amp=bf16
+  python benchmarks/peer/bench_peer.py gpu --torch_python=PY --arch=resnet18 --crop=128
 
   # Images/s of an existing main_moco.py log.
-  python benchmarks/bench_peer.py parse LOG --batch=256
+  python benchmarks/peer/bench_peer.py parse LOG --batch=256
 
 Peer setup (torch in its own venv, never in requirements.txt):
   python3 -m venv /tmp/peervenv
@@ -57,7 +57,7 @@ import tarfile
 import tempfile
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEER_DIR = os.path.join(_ROOT, '.peer', 'moco')
 PEER_REPO = 'github:facebookresearch/moco'
 # The newest commit whose main_moco.py still runs outside Meta's monorepo: later
@@ -251,7 +251,7 @@ def _command() -> str:
   """This run's command line for the docs, less the flags that only say where to write."""
   kept = [a for a in sys.argv[1:]
           if a != '--append_docs' and not a.startswith(('--docs_path', '--torch_python'))]
-  return 'python benchmarks/bench_peer.py ' + ' '.join(kept)
+  return 'python benchmarks/peer/bench_peer.py ' + ' '.join(kept)
 
 
 def _run_json(cmd, env=None) -> dict:

@@ -1,0 +1,1 @@
+"""Input data: sources, decoding, the decode cache and batching."""

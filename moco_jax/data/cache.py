@@ -1,0 +1,69 @@
+"""The decoded-array cache: a split decoded once is read back as .npy next time.
+
+Entries live under `data.cache_dir` (default ~/.cache/moco_jax), named by a
+readable stem and a hash of their key (the source's identity, the split, the
+decoded side and `CACHE_VERSION`), so a changed file, size or decoder never
+reads a stale entry.
+"""
+
+import hashlib
+import json
+import os
+
+from absl import logging
+import numpy as np
+
+from moco_jax import files
+
+# Bump when decoding/resizing changes, so stale caches are not reused.
+CACHE_VERSION = 1
+
+
+def cache_dir(data_config) -> str:
+  """Where decoded arrays are cached ('' in the config = ~/.cache/moco_jax)."""
+  path = data_config.get('cache_dir', '') or os.path.join('~', '.cache', 'moco_jax')
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def cache_path(data_config, key: dict, stem: str) -> str:
+  """CACHE_DIR/<stem>-<hash of key>: readable, and unique per key."""
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)
+  return os.path.join(cache_dir(data_config), f'{safe}-{digest}')
+
+
+def read_cache(path: str):
+  """(images, labels, meta) from `path`.*, or None when absent or unreadable."""
+  marker = path + '.json'
+  if not os.path.exists(marker):
+    return None
+  try:
+    with open(marker) as f:
+      meta = json.load(f)
+    images = np.load(path + '.images.npy')
+    labels = np.load(path + '.labels.npy')
+    if not len(images) == len(labels) == meta['count']:
+      raise ValueError('length mismatch')
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning('Ignoring unreadable cache %s (%s); decoding again.', path, e)
+    return None
+  logging.info('Loaded %d decoded images from cache %s.images.npy.', len(images), path)
+  return images, labels, meta
+
+
+def write_cache(path: str, images: np.ndarray, labels: np.ndarray, meta: dict) -> None:
+  """Writes the cache; the .json marker comes last, so a partial cache never looks complete.
+
+  Files are written under temporary names and renamed, so concurrent runs
+  (several processes of one host) cannot read half-written arrays.
+  """
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for suffix, array in (('.images.npy', images), ('.labels.npy', labels)):
+      files.atomic_write(path + suffix, lambda f, a=array: np.save(f, a), binary=True)
+    files.atomic_write(path + '.json', lambda f: json.dump(
+        {**meta, 'count': int(len(images)), 'shape': list(images.shape)}, f))
+    logging.info('Cached %d decoded images at %s.images.npy (set data.cache_dir to move it).',
+                 len(images), path)
+  except OSError as e:
+    logging.warning('Could not write the decode cache at %s (%s); continuing without it.', path, e)

@@ -1,0 +1,68 @@
+"""The tfds source: a prepared TensorFlow Datasets split, decoded once.
+
+TensorFlow is imported only inside these functions: the GPU machines (and any
+user reading a local folder) need none. Nothing is downloaded: an unprepared
+dataset is a clear error naming `data.data_dir` and `data.path`.
+"""
+
+from typing import Optional
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from moco_jax.data import cache
+from moco_jax.data import dataset
+from moco_jax.data import decode
+
+
+def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
+  """The decoded `split` of the prepared tfds dataset `data.name` (cached)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = data_config.get('data_dir', '') or None
+  builder = tfds.builder(data_config.name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'tfds dataset data.name={data_config.name!r} is not prepared in '
+        f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
+        '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
+        'directory, or read a local ImageFolder tree/archive with --config.data.path=... '
+        '(e.g. ../shared/data/imagenette2-128sq.tgz).')
+  field = dataset.split_field(split)
+  available = list(builder.info.splits.keys())
+  wanted = data_config[field]
+  # A mocked builder (tfds.testing.mock_data) lists no splits: take the name as is.
+  split_name = wanted if not available else dataset.pick_split(
+      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(split == 'eval'))
+  label_feature = builder.info.features['label']
+  class_names = list(label_feature.names)
+  key = {'kind': 'tfds', 'name': data_config.name, 'dir': str(builder.data_dir),
+         'version': str(builder.info.version), 'split': split_name, 'side': side,
+         'cache': cache.CACHE_VERSION}
+  path = cache.cache_path(data_config, key, f'tfds-{data_config.name}-{split_name}-{side}px')
+
+  hit = cache.read_cache(path)
+  if hit is not None:
+    return dataset.ImageDataset(hit[0], hit[1], len(class_names), class_names)
+  ds = builder.as_dataset(split=split_name, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  labels = []
+
+  def items():  # Iterated in this thread; decoding runs in the pool.
+    for index, example in enumerate(tfds.as_numpy(ds)):
+      labels.append(int(example['label']))
+      yield index, example['image']
+
+  logging.info('Decoding tfds %s:%s at %dx%d with %d threads.', data_config.name, split_name,
+               side, side, data_config.num_workers)
+  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), _decode_tfds_image)
+  return dataset.decoded_split(decoded, list(range(len(labels))), labels, class_names, side,
+                               f'tfds {data_config.name}:{split_name}', path, split_name)
+
+
+def _decode_tfds_image(value, side: int) -> Optional[np.ndarray]:
+  """tfds yields encoded bytes (SkipDecoding) or, when mocked, decoded arrays."""
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    image = value if value.shape[-1] == 3 else np.repeat(value[..., :1], 3, axis=-1)
+    return decode.fit_square(Image.fromarray(image), side)
+  return decode.decode_image(bytes(value), side)

@@ -1,0 +1,54 @@
+"""Optimisers and learning-rate schedules (all optax), for pretraining and the probe.
+
+One schedule factory serves both: a peak lr (already scaled by batch / 256),
+an optional linear warm-up, then cosine decay, x0.1 steps or a constant.
+"""
+
+from typing import Callable, Iterable
+
+import optax
+
+SCHEDULES = ('cosine', 'step', 'constant')
+
+
+def learning_rate_schedule(peak: float, total_steps: int, *, kind: str = 'cosine',
+                           warmup_steps: int = 0, boundaries: Iterable[int] = ()) -> Callable:
+  """step -> lr: linear warm-up to `peak` over `warmup_steps`, then `kind`.
+
+  Args:
+    peak: the lr after warm-up.
+    total_steps: length of the whole schedule (warm-up included).
+    kind: 'cosine' (to 0 at total_steps), 'step' (x0.1 at each of `boundaries`,
+      given in steps from 0) or 'constant'.
+    warmup_steps: linear warm-up from 0; 0 = none.
+    boundaries: steps of the 'step' schedule.
+  """
+  main_steps = max(total_steps - warmup_steps, 1)
+  if kind == 'cosine':
+    main = optax.cosine_decay_schedule(peak, main_steps)
+  elif kind == 'step':
+    main = optax.piecewise_constant_schedule(peak, {b - warmup_steps: 0.1 for b in boundaries})
+  elif kind == 'constant':
+    main = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f'learning-rate schedule {kind!r} is not one of {list(SCHEDULES)}.')
+  if warmup_steps == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), main],
+                              [warmup_steps])
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> Callable:
+  """Pretraining lr per step: base_lr x batch / 256, optional warm-up, then the schedule."""
+  warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  return learning_rate_schedule(
+      config.optim.base_lr * config.batch_size / 256, total_steps, kind=config.optim.schedule,
+      warmup_steps=warmup,
+      boundaries=[int(e * steps_per_epoch) for e in config.optim.step_epochs])
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """torch.optim.SGD semantics: decay is added to the gradient before momentum."""
+  return optax.chain(
+      optax.add_decayed_weights(config.optim.weight_decay),
+      optax.sgd(learning_rate_fn, momentum=config.optim.momentum))
