@@ -89,6 +89,42 @@ def torchvision_state_dict(params: dict, batch_stats: dict) -> dict:
   return state
 
 
+def backbone_from_torchvision(state: dict, params: dict, batch_stats: dict):
+  """The inverse of `torchvision_state_dict`: Flax backbone trees from torchvision arrays.
+
+  Args:
+    state: {torchvision key: array} (a torchvision ResNet state_dict as NumPy).
+    params: the backbone's params, used as the template (names and shapes; arrays
+      or `jax.eval_shape` structs).
+    batch_stats: the backbone's batch stats, also a template.
+
+  Returns:
+    (params, batch_stats) shaped like the templates, holding `state`'s values
+    (convolution kernels OIHW -> HWIO).
+  """
+  def fill(tree: dict, prefix: tuple, stats: bool) -> dict:
+    out = {}
+    for name, leaf in tree.items():
+      if isinstance(leaf, dict):
+        out[name] = fill(leaf, prefix + (name,), stats)
+        continue
+      module = _torch_module_name(prefix)
+      if stats:
+        value = state[f'{module}.{_BN_STATS[name]}']
+      elif name == 'kernel':
+        value = np.asarray(state[f'{module}.weight']).transpose(2, 3, 1, 0)
+      else:
+        value = state[f'{module}.{_BN_PARAMS[name]}']
+      value = np.asarray(value, np.float32)
+      if value.shape != tuple(leaf.shape):
+        raise ValueError(f'{module} ({name}): torchvision shape {value.shape} does not match '
+                         f'{tuple(leaf.shape)}: another architecture or width.')
+      out[name] = value
+    return out
+
+  return fill(params, (), False), fill(batch_stats, (), True)
+
+
 def _backbone_trees(state_or_params, batch_stats):
   """(params, batch_stats) of the backbone from a TrainState or encoder/backbone trees."""
   if hasattr(state_or_params, 'query_params'):

@@ -157,6 +157,21 @@ def test_resnet18_keys_and_shapes_are_torchvision_s():
 _BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
 
+def test_backbone_from_torchvision_inverts_the_export():
+  backbone = _tiny_backbone('imagenet', models.BasicBlock, (2, 1, 1))
+  params, batch_stats = _random_backbone(backbone, 32)
+  state = export.torchvision_state_dict(params, batch_stats)
+  template = jax.eval_shape(lambda: backbone.init(jax.random.PRNGKey(1),
+                                                  jnp.zeros((1, 32, 32, 3)), train=False))
+  back = export.backbone_from_torchvision(state, template['params'], template['batch_stats'])
+  for ours, original in zip(jax.tree.leaves(back), jax.tree.leaves((params, batch_stats))):
+    np.testing.assert_array_equal(ours, original)
+  assert jax.tree.structure(back) == jax.tree.structure((params, batch_stats))
+  state['layer1.0.conv1.weight'] = state['layer1.0.conv1.weight'][:, :4]
+  with pytest.raises(ValueError, match='layer1.0.conv1'):
+    export.backbone_from_torchvision(state, template['params'], template['batch_stats'])
+
+
 def test_export_backbone_writes_npz_and_sidecar_from_a_train_state(tmp_path):
   config = tiny.get_config()
   encoder = models.create_encoder(config.model)
