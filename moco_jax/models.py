@@ -24,6 +24,8 @@ class BatchNorm(nn.Module):
     use_running_average: inference mode (use the stored statistics).
     num_splits: the local batch is cut into this many groups, each normalised
       with its own statistics (the running statistics average the groups).
+      Running variances are unbiased (n / (n - 1), n values per statistic
+      per group, across devices with `axis_name`), as torch's BatchNorm.
     axis_name: if set, statistics are averaged over this mapped axis (SyncBN).
     momentum: decay of the running statistics (torch's 0.1 is 0.9 here).
     epsilon: added to the variance.
@@ -64,8 +66,14 @@ class BatchNorm(nn.Module):
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
       if not self.is_initializing():
+        # Normalisation uses the biased variance; the running estimate, as torch's,
+        # the unbiased one: count / (count - 1), count = values per statistic.
+        count = xg[0].size // features
+        if self.axis_name is not None:
+          count *= jax.lax.axis_size(self.axis_name)
+        unbiased = var * (count / max(count - 1, 1))
         group_mean = jnp.mean(mean.reshape(groups, features), axis=0)
-        group_var = jnp.mean(var.reshape(groups, features), axis=0)
+        group_var = jnp.mean(unbiased.reshape(groups, features), axis=0)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * group_mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * group_var
     return (y * scale + bias).astype(self.dtype)

@@ -76,10 +76,15 @@ def test_split_batchnorm_normalises_each_group_on_its_own(groups):
   variables = bn.init(jax.random.PRNGKey(1), x)
   y, updates = bn.apply(variables, x, mutable=['batch_stats'])
   np.testing.assert_allclose(y, _reference_bn(x, groups), rtol=1e-4, atol=1e-4)
-  # Running stats move 10% towards the mean over groups of the group statistics.
-  group_means = np.stack([g.mean(axis=(0, 1, 2)) for g in np.split(np.asarray(x), groups)])
+  # Running stats move 10% towards the mean over groups of the group statistics;
+  # the variance is each group's unbiased one (torch: n / (n - 1), here n = 2*3*3).
+  parts = np.split(np.asarray(x, np.float64), groups)
+  group_means = np.stack([g.mean(axis=(0, 1, 2)) for g in parts])
+  group_vars = np.stack([g.var(axis=(0, 1, 2), ddof=1) for g in parts])
   np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * group_means.mean(0),
                              rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(updates['batch_stats']['var'], 0.9 + 0.1 * group_vars.mean(0),
+                             rtol=1e-5)
 
 
 def test_sync_batchnorm_uses_global_statistics():
@@ -87,9 +92,14 @@ def test_sync_batchnorm_uses_global_statistics():
   bn = models.BatchNorm(axis_name=parallel.AXIS)
   variables = models.BatchNorm().init(jax.random.PRNGKey(1), x)
   mesh = parallel.make_mesh(jax.devices())
-  fn = jax.shard_map(lambda v: bn.apply(variables, v, mutable=['batch_stats'])[0], mesh=mesh,
-                     in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS), check_vma=False)
-  np.testing.assert_allclose(jax.jit(fn)(x), _reference_bn(x, 1), rtol=1e-4, atol=1e-4)
+  fn = jax.shard_map(lambda v: bn.apply(variables, v, mutable=['batch_stats']), mesh=mesh,
+                     in_specs=P(parallel.AXIS), out_specs=(P(parallel.AXIS), P()),
+                     check_vma=False)
+  y, updates = jax.jit(fn)(x)
+  np.testing.assert_allclose(y, _reference_bn(x, 1), rtol=1e-4, atol=1e-4)
+  # The running variance is unbiased over the global batch (torch's SyncBatchNorm).
+  global_var = np.asarray(x, np.float64).var(axis=(0, 1, 2), ddof=1)
+  np.testing.assert_allclose(updates['batch_stats']['var'], 0.9 + 0.1 * global_var, rtol=1e-5)
   # Per-device (local) statistics give a different answer on the same data.
   local = jax.shard_map(lambda v: models.BatchNorm().apply(variables, v, mutable=['batch_stats'])[0],
                         mesh=mesh, in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS),
