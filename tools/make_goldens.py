@@ -1,6 +1,6 @@
 """Writes the golden files of tests/test_equivalence.py from the PyTorch references.
 
-Three files in tests/data/ (about 1.5 MB in all), read by the tests without torch:
+Three files in tests/data/ (1.9 MB in all), read by the tests without torch:
   official_moco_step.npz     three training steps of facebookresearch/moco's
                              `moco/builder.py` + torch.optim.SGD on fixed views.
   torchvision_ops.npz        torchvision.transforms.v2.functional ops on real
