@@ -116,13 +116,24 @@ def plan_train_input(data_config) -> Plan:
   budget, budget_text = memory_budget_bytes(data_config)
   if source == 'folder' and _is_archive(data_config.path):
     return _plan_archive(data_config, side, budget, budget_text)
-  stream_source = open_source(data_config)
-  size = len(stream_source) * side * side * 3
-  what = (f'the train split ({len(stream_source):,} images of {stream_source.where}) decodes to '
-          f'{size / 2**30:.2f} GiB at {side} px')
+  if source == 'tfds':  # Only open the data source (array_record files) to stream.
+    builder, split = _tfds_builder(data_config)
+    splits = builder.info.splits
+    count = splits[split].num_examples if split in splits.keys() else 0
+    where = f'tfds {data_config.name}:{split}'
+    stream_source = None
+    if not count:  # A mocked builder (tfds.testing.mock_data) lists no splits.
+      stream_source = open_source(data_config)
+      count = len(stream_source)
+  else:
+    stream_source = open_source(data_config)
+    count, where = len(stream_source), stream_source.where
+  size = count * side * side * 3
+  what = (f'the train split ({count:,} images of {where}) decodes to {size / 2**30:.2f} GiB '
+          f'at {side} px')
   if size > budget:
-    plan = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it', 
-                stream_source)
+    plan = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it',
+                stream_source or open_source(data_config))
   else:
     plan = Plan(False, f'{what} <= {budget / 2**30:.2f} GiB = {budget_text}: decoding it into '
                 'memory once')
@@ -337,7 +348,8 @@ def _single_subdir(path: str) -> Optional[str]:
   return subdirs[0] if len(subdirs) == 1 else None
 
 
-def _tfds_source(data_config) -> TfdsSource:
+def _tfds_builder(data_config):
+  """(prepared builder, train split name); the in-memory path's errors otherwise."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_config.get('data_dir', '') or None
   builder = tfds.builder(data_config.name, data_dir=data_dir)
@@ -351,6 +363,12 @@ def _tfds_source(data_config) -> TfdsSource:
   wanted = data_config.train_split
   split = wanted if not available else ip.pick_split(
       wanted, available, 'train_split', f'tfds {data_config.name!r}', allow_fallback=False)
+  return builder, split
+
+
+def _tfds_source(data_config) -> TfdsSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, split = _tfds_builder(data_config)
   try:
     source = builder.as_data_source(split=split,
                                     decoders={'image': tfds.decode.SkipDecoding()})
@@ -558,3 +576,18 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes),
                                                      per_worker_buffer_size=max(1, prefetch)))
   return iter(it)
+
+
+def loader_workers(data_config) -> tuple[int, int]:
+  """(worker processes, threads per process) of the streaming loader.
+
+  data.stream_processes (-1: one per core but one, for the train loop) worker
+  processes, each reading with one thread; without worker processes,
+  data.num_workers threads in this process (Pillow releases the GIL while
+  decoding and resizing, the Python around it does not).
+  """
+  processes = int(data_config.get('stream_processes', -1))
+  if processes < 0:
+    processes = max(1, (os.cpu_count() or 2) - 1)
+  threads = 1 if processes > 0 else max(1, int(data_config.num_workers))
+  return processes, threads
