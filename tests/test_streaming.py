@@ -13,7 +13,8 @@ from PIL import Image
 import pytest
 
 from configs import default
-from moco_jax import input_pipeline as ip
+from moco_jax.data import batching
+from moco_jax.data import folder
 from moco_jax.data import streaming
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,12 +53,13 @@ def _take(source, steps, **kwargs):
 
 def test_crop_box_is_the_twin_of_the_device_sampler():
   jax = pytest.importorskip('jax')
-  from moco_jax import augment  # pylint: disable=g-import-not-at-top
+  from moco_jax import image_ops  # pylint: disable=g-import-not-at-top
+  assert streaming.CROP_UNIFORMS == image_ops.CROP_UNIFORMS
   rng = np.random.default_rng(0)
   u = rng.random((300, streaming.CROP_UNIFORMS), dtype=np.float32)
   u[:100, :streaming.CROP_TRIES] = 0.99  # Most draws too large: the fallback and late tries.
   for height, width in ((375, 500), (500, 333), (20, 200), (3, 7)):
-    device = jax.jit(jax.vmap(lambda x, h=height, w=width: augment.crop_box_from_uniforms(
+    device = jax.jit(jax.vmap(lambda x, h=height, w=width: image_ops.crop_box_from_uniforms(
         x, h, w, SCALE, RATIO)))(u)
     host = np.stack([streaming.crop_box(x, height, width, SCALE, RATIO) for x in u])
     np.testing.assert_array_equal(host, np.asarray(device).astype(np.int64))
@@ -99,7 +101,7 @@ def test_order_resume_and_per_process_shards(tmp_path):
   for step, batch in enumerate(full):
     assert batch['image'].shape == (4, 2, 16, 16, 3) and batch['image'].dtype == np.uint8
     # The in-memory path's order: examples of step s = train_indices(N, B, seed, s).
-    np.testing.assert_array_equal(batch['index'], ip.train_indices(18, 4, 3, step))
+    np.testing.assert_array_equal(batch['index'], batching.train_indices(18, 4, 3, step))
     np.testing.assert_array_equal(batch['label'], batch['index'] // 6)
   resumed = _take(source, 2, start_step=4)
   for a, b in zip(full[4:], resumed):
@@ -120,7 +122,7 @@ def test_order_resume_and_per_process_shards(tmp_path):
       with mock.patch.object(streaming.FolderSource, 'read', autospec=True, side_effect=spy):
         halves.append(_take(own, 1, start_step=step, process_index=p, process_count=2,
                             prefetch=0, num_threads=1, end_step=step + 1)[0])
-      assert sorted(read) == sorted(ip.train_indices(18, 4, 3, step)[2 * p:2 * p + 2])
+      assert sorted(read) == sorted(batching.train_indices(18, 4, 3, step)[2 * p:2 * p + 2])
     np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]),
                                   full[step]['image'])
 
@@ -158,7 +160,7 @@ def test_plan_logs_its_choice_and_the_index_is_cached(tmp_path, caplog):
   budget, text = streaming.memory_budget_bytes(_config(root, tmp_path, max_in_memory_gb=-1))
   assert budget == streaming.host_memory_bytes() // 4 and '25%' in text
   # A warm run lists nothing; a new file in a class changes the key.
-  with mock.patch.object(ip, '_Tree', side_effect=AssertionError('listed again')):
+  with mock.patch.object(folder, 'Tree', side_effect=AssertionError('listed again')):
     assert len(streaming.open_source(_config(root, tmp_path))) == 18
   _photo(np.random.default_rng(0), 20, 20).save(root / 'train' / 'class0001' / 'new.jpg')
   assert len(streaming.open_source(_config(root, tmp_path))) == 19

@@ -15,7 +15,7 @@ decides, and says why in the log):
     original image, each resized to `image_size`: the batch is uint8
     [b, 2, image_size, image_size, 3]. The crop boxes are sampled exactly as
     torchvision samples them (`crop_box`, a NumPy twin of
-    `augment.crop_box_from_uniforms`) from uniforms that are a pure function
+    `image_ops.crop_box_from_uniforms`) from uniforms that are a pure function
     of (seed, step, position in the global batch). Colour jitter, grayscale,
     blur, flip and normalisation stay on the accelerator
     (`augment.two_views_from_crops`).
@@ -52,11 +52,16 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from moco_jax import input_pipeline as ip
+from moco_jax.data import batching
+from moco_jax.data import cache
+from moco_jax.data import dataset
+from moco_jax.data import decode
+from moco_jax.data import folder
+from moco_jax.data import sources
 
 # Bump when the index format changes.
 _INDEX_VERSION = 1
-# Uniforms one RandomResizedCrop consumes (as augment._CROP_UNIFORMS): 10 area
+# Uniforms one RandomResizedCrop consumes (as image_ops.CROP_UNIFORMS): 10 area
 # draws, 10 log-ratio draws, top, left.
 CROP_TRIES = 10
 CROP_UNIFORMS = 2 * CROP_TRIES + 2
@@ -67,7 +72,7 @@ _MAX_SUBSTITUTES = 16
 # still filters >= 2 source pixels per output pixel (measured: mean |diff| vs
 # a full decode <= ~1.5/255; at 1x the DC-only 1/8 decode aliases, ~2.5/255).
 _DRAFT_MARGIN = 2
-_DECODE_ERRORS = ip._DECODE_ERRORS  # pylint: disable=protected-access
+_DECODE_ERRORS = decode.DECODE_ERRORS
 
 
 # --------------------------------------------------------------------------
@@ -109,10 +114,10 @@ def plan_train_input(data_config) -> Plan:
   The decoded size is N x S x S x 3 bytes (S = `image_side`, what the
   in-memory path would hold). Synthetic data always stays in memory.
   """
-  source = ip.resolve_source(data_config)
+  source = sources.resolve_source(data_config)
   if source == 'synthetic':
     return Plan(False, 'synthetic data is generated in memory')
-  side = ip.image_side(data_config)
+  side = dataset.image_side(data_config)
   budget, budget_text = memory_budget_bytes(data_config)
   if source == 'folder' and _is_archive(data_config.path):
     return _plan_archive(data_config, side, budget, budget_text)
@@ -143,7 +148,7 @@ def plan_train_input(data_config) -> Plan:
 
 def _is_archive(path: str) -> bool:
   path = os.path.abspath(os.path.expanduser(path))
-  return os.path.isfile(path) and path.lower().endswith(ip._ARCHIVE_SUFFIXES)  # pylint: disable=protected-access
+  return os.path.isfile(path) and path.lower().endswith(folder.ARCHIVE_SUFFIXES)
 
 
 def _plan_archive(data_config, side: int, budget: int, budget_text: str) -> Plan:
@@ -170,16 +175,16 @@ def _plan_archive(data_config, side: int, budget: int, budget_text: str) -> Plan
 
 
 def _archive_train_count(data_config) -> int:
-  key = ip._archive_key(data_config.path)  # pylint: disable=protected-access
+  key = folder._archive_key(data_config.path)  # pylint: disable=protected-access
   key = {**key, 'kind': 'archive-count', 'train_split': data_config.train_split,
          'version': _INDEX_VERSION}
-  path = ip._cache_path(data_config, key, 'archive-count') + '.json'  # pylint: disable=protected-access
+  path = cache.cache_path(data_config, key, 'archive-count') + '.json'
   try:
     with open(path) as f:
       return int(json.load(f)['count'])
   except (OSError, ValueError, KeyError):
     pass
-  tree = ip._Tree(data_config.path)  # pylint: disable=protected-access
+  tree = folder.Tree(data_config.path)
   train_dir = data_config.train_split
   count = sum(len(v) for v in tree.classes(train_dir).values()) if train_dir in tree.splits() else 0
   _write_json(path, {'count': count})
@@ -262,7 +267,7 @@ class TfdsSource(StreamSource):
 
 def open_source(data_config) -> StreamSource:
   """The train split of `data_config` as a StreamSource (folder directory or tfds)."""
-  source = ip.resolve_source(data_config)
+  source = sources.resolve_source(data_config)
   if source == 'folder':
     if _is_archive(data_config.path):
       raise ValueError(f'data.path={data_config.path!r} is an archive: archives cannot be '
@@ -301,7 +306,7 @@ def _folder_source(data_config) -> FolderSource:
     if top is None or not os.path.isdir(os.path.join(path, top, split)):
       continue
     key = {**base, 'top': top, 'dirs': _split_dirs_key(os.path.join(path, top), split)}
-    index_path = ip._cache_path(data_config, key, f'{stem}-{split}-index')  # pylint: disable=protected-access
+    index_path = cache.cache_path(data_config, key, f'{stem}-{split}-index')
     meta = _read_json(index_path + '.json')
     if meta is not None and os.path.exists(index_path + '.names.npy'):
       logging.info('Using the cached file list of %s (%d files): %s.names.npy.',
@@ -311,8 +316,9 @@ def _folder_source(data_config) -> FolderSource:
   else:
     index_path = None
   logging.info('Listing %s once (the list is cached under data.cache_dir).', path)
-  tree = ip._Tree(path)  # pylint: disable=protected-access
-  split_dir, class_names, by_class = ip._folder_split(tree, data_config, 'train')  # pylint: disable=protected-access
+  tree = folder.Tree(path)
+  split_dir, class_names, by_class = folder._folder_split(  # pylint: disable=protected-access
+      tree, data_config, 'train')
   names, labels = [], []
   for name in by_class:
     names.extend(by_class[name])
@@ -320,7 +326,8 @@ def _folder_source(data_config) -> FolderSource:
   where = f'{path}/{tree.root}{split_dir}'
   if index_path is None:  # Unusual layout: key on the listing itself.
     digest = hashlib.sha256('\n'.join(names).encode('utf-8', 'surrogateescape')).hexdigest()
-    index_path = ip._cache_path(data_config, {**base, 'names': digest}, f'{stem}-{split}-index')  # pylint: disable=protected-access
+    index_path = cache.cache_path(data_config, {**base, 'names': digest},
+                                  f'{stem}-{split}-index')
   encoded = np.array([n.encode('utf-8', 'surrogateescape') for n in names], dtype=np.bytes_)
   try:
     os.makedirs(os.path.dirname(index_path), exist_ok=True)
@@ -361,7 +368,7 @@ def _tfds_builder(data_config):
         'directory, or read a local ImageFolder directory with --config.data.path=DIR.')
   available = list(builder.info.splits.keys())
   wanted = data_config.train_split
-  split = wanted if not available else ip.pick_split(
+  split = wanted if not available else dataset.pick_split(
       wanted, available, 'train_split', f'tfds {data_config.name!r}', allow_fallback=False)
   return builder, split
 
@@ -412,7 +419,7 @@ def crop_uniforms(seed: int, step: int, position: int) -> np.ndarray:
 def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray:
   """RandomResizedCrop's (top, left, h, w) from CROP_UNIFORMS uniforms, as torchvision samples it.
 
-  The NumPy twin of `augment.crop_box_from_uniforms` (float32 arithmetic, so
+  The NumPy twin of `image_ops.crop_box_from_uniforms` (float32 arithmetic, so
   both give the same box from the same uniforms): up to 10 (area, log-aspect)
   draws, the first box that fits wins, else the largest centred box with a
   clamped ratio; the offsets are uniform over the valid positions.
@@ -449,8 +456,9 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
   The boxes are sampled over the whole original image. A JPEG is decoded at
   the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves both boxes at
   least 2 x `size` px on their shorter side (`draft`), so a crop is never
-  upsampled from a reduced decode and is still resized with antialiasing. Each box is then resized (bilinear,
-  antialiased, as torchvision's PIL path) straight from the decoded image.
+  upsampled from a reduced decode and is still resized with antialiasing.
+  Each box is then resized (bilinear, antialiased, as torchvision's PIL
+  path) straight from the decoded image.
   Returns None for an unreadable image.
 
   Args:
@@ -514,7 +522,7 @@ class LoadExample:
   def __call__(self, i: int) -> dict:
     step, j = divmod(int(i), self.local)
     position = self.offset + j
-    index = int(ip.train_indices(self.num, self.global_batch, self.seed, step)[position])
+    index = int(batching.train_indices(self.num, self.global_batch, self.seed, step)[position])
     u = crop_uniforms(self.seed, step, position)
     candidate = index
     for attempt in range(_MAX_SUBSTITUTES + 1):
@@ -560,7 +568,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   num = len(source)
   if num // global_batch == 0:
     raise ValueError(f'batch_size={global_batch} is larger than the dataset ({num} examples).')
-  local = ip._local_batch(global_batch, process_count)  # pylint: disable=protected-access
+  local = batching._local_batch(global_batch, process_count)  # pylint: disable=protected-access
   end_step = end_step if end_step is not None else 2**40
   load = LoadExample(source, global_batch=global_batch, seed=seed, process_index=process_index,
                      process_count=process_count, image_size=image_size, crop_scale=crop_scale,
