@@ -49,7 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: image_size.
   config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
   config.data.on_device = False  # Keep the decoded train split on every device; host sends indices.
-  config.data.num_workers = 4  # Host threads decoding images (Pillow) on a cold cache.
+  config.data.num_workers = 4  # Host threads decoding images (Pillow): cold cache; streaming.
+  # A train split whose decoded size (N x S x S x 3 bytes) exceeds this many GiB is streamed
+  # from disk instead of held in memory; -1: 25% of the host's RAM; 0: always stream.
+  config.data.max_in_memory_gb = -1.0
+  config.data.stream_processes = -1  # Streaming: grain worker processes; -1: cores - 1; 0: none.
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
 

@@ -11,6 +11,10 @@ Per-example randomness comes only from `_example_keys(rng, example_ids)`: keys
 folded from each example's global index. A batch split 1, 2 or 8 ways across
 devices therefore gets identical views.
 
+Streamed data (`moco_jax.data.streaming`) arrives as both views' crops, cut on
+the host from the whole original image; `two_views_from_crops` then runs
+everything but the crop, from the same per-example uniforms.
+
 The pipeline (`config.aug`) follows MoCo v2's "aug+" (torchvision):
   RandomResizedCrop(scale, ratio) -> RandomApply(ColorJitter(b, c, s, h), p)
   -> RandomGrayscale(p) -> RandomApply(GaussianBlur(sigma), p)
@@ -45,12 +49,16 @@ def _example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
 
 
-def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int) -> jax.Array:
+def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
+                crop: bool = True) -> jax.Array:
   """One MoCo view of one uint8 image [S, S, 3]: float32 [size, size, 3], normalised.
 
   All of a view's random numbers come from one `uniform` draw: each
   jax.random call inlines a threefry hash, and a dozen of them per view made
-  compiling the train step several times slower.
+  compiling the train step several times slower. With `crop=False` the image
+  is the view's RandomResizedCrop, already cut on the host (streaming input,
+  [size, size, 3]): the same draw is made and its crop uniforms go unused, so
+  jitter, grayscale, blur and flip use the uniforms of the device-crop path.
   """
   u = jax.random.uniform(key, (_VIEW_UNIFORMS,))
   u_crop, u = u[:image_ops.CROP_UNIFORMS], u[image_ops.CROP_UNIFORMS:]
@@ -58,9 +66,11 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int) -
   u_jitter, u_gray, u_sigma, u_blur, u_flip = u[8], u[9], u[10], u[11], u[12]
 
   x = image.astype(jnp.float32) / 255.0
-  box = image_ops.crop_box_from_uniforms(u_crop, x.shape[0], x.shape[1],
-                                         tuple(aug_config.crop_scale), tuple(aug_config.crop_ratio))
-  x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
+  if crop:
+    box = image_ops.crop_box_from_uniforms(u_crop, x.shape[0], x.shape[1],
+                                           tuple(aug_config.crop_scale),
+                                           tuple(aug_config.crop_ratio))
+    x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
 
   strength = tuple(float(v) for v in aug_config.jitter)
   if aug_config.jitter_prob > 0 and any(strength):
@@ -96,13 +106,39 @@ def two_views(rng, images, example_ids, aug_config, image_size, dtype=jnp.float3
     dtype: compute dtype of the network.
   """
   batch = images.shape[0]
-  keys = _example_keys(rng, example_ids)
-  keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
   # Both views in one vmap over 2B examples: one copy of the program to
   # compile (half the compile time) and twice the work per kernel launch.
-  keys = jnp.concatenate([keys[:, 0], keys[:, 1]])
   views = jax.vmap(lambda k, im: random_view(k, im, aug_config, image_size))(
-      keys, jnp.concatenate([images, images]))
+      _view_keys(rng, example_ids), jnp.concatenate([images, images]))
+  views = views.astype(dtype)
+  return views[:batch], views[batch:]
+
+
+def _view_keys(rng, example_ids):
+  """Keys [2B]: the query views' (first B), then the key views' (last B)."""
+  keys = _example_keys(rng, example_ids)
+  keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
+  return jnp.concatenate([keys[:, 0], keys[:, 1]])
+
+
+def two_views_from_crops(rng, crops, example_ids, aug_config, image_size, dtype=jnp.float32):
+  """`two_views` of crops cut on the host (streaming input): the same keys, no device crop.
+
+  Args:
+    rng: the step's augmentation key (the same on every device).
+    crops: uint8 [B, 2, image_size, image_size, 3]: each example's query and
+      key RandomResizedCrop (`moco_jax.data.streaming.two_crops`).
+    example_ids: int32 [B] global positions of these examples in the global batch.
+    aug_config, image_size, dtype: as `two_views`.
+
+  Returns:
+    (query_view, key_view), each [B, image_size, image_size, 3] in `dtype`:
+    jitter, grayscale, blur, flip and normalisation drawn from the same
+    per-example uniforms as `two_views` draws them.
+  """
+  batch = crops.shape[0]
+  views = jax.vmap(lambda k, im: random_view(k, im, aug_config, image_size, crop=False))(
+      _view_keys(rng, example_ids), jnp.concatenate([crops[:, 0], crops[:, 1]]))
   views = views.astype(dtype)
   return views[:batch], views[batch:]
 

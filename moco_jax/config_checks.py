@@ -58,6 +58,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(config.model.embed_dim > 0, f'config.model.embed_dim={config.model.embed_dim} must be > 0.')
   _require(config.model.width > 0, f'config.model.width={config.model.width} must be > 0.')
   _require(config.data.image_size > 0, f'config.data.image_size={config.data.image_size} must be > 0.')
+  budget = config.data.get('max_in_memory_gb', -1)
+  _require(budget == -1 or budget >= 0,
+           f'config.data.max_in_memory_gb={budget} must be >= 0 (GiB), or -1 for 25% of RAM.')
+  processes = config.data.get('stream_processes', -1)
+  _require(isinstance(processes, int) and processes >= -1,
+           f'config.data.stream_processes={processes!r} must be an int >= 0, or -1 for '
+           'one per core but one.')
   splits = moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, num_devices)
   local = batch // num_devices
   _require(local % splits == 0,

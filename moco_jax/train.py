@@ -30,6 +30,7 @@ from moco_jax import parallel
 from moco_jax import state as state_lib
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import streaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,9 @@ class StepSetup:
   aug: Any
   image_size: int
   dtype: Any
+  # The batch is uint8 [B, 2, image_size, image_size, 3], both views' crops
+  # cut on the host (streaming input): the step skips its own crop.
+  host_crops: bool = False
 
 
 def create_encoder(config, num_devices: int):
@@ -66,8 +70,9 @@ def augment_views(state: state_lib.TrainState, images: jax.Array, setup: StepSet
   aug_rng, shuffle_rng = jax.random.split(step_rng)
   local = images.shape[0]
   example_ids = jax.lax.axis_index(parallel.AXIS) * local + jnp.arange(local)
-  query_view, key_view = augment.two_views(aug_rng, images, example_ids, setup.aug,
-                                           setup.image_size, setup.dtype)
+  views = augment.two_views_from_crops if setup.host_crops else augment.two_views
+  query_view, key_view = views(aug_rng, images, example_ids, setup.aug, setup.image_size,
+                               setup.dtype)
   return query_view, key_view, shuffle_rng
 
 
@@ -107,7 +112,8 @@ def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
 
   Args:
     state: the replicated train state.
-    images: uint8 [local_batch, S, S, 3] decoded images of this device.
+    images: uint8 [local_batch, S, S, 3] decoded images of this device (with
+      `setup.host_crops`: uint8 [local_batch, 2, size, size, 3], both views' crops).
     setup: static encoders, optimiser and hyper-parameters.
     learning_rate_fn: step -> lr, for the metrics only.
 
@@ -145,13 +151,13 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
   return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_step_setup(config, num_devices: int, tx) -> StepSetup:
+def make_step_setup(config, num_devices: int, tx, host_crops: bool = False) -> StepSetup:
   return StepSetup(
       moco=moco_lib.MoCo(encoder=create_encoder(config, num_devices),
                          temperature=config.moco.temperature, momentum=config.moco.momentum,
                          shuffle_keys=config.moco.bn_mode == 'shuffle'),
       tx=tx, aug=config.aug, image_size=config.data.image_size,
-      dtype=jnp.dtype(config.model.dtype))
+      dtype=jnp.dtype(config.model.dtype), host_crops=host_crops)
 
 
 def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
@@ -180,14 +186,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   mesh = parallel.make_mesh()
 
-  train_ds = sources.load_split(config.data, 'train')
+  plan = streaming.plan_train_input(config.data)  # In memory, or streamed if too large.
+  train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
   steps_per_epoch = len(train_ds) // config.batch_size
   config_checks.check_dataset(config, len(train_ds))
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = make_step_setup(config, num_devices, tx)
+  setup = make_step_setup(config, num_devices, tx, host_crops=plan.stream)
 
   state = init_state(config, setup, mesh)
   manager = checkpoints.create_manager(workdir, config)
@@ -196,9 +203,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
 
-  p_step = make_sharded_step(setup, learning_rate_fn, mesh, config.data.on_device)
-  next_batch = _batch_feeder(config, train_ds, mesh, start_step)
-  hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer)
+  on_device = config.data.on_device and not plan.stream
+  p_step = make_sharded_step(setup, learning_rate_fn, mesh, on_device)
+  if plan.stream:
+    next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
+    hooks = []
+    if config.eval.knn_every_epochs >= 0 or config.data.on_device:
+      logging.warning('Streaming: data.on_device and the kNN monitor are off (both would hold '
+                      'the train split in memory); evaluate checkpoints with --mode=knn.')
+  else:
+    next_batch = _batch_feeder(config, train_ds, mesh, start_step)
+    hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer)
 
   preemption = checkpoints.PreemptionWatcher()
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
@@ -231,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         hook(done, state)
   finally:
     preemption.uninstall()
+    getattr(next_batch, 'close', lambda: None)()
   manager.wait_until_finished()
   writer.close()
   return state
@@ -259,3 +275,34 @@ def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
       process_index=process, process_count=processes)
   return lambda step: (parallel.shard_batch(next(batches)['image'], mesh),)
 
+
+def _stream_feeder(config, source, mesh: Mesh, start_step: int, total_steps: int) -> Callable:
+  """step -> (sharded crops,) from the streaming loader; reports replaced unreadable files.
+
+  This process reads and decodes only its slice of each global batch, as
+  uint8 [b, 2, image_size, image_size, 3]: both views' crops
+  (`moco_jax.data.streaming`), the examples of `batching.train_indices`.
+  """
+  processes, threads = streaming.loader_workers(config.data)
+  logging.info('Streaming %s: %d grain worker processes x %d threads (data.stream_processes, '
+               'data.num_workers).', source.where, processes, threads)
+  batches = streaming.train_batches(
+      source, global_batch=config.batch_size, seed=config.seed,
+      image_size=config.data.image_size, crop_scale=config.aug.crop_scale,
+      crop_ratio=config.aug.crop_ratio, start_step=start_step, end_step=total_steps,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=threads, num_processes=processes)
+  replaced = [0]
+
+  def feed(step):
+    del step  # The loader starts at start_step and yields the steps in order.
+    batch = next(batches)
+    bad = int(batch['skipped'].sum())
+    if bad:
+      replaced[0] += bad
+      logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
+                      'in this run; the warnings above name them).', bad, replaced[0])
+    return (parallel.shard_batch(batch['image'], mesh),)
+
+  feed.close = batches.close
+  return feed

@@ -327,3 +327,27 @@ def test_eval_view_is_deterministic_resize_and_normalise(cifar, photos):
                              atol=1e-5)
   small = augment.eval_view(jnp.asarray(cifar), 16, config, jnp.bfloat16)
   assert small.shape == (8, 16, 16, 3) and small.dtype == jnp.bfloat16
+
+
+def test_two_views_from_host_crops_use_the_same_colour_randomness():
+  """Host-cut crops (streaming) get the jitter, grayscale, blur and flip of the device path.
+
+  With a crop of the whole image (scale 1, ratio 1) the device crop is the identity, so
+  two_views on images must equal two_views_from_crops on [image, image] pairs.
+  """
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  aug = _aug(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  ids = jnp.arange(10, 16)
+  want = _views(images, aug, size=16, ids=ids, seed=3)
+  crops = jnp.asarray(np.stack([images, images], axis=1))
+  from_crops = jax.jit(functools.partial(augment.two_views_from_crops, aug_config=aug,
+                                         image_size=16))
+  got = from_crops(jax.random.key(3), crops, ids)
+  for a, b in zip(want, got):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # Each view uses its own crop: a changed key-view crop changes only the key view.
+  other = crops.at[:, 1].set(255 - crops[:, 1])
+  q, k = from_crops(jax.random.key(3), other, ids)
+  np.testing.assert_allclose(np.asarray(q), np.asarray(got[0]), atol=1e-5)
+  assert not np.allclose(np.asarray(k), np.asarray(got[1]))

@@ -9,8 +9,10 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
+from configs import imagenet
 from configs import tiny
 from moco_jax import checkpoints
 from moco_jax import optim
@@ -158,3 +160,66 @@ def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
   leaves_host, leaves_device = jax.tree.leaves(host), jax.tree.leaves(device)
   for a, b in zip(leaves_host, leaves_device):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _imagenet_tree(root, classes=1000, per_class=2):
+  """An ImageNet-layout folder: ROOT/train/n<8 digits>/<i>.JPEG, tiny photos of two shapes."""
+  rng = np.random.default_rng(0)
+  for c in range(classes):
+    folder = root / 'train' / f'n{c:08d}'
+    folder.mkdir(parents=True)
+    for i in range(per_class):
+      small = rng.integers(0, 256, (3, 4, 3) if i % 2 else (4, 3, 3), dtype=np.uint8)
+      size = (40, 30) if i % 2 else (30, 40)
+      Image.fromarray(small).resize(size, Image.BICUBIC).save(folder / f'{i}.JPEG', quality=90)
+  return root
+
+
+def _imagenet_overrides(tree, cache, steps):
+  """configs/imagenet.py with a tiny model, streamed (the decoded-size budget is ~1 MB)."""
+  return {'model.name': 'resnet_tiny', 'model.width': 8, 'data.image_size': 32,
+          'batch_size': 16, 'moco.queue_size': 64, 'num_train_steps': steps,
+          'data.path': str(tree), 'data.cache_dir': str(cache), 'data.max_in_memory_gb': 0.001,
+          'data.stream_processes': 0, 'data.num_workers': 2}
+
+
+def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
+  """`main.py --config=configs/imagenet.py --config.data.path=<1,000-class folder>` streams;
+  killed with SIGKILL and rerun, it ends in the uninterrupted run's state."""
+  steps = 12
+  tree = _imagenet_tree(tmp_path / 'imagenet')
+  overrides = _imagenet_overrides(tree, tmp_path / 'cache', steps)
+  # XLA:CPU's backend optimisations off: ~10x less compile time, the same program in all runs.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+             '--xla_backend_optimization_level=0')
+
+  def command(workdir):
+    return ([sys.executable, 'main.py', '--config=configs/imagenet.py', f'--workdir={workdir}',
+             '--config.checkpoint_every_steps=2', '--config.log_every_steps=1'] +
+            [f'--config.{k}={v}' for k, v in overrides.items()])
+
+  straight = subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
+                            capture_output=True, text=True, timeout=600)
+  assert 'streaming it' in straight.stderr and '1000 classes' in straight.stderr
+  rows = [json.loads(line) for line in open(tmp_path / 'straight' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == list(range(1, steps + 1))
+  assert all(np.isfinite(r['train_loss']) for r in rows)
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / 'checkpoints' / '4').is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished_before_kill = (killed / 'checkpoints' / str(steps)).is_dir()
+  rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True, timeout=600)
+  assert 'Using the cached file list' in rerun.stderr
+  config = imagenet.get_config()
+  for key, value in overrides.items():
+    section, _, field = key.rpartition('.')
+    (config[section] if section else config)[field] = value
+  _assert_same_state(_restore(tmp_path / 'straight', config),
+                     _restore(killed, config))
+  assert not finished_before_kill, 'the kill came too late to test anything'
