@@ -561,8 +561,8 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   Args:
     num_threads: grain read threads (per process); each reads whole batches.
     num_processes: grain worker processes (0: threads in this process only).
-    prefetch: batches buffered ahead per worker (memory: roughly
-      (num_threads + prefetch) x workers batches in flight).
+    prefetch: batches buffered ahead (memory: about (num_threads + prefetch)
+      batches in flight per worker process, or in this process without).
   """
   import grain  # pylint: disable=g-import-not-at-top
   num = len(source)
@@ -576,8 +576,10 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   ds = grain.MapDataset.range(start_step * local, end_step * local).map(load)
   ds = ds.batch(local, drop_remainder=True)
   threads = max(1, int(num_threads))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=threads + max(0, prefetch)))
+  # In flight: `threads` batches being read, plus `prefetch` ready ones (in the
+  # worker processes' shared-memory queues when there are workers).
+  buffered = threads if num_processes > 0 else threads + max(0, prefetch)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffered))
   if num_processes > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (pytest, notebooks).
       flags.FLAGS.mark_as_parsed()
