@@ -303,7 +303,7 @@ def memory(args):
     rows.append((num, decoded, streamed, result['peak_rss_bytes']))
     print(f'{num} images: decoded {decoded / 2**30:.2f} GiB at 256 px, '
           f'streamed={streamed}, peak RSS {result["peak_rss_bytes"] / 2**30:.2f} GiB', flush=True)
-  print(f'| images | decoded at 256 px | budget | path | peak RSS (process tree) |')
+  print('| images | decoded at 256 px | budget | path | peak RSS (process tree) |')
   print('| --- | --- | --- | --- | --- |')
   for num, decoded, streamed, peak in rows:
     print(f'| {num:,} | {decoded / 2**30:.2f} GiB | {args.budget_gb} GiB | '
