@@ -95,6 +95,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.linear_standardize = False  # Standardise features per dim first (MAE-style); paper: no.
   config.eval.random_init = False  # --mode=knn/linear_eval on the step-0 encoder: the floor.
 
+  # --- Report (--mode=report: WORKDIR/report/index.html) ------------------------------
+  config.report = ml_collections.ConfigDict()
+  config.report.tsne_points = 2000  # Eval images in the t-SNE plots (a fixed random subset); 0: all.
+  config.report.augment_step = 0  # Train step whose first 8 images are shown with their two views.
+
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.
   config.checkpoint_every_steps = 1000  # Orbax save period (and always at the end).

@@ -107,17 +107,18 @@ def plot_tsne(panels: Sequence[tuple], labels: np.ndarray, class_names: Sequence
   axes = np.atleast_1d(fig.subplots(1, len(panels)))
   colors = class_colors(len(class_names))
   labels = np.asarray(labels)
+  size = float(np.clip(8000 / max(len(labels), 1), 4, 40))  # Points shrink as they multiply.
   for ax, (title, points) in zip(axes, panels):
     points = np.asarray(points)
     for c, name in enumerate(class_names):
       mine = labels == c
-      ax.scatter(points[mine, 0], points[mine, 1], s=6, color=colors[c], label=name,
+      ax.scatter(points[mine, 0], points[mine, 1], s=size, color=colors[c], label=name,
                  linewidths=0, alpha=0.85)
     ax.set_title(title, fontsize=11)
     ax.set_xticks([])
     ax.set_yticks([])
   handles, names = axes[0].get_legend_handles_labels()
-  fig.legend(handles, names, loc='outside right center', markerscale=3, fontsize=10,
+  fig.legend(handles, names, loc='outside right center', markerscale=max(1.0, 6 / size ** 0.5), fontsize=10,
              frameon=False)
   fig.savefig(path, dpi=DPI)
 

@@ -1,0 +1,317 @@
+"""What a run learned, in pictures: WORKDIR/report/index.html (`--mode=report`).
+
+The report restores the query backbone of the latest checkpoint of WORKDIR
+(a finished or an interrupted run: whatever was saved last) and writes, next
+to an offline HTML page, one PNG per question a researcher asks of a
+self-supervised run:
+
+  curves.png         did it train? loss, contrastive accuracy, lr and kNN top-1
+                     against epoch, from metrics.jsonl;
+  tsne.png           do classes separate? t-SNE of eval-split features, coloured
+                     by class, beside the same for the random-init encoder;
+  neighbours.png     what does the encoder find similar? 16 eval images with
+                     their 8 nearest train images (cosine), wrong labels in red;
+  augmentations.png  what does the network see? 8 train images of step
+                     `config.report.augment_step` with their query and key
+                     views, made by `augment.two_views` with the train step's
+                     own random numbers, normalisation undone;
+  confusion.png      which classes does the kNN vote confuse?
+
+and the run's config (WORKDIR/config.json) and eval.json figures as tables.
+Features are those of the kNN evaluation (`knn.extract_features`: eval view,
+inference-mode BatchNorm, no head, L2-normalised). The arrays are gathered here
+and drawn by `moco_jax.report_plots`.
+"""
+
+import functools
+import html
+import json
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from sklearn.manifold import TSNE
+from sklearn.metrics import confusion_matrix
+
+from moco_jax import augment
+from moco_jax import evaluate
+from moco_jax import input_pipeline
+from moco_jax import knn
+from moco_jax import models
+from moco_jax import report_plots
+from moco_jax import state as state_lib
+from moco_jax import train
+
+REPORT_DIR = 'report'
+NUM_QUERIES = 16  # Eval images of the neighbour grid.
+NUM_NEIGHBOURS = 8  # Train images shown per eval image.
+NUM_AUGMENTED = 8  # Train images of the augmentation preview.
+PICTURES = ('curves.png', 'tsne.png', 'neighbours.png', 'augmentations.png', 'confusion.png')
+
+
+# --------------------------------------------------------------------------
+# Gathering the arrays.
+
+
+def read_metrics(workdir: str) -> list:
+  """The rows of WORKDIR/metrics.jsonl ([] if none); a torn last line is skipped."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        logging.warning('Skipping an unreadable line of %s (a run killed mid-write?).', path)
+  return rows
+
+
+def run_rng(seed: int) -> jax.Array:
+  """`TrainState.rng` of a run with this seed (it never changes during the run)."""
+  return state_lib._split_rng(jax.random.PRNGKey(seed))[2]  # pylint: disable=protected-access
+
+
+def augmentation_preview(config, train_ds: input_pipeline.ImageDataset, step: int,
+                         count: int = NUM_AUGMENTED):
+  """The first `count` images of train batch `step` and the two views the train step makes.
+
+  The batch comes from `input_pipeline.train_indices` (what the loop feeds at
+  `step`), the views from `train.augment_views`' own derivation: the step's
+  key folded from the run's rng, split into (augmentation, shuffle), and
+  example ids = positions in the global batch. They are therefore exactly the
+  views of the first `count` examples of that step, on any number of devices.
+
+  Returns:
+    (images uint8 [count, S, S, 3], labels [count], query views uint8, key views uint8).
+  """
+  count = min(count, config.batch_size)
+  idx = input_pipeline.train_indices(len(train_ds), config.batch_size, config.seed, step)[:count]
+  images = train_ds.images[idx]
+  aug_rng, _ = train.step_rngs(run_rng(config.seed), step)
+  views_fn = jax.jit(functools.partial(augment.two_views, aug_config=config.aug,
+                                       image_size=config.data.image_size))
+  query, key = views_fn(aug_rng, jnp.asarray(images), jnp.arange(count, dtype=jnp.int32))
+  return images, train_ds.labels[idx], _to_uint8(query, config.aug), _to_uint8(key, config.aug)
+
+
+def _to_uint8(views, aug_config) -> np.ndarray:
+  """Normalised float views back to displayable uint8 pixels."""
+  mean = np.asarray(aug_config.mean, np.float32)
+  std = np.asarray(aug_config.std, np.float32)
+  pixels = np.asarray(views, np.float32) * std + mean
+  return np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def pick_queries(labels: np.ndarray, count: int = NUM_QUERIES, seed: int = 0) -> np.ndarray:
+  """`count` eval indices, classes taken in turn, each class's images in a fixed random order."""
+  order = np.random.default_rng(seed).permutation(len(labels))
+  by_class = [list(order[labels[order] == c]) for c in np.unique(labels)]
+  picked = []
+  while len(picked) < min(count, len(labels)):
+    for members in by_class:
+      if members and len(picked) < count:
+        picked.append(members.pop(0))
+  return np.asarray(picked, np.int64)
+
+
+def nearest_neighbours(query_features: np.ndarray, bank: np.ndarray, k: int):
+  """(indices [Q, k], cosine similarities [Q, k]) of the most similar rows of `bank`."""
+  similarities = np.asarray(query_features, np.float32) @ np.asarray(bank, np.float32).T
+  k = min(k, bank.shape[0])
+  idx = np.argsort(-similarities, axis=1, kind='stable')[:, :k]
+  return idx, np.take_along_axis(similarities, idx, axis=1)
+
+
+def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+  """scikit-learn's t-SNE of L2-normalised features (PCA init, perplexity <= 30)."""
+  num = features.shape[0]
+  perplexity = float(min(30.0, max(1.0, (num - 1) / 3)))
+  tsne = TSNE(n_components=2, perplexity=perplexity, init='pca', learning_rate='auto',
+              random_state=seed, method='exact' if num <= 200 else 'barnes_hut')
+  return tsne.fit_transform(np.asarray(features, np.float32))
+
+
+def tsne_subset(num: int, wanted: int, seed: int = 0) -> np.ndarray:
+  """Sorted indices of `wanted` eval images (all if wanted <= 0 or >= num)."""
+  if wanted <= 0 or wanted >= num:
+    return np.arange(num)
+  return np.sort(np.random.default_rng(seed).choice(num, wanted, replace=False))
+
+
+# --------------------------------------------------------------------------
+# The report.
+
+
+def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes WORKDIR/report/{index.html, *.png} for the latest checkpoint; returns the page's path.
+
+  Without a checkpoint yet (a run stopped before its first save), the curves,
+  the augmentation preview and the random-init t-SNE are still written and the
+  page says what is missing.
+  """
+  start = time.perf_counter()
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  writing = jax.process_index() == 0
+  if writing:
+    os.makedirs(out_dir, exist_ok=True)
+  mesh = train.make_mesh()
+  train_ds = input_pipeline.load_split(config.data, 'train')
+  eval_ds = input_pipeline.load_split(config.data, 'eval')
+  class_names = _class_names(train_ds, eval_ds)
+  steps_per_epoch = max(len(train_ds) // config.batch_size, 1)
+  backbone = models.create_backbone(config.model)
+  extract = functools.partial(knn.extract_features, config, backbone, mesh=mesh)
+
+  try:
+    params, batch_stats, step = evaluate.restore_query_encoder(workdir, config.model)
+    trained = jax.device_get(knn.backbone_variables(params, batch_stats))
+  except FileNotFoundError as e:
+    logging.warning('%s The report shows the curves, the augmentations and the random-init '
+                    'encoder only.', e)
+    trained, step = None, None
+  # One compiled program, as train.init_state builds the step-0 state (op by op is ~100 compiles).
+  random_init = jax.jit(lambda: knn.backbone_variables(*evaluate.random_init_encoder(config)))()
+
+  facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),
+           'eval images': len(eval_ds), 'classes': len(class_names)}
+  subset = tsne_subset(len(eval_ds), config.report.tsne_points)
+  panels = []
+  if trained is not None:
+    facts['checkpoint step'] = step
+    facts['checkpoint epoch'] = round(step / steps_per_epoch, 2)
+    train_features = extract(trained, train_ds)
+    eval_features = extract(trained, eval_ds)
+    num_classes = len(class_names)
+    scores = knn.knn_scores(train_features, train_ds.labels, eval_features, num_classes,
+                            config.eval.knn_k, config.eval.knn_temperature)
+    predictions = np.argmax(scores, axis=1)
+    facts['kNN top-1 (%) now'] = round(float(100.0 * np.mean(predictions == eval_ds.labels)), 2)
+    facts['kNN k / t'] = f'{min(config.eval.knn_k, len(train_ds))} / {config.eval.knn_temperature}'
+    queries = pick_queries(eval_ds.labels)
+    neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
+                                                  NUM_NEIGHBOURS)
+    if writing:
+      panels.append((f'MoCo, step {step} (epoch {facts["checkpoint epoch"]:g})',
+                     tsne_2d(eval_features[subset])))
+      report_plots.neighbour_grid(
+          eval_ds.images[queries], eval_ds.labels[queries], train_ds.images[neighbours],
+          train_ds.labels[neighbours], similarities, class_names,
+          os.path.join(out_dir, 'neighbours.png'))
+      matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))
+      report_plots.plot_confusion(matrix, class_names, os.path.join(out_dir, 'confusion.png'),
+                                  f'kNN (k={config.eval.knn_k}, t={config.eval.knn_temperature}), '
+                                  f'step {step}: top-1 {facts["kNN top-1 (%) now"]:.2f} %')
+  random_features = extract(random_init, eval_ds)
+  augment_step = config.report.augment_step
+  images, labels, query_views, key_views = augmentation_preview(config, train_ds, augment_step)
+  facts['t-SNE points'] = len(subset)
+  if writing:
+    panels.append(('random-init encoder (step 0)', tsne_2d(random_features[subset])))
+    report_plots.plot_tsne(panels, eval_ds.labels[subset], class_names,
+                           os.path.join(out_dir, 'tsne.png'))
+    report_plots.plot_curves(read_metrics(workdir), os.path.join(out_dir, 'curves.png'),
+                             os.path.abspath(workdir))
+    report_plots.augmentation_grid(images, query_views, key_views, labels, class_names,
+                                   os.path.join(out_dir, 'augmentations.png'))
+    facts['report time (s)'] = round(time.perf_counter() - start, 1)
+    page = render_html(facts, _run_config(config, workdir), evaluate.read_results(workdir),
+                       [p for p in PICTURES if os.path.exists(os.path.join(out_dir, p))],
+                       augment_step)
+    with open(os.path.join(out_dir, 'index.html'), 'w') as f:
+      f.write(page)
+  logging.info('Wrote the report of %s to %s in %.1f s.', workdir, out_dir,
+               time.perf_counter() - start)
+  return os.path.join(out_dir, 'index.html')
+
+
+def _class_names(train_ds, eval_ds) -> list:
+  num = max(train_ds.num_classes, eval_ds.num_classes)
+  names = list(train_ds.class_names or eval_ds.class_names or [])
+  return [str(n) for n in names[:num]] + [str(c) for c in range(len(names), num)]
+
+
+def _run_config(config, workdir: str) -> tuple:
+  """(source, JSON text) of the run's config: WORKDIR/config.json, else the one given."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return path, f.read()
+  return 'the --config of this report (the run wrote no config.json)', config.to_json_best_effort(
+      indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------
+# HTML.
+
+_CAPTIONS = {
+    'curves.png': ('Training curves',
+                   'From metrics.jsonl: the InfoNCE loss and the share of queries whose positive key '
+                   'beats every queued negative, the learning rate, and the kNN monitor.'),
+    'tsne.png': ('t-SNE of eval-split features',
+                 'Backbone features (no head, L2-normalised) of the eval images, coloured by their '
+                 'class, for this checkpoint and for the random-init encoder the run started from.'),
+    'neighbours.png': ('Nearest train images',
+                       'Each row: an eval image, then its 8 most cosine-similar train images with '
+                       'their label and similarity; a red frame and label mark a class different '
+                       'from the eval image\'s.'),
+    'augmentations.png': ('Augmentations',
+                          'The first train images of one step as decoded, then the query and key '
+                          'views the train step makes of them (augment.two_views with the step\'s '
+                          'own random numbers), normalisation undone.'),
+    'confusion.png': ('kNN confusion matrix',
+                      'Rows: true class; columns: the kNN vote; colour: fraction of the row.'),
+}
+
+
+def _table(items) -> str:
+  rows = ''.join(f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>'
+                 for k, v in items)
+  return f'<table>{rows}</table>'
+
+
+def render_html(facts: dict, run_config: tuple, results: dict, pictures: list,
+                augment_step: int) -> str:
+  """The offline page: facts, eval.json, the pictures and the run's config; no external files."""
+  sections = []
+  for name in pictures:
+    title, caption = _CAPTIONS[name]
+    if name == 'augmentations.png':
+      caption += f' Step {augment_step}.'
+    sections.append(f'<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>'
+                    f'<img src="{name}" alt="{html.escape(title)}">')
+  missing = [n for n in PICTURES if n not in pictures]
+  if missing:
+    sections.append('<p class="note">Not drawn (no checkpoint in this workdir yet): '
+                    f'{html.escape(", ".join(missing))}.</p>')
+  results_html = (_table(sorted(results.items())) if results else
+                  '<p>No eval.json yet: run <code>--mode=knn</code> or '
+                  '<code>--mode=linear_eval</code>.</p>')
+  source, config_text = run_config
+  return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>MoCo report: {html.escape(facts['workdir'])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1450px; margin: 1em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; font-weight: normal; }}
+th {{ background: #f4f4f4; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+pre {{ background: #f7f7f7; padding: 0.5em; font-size: 12px; max-height: 40em; overflow: auto; }}
+.note {{ color: #a00; }}
+</style></head><body>
+<h1>MoCo run report</h1>
+{_table(facts.items())}
+<h2>eval.json</h2>
+<p>Accuracies in percent; <code>random_init_*</code> rows are the step-0 encoder (the floor).</p>
+{results_html}
+{''.join(sections)}
+<h2>Config</h2><p>From {html.escape(source)}.</p>
+<pre>{html.escape(config_text)}</pre>
+</body></html>
+"""

@@ -1,0 +1,131 @@
+"""--mode=report on a tiny real run: 10 CIFAR-10 classes, a few steps, every picture checked."""
+
+import io
+import pathlib
+import shutil
+import tarfile
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny
+from moco_jax import input_pipeline
+from moco_jax import report
+from moco_jax import report_plots
+from moco_jax import train
+
+ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
+PER_CLASS = {'train': 8, 'test': 4}
+
+
+def _ten_class_archive(path: pathlib.Path):
+  """CIFAR-10-images/{train,test}/<class>/ with the first real JPEGs of all 10 classes."""
+  if not ARCHIVE.exists():
+    pytest.skip(f'{ARCHIVE} is not available')
+  counts = {}
+  with tarfile.open(ARCHIVE, 'r|*') as src, tarfile.open(path, 'w:gz') as dst:
+    for member in src:
+      parts = member.name.split('/')
+      if not (member.isfile() and len(parts) == 4 and parts[1] in PER_CLASS):
+        continue
+      key = tuple(parts[1:3])
+      if counts.get(key, 0) < PER_CLASS[key[0]]:
+        counts[key] = counts.get(key, 0) + 1
+        data = src.extractfile(member).read()
+        info = tarfile.TarInfo(member.name)
+        info.size = len(data)
+        dst.addfile(info, io.BytesIO(data))
+  assert len(counts) == 20, counts
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(config, workdir, final state) of 5 steps on 80 real train images of 10 classes."""
+  tmp = tmp_path_factory.mktemp('report')
+  archive = tmp / 'cifar10_small.tar.gz'
+  _ten_class_archive(archive)
+  config = tiny.get_config()
+  config.data.path = str(archive)
+  config.data.eval_split = 'test'
+  config.data.cache_dir = str(tmp / 'cache')
+  config.batch_size = 16
+  config.moco.queue_size = 32
+  config.num_epochs = 1  # 80 train images: 5 steps.
+  config.log_every_steps = 1
+  config.eval.knn_every_epochs = 0
+  config.eval.knn_k = 5
+  config.eval.batch_size = 16
+  config.report.augment_step = 3
+  workdir = tmp / 'run'
+  state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
+
+
+def _check_png(path: pathlib.Path, size: tuple):
+  with Image.open(path) as image:
+    assert image.size == size, path.name
+    pixels = np.asarray(image.convert('RGB'), np.float32)
+  assert pixels.std() > 10, f'{path.name} looks blank'
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f'{path.name} looks blank'
+
+
+def test_report_draws_every_picture_of_a_real_run(run):
+  config, workdir, _ = run
+  page = pathlib.Path(report.run_report(config, str(workdir)))
+  out = workdir / 'report'
+  assert page == out / 'index.html'
+  expected = {
+      'curves.png': report_plots.CURVES_SIZE,
+      'tsne.png': report_plots.TSNE_SIZE,
+      'confusion.png': report_plots.CONFUSION_SIZE,
+      'neighbours.png': report_plots.grid_size(report.NUM_QUERIES, report.NUM_NEIGHBOURS + 1,
+                                               row_labels=False, gap=True),
+      'augmentations.png': report_plots.grid_size(3, report.NUM_AUGMENTED, row_labels=True,
+                                                  gap=False),
+  }
+  assert set(expected) == set(report.PICTURES)
+  for name, size in expected.items():
+    _check_png(out / name, size)
+  text = page.read_text()
+  for name in report.PICTURES:
+    assert f'src="{name}"' in text
+  assert 'checkpoint step' in text and 'Not drawn' not in text
+
+
+def test_augmentation_preview_redraws_the_train_steps_views(run):
+  config, _, state = run
+  # The report derives the run's rng from the seed: it is the state's.
+  np.testing.assert_array_equal(jax.device_get(report.run_rng(config.seed)),
+                                jax.device_get(state.rng))
+  train_ds = input_pipeline.load_split(config.data, 'train')
+  images, _, query, key = report.augmentation_preview(config, train_ds, step=3, count=4)
+  assert images.shape == query.shape == key.shape == (4, 32, 32, 3)
+  assert query.dtype == np.uint8 and not np.array_equal(query, key)
+  # The views of the train step's own function on the whole batch of step 3, on 8 devices.
+  batch = train_ds.images[input_pipeline.train_indices(len(train_ds), config.batch_size,
+                                                       config.seed, 3)]
+  np.testing.assert_array_equal(images, batch[:4])
+  setup = train.make_step_setup(config, jax.device_count(), tx=None)
+  views = jax.jit(jax.shard_map(lambda s, im: train.augment_views(s, im, setup)[:2],
+                                mesh=train.make_mesh(), in_specs=(P(), P('data')),
+                                out_specs=(P('data'), P('data')), check_vma=False))
+  query_train, key_train = views(state.replace(step=jnp.int32(3)), batch)
+  to_uint8 = report._to_uint8  # pylint: disable=protected-access
+  np.testing.assert_array_equal(query, to_uint8(query_train[:4], config.aug))
+  np.testing.assert_array_equal(key, to_uint8(key_train[:4], config.aug))
+
+
+def test_report_of_a_run_without_checkpoint(run, tmp_path):
+  config, workdir, _ = run
+  early = tmp_path / 'early'
+  early.mkdir()
+  shutil.copy(workdir / 'metrics.jsonl', early / 'metrics.jsonl')
+  text = pathlib.Path(report.run_report(config, str(early))).read_text()
+  for name in ('curves.png', 'tsne.png', 'augmentations.png'):
+    assert f'src="{name}"' in text
+    assert (early / 'report' / name).exists()
+  assert 'Not drawn' in text and 'neighbours.png' in text
