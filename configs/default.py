@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.head = 'mlp'  # mlp (v2: Linear-ReLU-Linear) | linear (v1).
   config.model.head_hidden_dim = -1  # -1: the backbone's feature width (512 R18, 2048 R50).
   config.model.embed_dim = 128  # Output dim of the head = dim of queue keys.
+  # MLP head widths, hidden layers then output (= embed_dim), e.g. (100, 50, 25) for
+  # 512-100-50-25; () = v2's two layers (head_hidden_dim, embed_dim), named fc1, fc2.
+  config.model.head_dims = ()
   config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (loss stays float32).
 
   # --- MoCo ---------------------------------------------------------------------
@@ -72,8 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimiser ------------------------------------------------------------------
   config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'sgd'  # sgd (torch SGD) | adam (torch Adam, L2 in the gradient) | adamw | lars.
   config.optim.base_lr = 0.03  # lr for batch 256; actual lr = base_lr x batch_size / 256.
-  config.optim.momentum = 0.9  # SGD momentum.
+  config.optim.momentum = 0.9  # Momentum of sgd and lars (adam/adamw: beta1 0.9, beta2 0.999).
   config.optim.weight_decay = 1e-4  # L2 on all query parameters (none on keys).
   config.optim.schedule = 'cosine'  # cosine | step | constant.
   config.optim.step_epochs = (120, 160)  # step schedule: epochs where lr x0.1.

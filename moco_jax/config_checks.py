@@ -14,6 +14,7 @@ _CHOICES = {
     ('model', 'head'): ('mlp', 'linear'),
     ('model', 'dtype'): ('float32', 'bfloat16'),
     ('moco', 'bn_mode'): ('shuffle', 'sync', 'local'),
+    ('optim', 'name'): ('sgd', 'adam', 'adamw', 'lars'),
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
 }
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
            f'config.moco.queue_size={config.moco.queue_size} must be >= config.batch_size={batch}: '
            'each step enqueues the whole global batch.')
   _require(config.model.embed_dim > 0, f'config.model.embed_dim={config.model.embed_dim} must be > 0.')
+  _check_head_dims(config.model)
   _require(config.model.width > 0, f'config.model.width={config.model.width} must be > 0.')
   _require(config.data.image_size > 0, f'config.data.image_size={config.data.image_size} must be > 0.')
   budget = config.data.get('max_in_memory_gb', -1)
@@ -76,6 +78,25 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(config.log_every_steps > 0, f'config.log_every_steps={config.log_every_steps} must be > 0.')
   _require(config.checkpoint_every_steps > 0,
            f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0.')
+
+
+def _check_head_dims(model_config):
+  """head_dims: () (v2's two layers) or positive widths ending in embed_dim, for the MLP head."""
+  dims = model_config.head_dims
+  if not dims:
+    return
+  field = f'config.model.head_dims={tuple(dims)!r}'
+  _require(all(isinstance(d, int) and d > 0 for d in dims),
+           f'{field} must be a list of positive widths (hidden layers, then the output), e.g. '
+           '--config.model.head_dims="(100, 50, 25)".')
+  _require(model_config.head == 'mlp',
+           f"{field} needs config.model.head='mlp' (the linear head is one layer of embed_dim).")
+  _require(len(dims) >= 2,
+           f'{field} has no hidden layer: list the hidden widths and the output width, or use '
+           "--config.model.head=linear for a single layer.")
+  _require(dims[-1] == model_config.embed_dim,
+           f'{field} ends in {dims[-1]}, but config.model.embed_dim={model_config.embed_dim} (the '
+           f'dimension of the queue\'s keys): set --config.model.embed_dim={dims[-1]}.')
 
 
 def check_dataset(config: ml_collections.ConfigDict, num_examples: int):

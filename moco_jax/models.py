@@ -184,9 +184,21 @@ class ResNet(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-  """MoCo head: v2 MLP (Linear-ReLU-Linear) or v1 single Linear, float32 out."""
+  """MoCo head, float32 out: an MLP (v2) or a single Linear (v1).
+
+  Attributes:
+    kind: 'mlp': Linear-ReLU-...-Linear, one hidden layer per entry of
+      `hidden_dims` (v2: one, as wide as the backbone's features); 'linear':
+      one Linear layer (`hidden_dims` unused).
+    hidden_dims: widths of the MLP's hidden layers.
+    embed_dim: output width = the dimension of the keys in the queue.
+    dtype: compute dtype.
+
+  Layers are named fc1, fc2, ... (mlp) or fc (linear), so a v2 head is fc1-fc2
+  whatever its widths.
+  """
   kind: str
-  hidden_dim: int
+  hidden_dims: Sequence[int]
   embed_dim: int
   dtype: Any = jnp.float32
 
@@ -194,8 +206,9 @@ class ProjectionHead(nn.Module):
   def __call__(self, x):
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     if self.kind == 'mlp':
-      x = nn.relu(dense(self.hidden_dim, name='fc1')(x))
-      x = dense(self.embed_dim, name='fc2')(x)
+      for i, width in enumerate(self.hidden_dims):
+        x = nn.relu(dense(width, name=f'fc{i + 1}')(x))
+      x = dense(self.embed_dim, name=f'fc{len(self.hidden_dims) + 1}')(x)
     elif self.kind == 'linear':
       x = dense(self.embed_dim, name='fc')(x)
     else:
@@ -239,9 +252,17 @@ def create_encoder(model_config, *, bn_splits: int = 1,
                    bn_axis_name: Optional[str] = None) -> MoCoEncoder:
   """Builds backbone + head from `config.model` with the given BatchNorm mode."""
   backbone = create_backbone(model_config, bn_splits=bn_splits, bn_axis_name=bn_axis_name)
-  hidden = model_config.head_hidden_dim
-  if hidden <= 0:
-    hidden = backbone.num_features
-  head = ProjectionHead(kind=model_config.head, hidden_dim=hidden,
+  head = ProjectionHead(kind=model_config.head,
+                        hidden_dims=head_hidden_dims(model_config, backbone.num_features),
                         embed_dim=model_config.embed_dim, dtype=jnp.dtype(model_config.dtype))
   return MoCoEncoder(backbone=backbone, head=head)
+
+
+def head_hidden_dims(model_config, num_features: int) -> tuple:
+  """Hidden widths of the MLP head: head_dims without its last entry (the key dim), or
+  v2's one hidden layer of `head_hidden_dim` (-1: `num_features`) when head_dims is empty."""
+  dims = tuple(model_config.get('head_dims', ()) or ())
+  if dims:
+    return tuple(int(d) for d in dims[:-1])
+  hidden = model_config.head_hidden_dim
+  return (int(hidden) if hidden > 0 else int(num_features),)

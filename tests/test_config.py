@@ -9,10 +9,12 @@ import pytest
 
 from configs import imagenet_ablation
 from configs import tiny
+from configs import writeup
 from moco_jax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ['default', 'tiny', 'imagenette', 'imagenet', 'cifar10', 'mocov1', 'imagenet_ablation']
+CONFIGS = ['default', 'tiny', 'imagenette', 'imagewoof', 'imagenet', 'cifar10', 'mocov1',
+           'imagenet_ablation', 'writeup']
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -34,6 +36,10 @@ def test_shipped_configs_validate(name):
     ('model.name', 'vgg', "config.model.name='vgg'"),
     ('model.dtype', 'float16', "config.model.dtype='float16'"),
     ('optim.schedule', 'linear', "config.optim.schedule='linear'"),
+    ('optim.name', 'rmsprop', "config.optim.name='rmsprop' is not one of"),
+    ('model.head_dims', (64, 32), 'ends in 32, but config.model.embed_dim=16'),
+    ('model.head_dims', (16,), 'has no hidden layer'),
+    ('model.head_dims', (8, 0, 16), 'must be a list of positive widths'),
 ])
 def test_bad_values_are_rejected_with_the_field_name(field, value, needle):
   config = tiny.get_config()
@@ -65,6 +71,28 @@ def test_ablation_rows():
       'mlp', 0.2, 0.5, 'cosine')
   with pytest.raises(ValueError, match='unknown'):
     imagenet_ablation.get_config('mlp,bigger')
+
+
+def test_writeup_recipe():
+  for dataset in ('imagenette', 'imagewoof'):
+    config = writeup.get_config(dataset)
+    assert tuple(config.model.head_dims) == (100, 50, 25) and config.model.embed_dim == 25
+    assert (config.moco.temperature, config.moco.queue_size, config.moco.momentum) == (
+        0.05, 8192, 0.999)
+    assert (config.optim.name, config.optim.base_lr, config.optim.weight_decay) == (
+        'adam', 1e-3, 1e-6)
+    assert config.batch_size == 256 and config.model.name == 'resnet18'
+  assert writeup.get_config('imagewoof').data.name.startswith('imagewoof')
+  with pytest.raises(ValueError, match='imagewoof'):
+    writeup.get_config('cifar10')
+
+
+def test_head_dims_need_the_mlp_head():
+  config = tiny.get_config()
+  config.model.head = 'linear'
+  config.model.head_dims = (32, 16)
+  with pytest.raises(config_checks.ConfigError, match="needs config.model.head='mlp'"):
+    config_checks.validate(config, num_devices=8)
 
 
 def _main(*args):

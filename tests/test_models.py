@@ -49,6 +49,21 @@ def test_v1_linear_head_and_features_only():
   assert features.shape == (2, 512)
 
 
+def test_head_dims_build_a_deeper_mlp_and_the_default_keeps_fc1_fc2():
+  x = jnp.ones((2, 32, 32, 3))
+  default_head = models.create_encoder(_model_config('resnet_tiny', 'cifar'))
+  params = default_head.init(jax.random.PRNGKey(0), x, train=False)['params']['head']
+  assert {k: v['kernel'].shape for k, v in params.items()} == {'fc1': (512, 512),
+                                                               'fc2': (512, 128)}
+  config = _model_config('resnet_tiny', 'cifar')
+  config.head_dims, config.embed_dim = (100, 50, 25), 25  # The write-up's 512-100-50-25.
+  encoder = models.create_encoder(config)
+  variables = encoder.init(jax.random.PRNGKey(0), x, train=False)
+  assert {k: v['kernel'].shape for k, v in variables['params']['head'].items()} == {
+      'fc1': (512, 100), 'fc2': (100, 50), 'fc3': (50, 25)}
+  assert encoder.apply(variables, x, train=False).shape == (2, 25)
+
+
 def test_cifar_stem_keeps_resolution_longer():
   x = jnp.ones((1, 32, 32, 3))
   for stem, first_stage_side in (('cifar', 32), ('imagenet', 8)):
