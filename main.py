@@ -1,14 +1,16 @@
 """MoCo v2 pretraining and evaluation.
 
   python main.py --config=configs/imagenette.py --workdir=DIR [--config.a.b=value]
-  python main.py --mode=knn|linear_eval|export --config=... --workdir=DIR
+  python main.py --mode=knn|linear_eval|export|report --config=... --workdir=DIR
 
 --mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
-DIR/backbone_torchvision.npz. This file only parses flags; the work is in
-`moco_jax.train`, `moco_jax.knn`, `moco_jax.linear_probe` and
-`moco_jax.export`, which tests call too.
+DIR/backbone_torchvision.npz; report writes DIR/report/index.html (curves,
+t-SNE, nearest neighbours, augmentations, confusion matrix) for the latest
+checkpoint. This file only parses flags; the work is in `moco_jax.train`,
+`moco_jax.knn`, `moco_jax.linear_probe`, `moco_jax.export` and
+`moco_jax.report`, which tests call too.
 """
 
 import logging as std_logging
@@ -24,11 +26,12 @@ from moco_jax import config_checks
 from moco_jax import export
 from moco_jax import knn
 from moco_jax import linear_probe
+from moco_jax import report
 from moco_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export', 'report'], 'What to run.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host GPU/TPU runs).')
 config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.',
@@ -60,6 +63,8 @@ def main(argv):
       logging.info('Results: %s', linear_probe.run_linear_eval(FLAGS.config, FLAGS.workdir))
     elif FLAGS.mode == 'export':
       logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
+    elif FLAGS.mode == 'report':
+      logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
   except config_checks.ConfigError as e:
     sys.exit(f'Config error: {e}')
 

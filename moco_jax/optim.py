@@ -6,6 +6,7 @@ an optional linear warm-up, then cosine decay, x0.1 steps or a constant.
 
 from typing import Callable, Iterable
 
+import jax
 import optax
 
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -47,8 +48,29 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> C
       boundaries=[int(e * steps_per_epoch) for e in config.optim.step_epochs])
 
 
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars')
+
+
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  """torch.optim.SGD semantics: decay is added to the gradient before momentum."""
-  return optax.chain(
-      optax.add_decayed_weights(config.optim.weight_decay),
-      optax.sgd(learning_rate_fn, momentum=config.optim.momentum))
+  """The pretraining optimiser `config.optim.name`, with `config.optim.weight_decay`.
+
+  sgd: torch.optim.SGD (decay added to the gradient before momentum; MoCo).
+  adam: torch.optim.Adam (the same L2 decay in the gradient, betas 0.9 / 0.999).
+  adamw: decoupled decay (optax.adamw: w -= lr x wd x w).
+  lars: optax.lars with `optim.momentum`; biases and BatchNorm parameters (1-d)
+    get neither decay nor the trust ratio, as in SimCLR / BYOL.
+  """
+  name = config.optim.get('name', 'sgd')
+  decay = config.optim.weight_decay
+  if name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(decay),
+                       optax.sgd(learning_rate_fn, momentum=config.optim.momentum))
+  if name == 'adam':
+    return optax.chain(optax.add_decayed_weights(decay), optax.adam(learning_rate_fn))
+  if name == 'adamw':
+    return optax.adamw(learning_rate_fn, weight_decay=decay)
+  if name == 'lars':
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.lars(learning_rate_fn, weight_decay=decay, weight_decay_mask=matrices,
+                      trust_ratio_mask=matrices, momentum=config.optim.momentum)
+  raise ValueError(f'config.optim.name={name!r} is not one of {list(OPTIMIZERS)}.')

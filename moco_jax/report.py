@@ -18,7 +18,7 @@ self-supervised run:
   confusion.png      which classes does the kNN vote confuse?
 
 and the run's config (WORKDIR/config.json) and eval.json figures as tables.
-Features are those of the kNN evaluation (`knn.extract_features`: eval view,
+Features are those of the kNN evaluation (`features.extract_features`: eval view,
 inference-mode BatchNorm, no head, L2-normalised). The arrays are gathered here
 and drawn by `moco_jax.report_plots`.
 """
@@ -39,13 +39,18 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
 from moco_jax import augment
-from moco_jax import evaluate
-from moco_jax import input_pipeline
+from moco_jax import checkpoints
+from moco_jax import features
 from moco_jax import knn
 from moco_jax import models
+from moco_jax import parallel
 from moco_jax import report_plots
+from moco_jax import results
 from moco_jax import state as state_lib
 from moco_jax import train
+from moco_jax.data import batching
+from moco_jax.data import sources
+from moco_jax.data.dataset import ImageDataset
 
 REPORT_DIR = 'report'
 NUM_QUERIES = 16  # Eval images of the neighbour grid.
@@ -73,16 +78,11 @@ def read_metrics(workdir: str) -> list:
   return rows
 
 
-def run_rng(seed: int) -> jax.Array:
-  """`TrainState.rng` of a run with this seed (it never changes during the run)."""
-  return state_lib._split_rng(jax.random.PRNGKey(seed))[2]  # pylint: disable=protected-access
-
-
-def augmentation_preview(config, train_ds: input_pipeline.ImageDataset, step: int,
+def augmentation_preview(config, train_ds: ImageDataset, step: int,
                          count: int = NUM_AUGMENTED):
   """The first `count` images of train batch `step` and the two views the train step makes.
 
-  The batch comes from `input_pipeline.train_indices` (what the loop feeds at
+  The batch comes from `batching.train_indices` (what the loop feeds at
   `step`), the views from `train.augment_views`' own derivation: the step's
   key folded from the run's rng, split into (augmentation, shuffle), and
   example ids = positions in the global batch. They are therefore exactly the
@@ -92,9 +92,9 @@ def augmentation_preview(config, train_ds: input_pipeline.ImageDataset, step: in
     (images uint8 [count, S, S, 3], labels [count], query views uint8, key views uint8).
   """
   count = min(count, config.batch_size)
-  idx = input_pipeline.train_indices(len(train_ds), config.batch_size, config.seed, step)[:count]
+  idx = batching.train_indices(len(train_ds), config.batch_size, config.seed, step)[:count]
   images = train_ds.images[idx]
-  aug_rng, _ = train.step_rngs(run_rng(config.seed), step)
+  aug_rng, _ = train.step_rngs(state_lib.run_rng(config.seed), step)
   views_fn = jax.jit(functools.partial(augment.two_views, aug_config=config.aug,
                                        image_size=config.data.image_size))
   query, key = views_fn(aug_rng, jnp.asarray(images), jnp.arange(count, dtype=jnp.int32))
@@ -161,23 +161,23 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   writing = jax.process_index() == 0
   if writing:
     os.makedirs(out_dir, exist_ok=True)
-  mesh = train.make_mesh()
-  train_ds = input_pipeline.load_split(config.data, 'train')
-  eval_ds = input_pipeline.load_split(config.data, 'eval')
+  mesh = parallel.make_mesh()
+  train_ds = sources.load_split(config.data, 'train')
+  eval_ds = sources.load_split(config.data, 'eval')
   class_names = _class_names(train_ds, eval_ds)
   steps_per_epoch = max(len(train_ds) // config.batch_size, 1)
   backbone = models.create_backbone(config.model)
-  extract = functools.partial(knn.extract_features, config, backbone, mesh=mesh)
+  extract = functools.partial(features.extract_features, config, backbone, mesh=mesh)
 
   try:
-    params, batch_stats, step = evaluate.restore_query_encoder(workdir, config.model)
-    trained = jax.device_get(knn.backbone_variables(params, batch_stats))
+    params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+    trained = jax.device_get(features.backbone_variables(params, batch_stats))
   except FileNotFoundError as e:
     logging.warning('%s The report shows the curves, the augmentations and the random-init '
                     'encoder only.', e)
     trained, step = None, None
   # One compiled program, as train.init_state builds the step-0 state (op by op is ~100 compiles).
-  random_init = jax.jit(lambda: knn.backbone_variables(*evaluate.random_init_encoder(config)))()
+  random_init = jax.jit(lambda: features.backbone_variables(*features.random_init_encoder(config)))()
 
   facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),
            'eval images': len(eval_ds), 'classes': len(class_names)}
@@ -221,7 +221,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     report_plots.augmentation_grid(images, query_views, key_views, labels, class_names,
                                    os.path.join(out_dir, 'augmentations.png'))
     facts['report time (s)'] = round(time.perf_counter() - start, 1)
-    page = render_html(facts, _run_config(config, workdir), evaluate.read_results(workdir),
+    page = render_html(facts, _run_config(config, workdir), results.read_results(workdir),
                        [p for p in PICTURES if os.path.exists(os.path.join(out_dir, p))],
                        augment_step)
     with open(os.path.join(out_dir, 'index.html'), 'w') as f:

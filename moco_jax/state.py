@@ -42,6 +42,11 @@ def _split_rng(rng: jax.Array):
   return jax.random.split(rng, 3)
 
 
+def run_rng(seed: int) -> jax.Array:
+  """`TrainState.rng` of a run with this config.seed (it stays the same for the whole run)."""
+  return _split_rng(jax.random.PRNGKey(seed))[2]
+
+
 def initial_encoder_variables(rng: jax.Array, encoder, image_size: int):
   """(params, batch_stats) of the encoder at step 0 of a run seeded with `rng`.
 

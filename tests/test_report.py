@@ -13,10 +13,13 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from moco_jax import input_pipeline
+from moco_jax import parallel
+from moco_jax import state as state_lib
 from moco_jax import report
 from moco_jax import report_plots
 from moco_jax import train
+from moco_jax.data import batching
+from moco_jax.data import sources
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
 PER_CLASS = {'train': 8, 'test': 4}
@@ -99,19 +102,19 @@ def test_report_draws_every_picture_of_a_real_run(run):
 def test_augmentation_preview_redraws_the_train_steps_views(run):
   config, _, state = run
   # The report derives the run's rng from the seed: it is the state's.
-  np.testing.assert_array_equal(jax.device_get(report.run_rng(config.seed)),
+  np.testing.assert_array_equal(jax.device_get(state_lib.run_rng(config.seed)),
                                 jax.device_get(state.rng))
-  train_ds = input_pipeline.load_split(config.data, 'train')
+  train_ds = sources.load_split(config.data, 'train')
   images, _, query, key = report.augmentation_preview(config, train_ds, step=3, count=4)
   assert images.shape == query.shape == key.shape == (4, 32, 32, 3)
   assert query.dtype == np.uint8 and not np.array_equal(query, key)
   # The views of the train step's own function on the whole batch of step 3, on 8 devices.
-  batch = train_ds.images[input_pipeline.train_indices(len(train_ds), config.batch_size,
+  batch = train_ds.images[batching.train_indices(len(train_ds), config.batch_size,
                                                        config.seed, 3)]
   np.testing.assert_array_equal(images, batch[:4])
   setup = train.make_step_setup(config, jax.device_count(), tx=None)
   views = jax.jit(jax.shard_map(lambda s, im: train.augment_views(s, im, setup)[:2],
-                                mesh=train.make_mesh(), in_specs=(P(), P('data')),
+                                mesh=parallel.make_mesh(), in_specs=(P(), P('data')),
                                 out_specs=(P('data'), P('data')), check_vma=False))
   query_train, key_train = views(state.replace(step=jnp.int32(3)), batch)
   to_uint8 = report._to_uint8  # pylint: disable=protected-access
