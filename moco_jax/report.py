@@ -47,7 +47,6 @@ from moco_jax import parallel
 from moco_jax import report_plots
 from moco_jax import results
 from moco_jax import state as state_lib
-from moco_jax import train
 from moco_jax.data import batching
 from moco_jax.data import sources
 from moco_jax.data.dataset import ImageDataset
@@ -94,7 +93,7 @@ def augmentation_preview(config, train_ds: ImageDataset, step: int,
   count = min(count, config.batch_size)
   idx = batching.train_indices(len(train_ds), config.batch_size, config.seed, step)[:count]
   images = train_ds.images[idx]
-  aug_rng, _ = train.step_rngs(state_lib.run_rng(config.seed), step)
+  aug_rng, _ = state_lib.step_rngs(state_lib.run_rng(config.seed), step)
   views_fn = jax.jit(functools.partial(augment.two_views, aug_config=config.aug,
                                        image_size=config.data.image_size))
   query, key = views_fn(aug_rng, jnp.asarray(images), jnp.arange(count, dtype=jnp.int32))
@@ -176,7 +175,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.warning('%s The report shows the curves, the augmentations and the random-init '
                     'encoder only.', e)
     trained, step = None, None
-  # One compiled program, as train.init_state builds the step-0 state (op by op is ~100 compiles).
+  # One compiled program, as train.init_state builds the step-0 state (op by op: ~100 compiles).
   random_init = jax.jit(lambda: features.backbone_variables(*features.random_init_encoder(config)))()
 
   facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),

@@ -84,10 +84,11 @@ def plot_curves(rows: Sequence[dict], path: str, title: str = ''):
     marker = 'o' if key == 'knn_top1' or len(x) < 30 else None
     ax.plot(x, y, marker=marker, markersize=4, linewidth=1.5)
     if key == 'knn_top1':
-      ax.annotate(f'{y[-1]:.2f}', (x[-1], y[-1]), textcoords='offset points', xytext=(-10, 8),
-                  ha='right')
-    if key == 'learning_rate' and np.all(y > 0) and y.max() / y.min() > 50:
-      ax.set_yscale('log')  # Step schedules over several decades (1e-3 -> 1e-5).
+      ax.annotate(f'{y[-1]:.2f}', (x[-1], y[-1]), textcoords='offset points', xytext=(-8, -4),
+                  ha='right', va='top')
+    if (key == 'learning_rate' and np.all(y > 0) and y.max() / y.min() > 50
+        and len(np.unique(y)) <= 10):
+      ax.set_yscale('log')  # Step schedules over decades (1e-3 -> 1e-5); cosine stays linear.
   if title:
     fig.suptitle(title, fontsize=12)
   fig.savefig(path, dpi=DPI)

@@ -47,6 +47,14 @@ def run_rng(seed: int) -> jax.Array:
   return _split_rng(jax.random.PRNGKey(seed))[2]
 
 
+def step_rngs(rng: jax.Array, step) -> tuple:
+  """(augmentation key, Shuffle BN key) of train step `step` of a run whose state.rng is `rng`.
+
+  `train.augment_views` draws from them; `report` redraws a step's views with them.
+  """
+  return tuple(jax.random.split(jax.random.fold_in(rng, step)))
+
+
 def initial_encoder_variables(rng: jax.Array, encoder, image_size: int):
   """(params, batch_stats) of the encoder at step 0 of a run seeded with `rng`.
 

@@ -60,21 +60,13 @@ def create_encoder(config, num_devices: int):
   return models.create_encoder(config.model, bn_splits=splits)
 
 
-def step_rngs(rng: jax.Array, step) -> tuple:
-  """(augmentation key, Shuffle BN key) of train step `step` of a run whose state.rng is `rng`.
-
-  Also used by `moco_jax.report` to redraw a step's views exactly.
-  """
-  return tuple(jax.random.split(jax.random.fold_in(rng, step)))
-
-
 def augment_views(state: state_lib.TrainState, images: jax.Array, setup: StepSetup):
   """(query_view, key_view, shuffle_rng) of this device's images at this step.
 
   Per-example randomness comes from the example's index in the global batch,
   so the views are the same however the batch is split across devices.
   """
-  aug_rng, shuffle_rng = step_rngs(state.rng, state.step)
+  aug_rng, shuffle_rng = state_lib.step_rngs(state.rng, state.step)
   local = images.shape[0]
   example_ids = jax.lax.axis_index(parallel.AXIS) * local + jnp.arange(local)
   views = augment.two_views_from_crops if setup.host_crops else augment.two_views
