@@ -175,8 +175,8 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.warning('%s The report shows the curves, the augmentations and the random-init '
                     'encoder only.', e)
     trained, step = None, None
-  # One compiled program, as train.init_state builds the step-0 state (op by op: ~100 compiles).
-  random_init = jax.jit(lambda: features.backbone_variables(*features.random_init_encoder(config)))()
+  # The weights of --mode=knn's random_init_* floor (eager: the ops are shared with it and cached).
+  random_init = features.backbone_variables(*features.random_init_encoder(config))
 
   facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),
            'eval images': len(eval_ds), 'classes': len(class_names)}

@@ -47,7 +47,7 @@ def _ten_class_archive(path: pathlib.Path):
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """(config, workdir, final state) of 5 steps on 80 real train images of 10 classes."""
+  """(config, workdir, final state) of 6 steps on 80 real train images of 10 classes."""
   tmp = tmp_path_factory.mktemp('report')
   archive = tmp / 'cifar10_small.tar.gz'
   _ten_class_archive(archive)
@@ -55,9 +55,11 @@ def run(tmp_path_factory):
   config.data.path = str(archive)
   config.data.eval_split = 'test'
   config.data.cache_dir = str(tmp / 'cache')
+  # The train step of tests/test_real_data.py (batch 16, K 40, 6 steps): the persistent compilation
+  # cache then serves it; 80 train images make 5 steps an epoch, so step 6 is in epoch 2.
   config.batch_size = 16
-  config.moco.queue_size = 32
-  config.num_epochs = 1  # 80 train images: 5 steps.
+  config.moco.queue_size = 40
+  config.num_train_steps = 6
   config.log_every_steps = 1
   config.eval.knn_every_epochs = 0
   config.eval.knn_k = 5
