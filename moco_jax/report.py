@@ -49,6 +49,7 @@ from moco_jax import results
 from moco_jax import state as state_lib
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import streaming
 from moco_jax.data.dataset import ImageDataset
 
 REPORT_DIR = 'report'
@@ -153,13 +154,21 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Without a checkpoint yet (a run stopped before its first save), the curves,
   the augmentation preview and the random-init t-SNE are still written and the
-  page says what is missing.
+  page says what is missing. A run whose train split was streamed (too large
+  for `data.max_in_memory_gb`) is refused up front: the report needs that
+  split in memory.
   """
   start = time.perf_counter()
   out_dir = os.path.join(workdir, REPORT_DIR)
   writing = jax.process_index() == 0
   if writing:
     os.makedirs(out_dir, exist_ok=True)
+  plan = streaming.plan_train_input(config.data)
+  if plan.stream:
+    raise ValueError(
+        f'--mode=report holds the train split in memory (every train image is a kNN neighbour '
+        f'candidate, and the preview redraws the in-memory step\'s views), but {plan.reason}. '
+        'Raise --config.data.max_in_memory_gb if this host has the memory.')
   mesh = parallel.make_mesh()
   train_ds = sources.load_split(config.data, 'train')
   eval_ds = sources.load_split(config.data, 'eval')

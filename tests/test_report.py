@@ -1,5 +1,6 @@
 """--mode=report on a tiny real run: 10 CIFAR-10 classes, a few steps, every picture checked."""
 
+import copy
 import io
 import pathlib
 import shutil
@@ -134,3 +135,14 @@ def test_report_of_a_run_without_checkpoint(run, tmp_path):
     assert f'src="{name}"' in text
     assert (early / 'report' / name).exists()
   assert 'Not drawn' in text and 'neighbours.png' in text
+
+
+def test_a_streamed_run_is_refused_with_the_setting_to_change(run, tmp_path):
+  config, workdir, _ = run
+  with tarfile.open(config.data.path) as archive:
+    archive.extractall(tmp_path, filter='data')
+  streamed = copy.deepcopy(config)
+  streamed.data.path = str(tmp_path / 'CIFAR-10-images')
+  streamed.data.max_in_memory_gb = 1e-6  # 80 images at 32 px are 0.0002 GiB: streamed.
+  with pytest.raises(ValueError, match='max_in_memory_gb'):
+    report.run_report(streamed, str(workdir))
