@@ -28,7 +28,6 @@ import html
 import json
 import os
 import time
-from typing import Optional
 
 from absl import logging
 import jax
@@ -41,6 +40,7 @@ from sklearn.metrics import confusion_matrix
 from moco_jax import augment
 from moco_jax import checkpoints
 from moco_jax import features
+from moco_jax import files
 from moco_jax import knn
 from moco_jax import models
 from moco_jax import parallel
@@ -159,67 +159,49 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   split in memory.
   """
   start = time.perf_counter()
-  out_dir = os.path.join(workdir, REPORT_DIR)
-  writing = jax.process_index() == 0
-  if writing:
-    os.makedirs(out_dir, exist_ok=True)
   plan = streaming.plan_train_input(config.data)
   if plan.stream:
     raise ValueError(
         f'--mode=report holds the train split in memory (every train image is a kNN neighbour '
         f'candidate, and the preview redraws the in-memory step\'s views), but {plan.reason}. '
         'Raise --config.data.max_in_memory_gb if this host has the memory.')
-  mesh = parallel.make_mesh()
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
+  if writing:
+    os.makedirs(out_dir, exist_ok=True)
   train_ds = sources.load_split(config.data, 'train')
   eval_ds = sources.load_split(config.data, 'eval')
   class_names = _class_names(train_ds, eval_ds)
-  steps_per_epoch = max(len(train_ds) // config.batch_size, 1)
   backbone = models.create_backbone(config.model)
-  extract = functools.partial(features.extract_features, config, backbone, mesh=mesh)
-
-  try:
-    params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
-    trained = jax.device_get(features.backbone_variables(params, batch_stats))
-  except FileNotFoundError as e:
-    logging.warning('%s The report shows the curves, the augmentations and the random-init '
-                    'encoder only.', e)
-    trained, step = None, None
-  # The weights of --mode=knn's random_init_* floor (eager: the ops are shared with it and cached).
-  random_init = features.backbone_variables(*features.random_init_encoder(config))
-
+  extract = functools.partial(features.extract_features, config, backbone,
+                              mesh=parallel.make_mesh())
   facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),
            'eval images': len(eval_ds), 'classes': len(class_names)}
   subset = tsne_subset(len(eval_ds), config.report.tsne_points)
-  panels = []
-  if trained is not None:
-    facts['checkpoint step'] = step
-    facts['checkpoint epoch'] = round(step / steps_per_epoch, 2)
-    train_features = extract(trained, train_ds)
-    eval_features = extract(trained, eval_ds)
-    num_classes = len(class_names)
-    scores = knn.knn_scores(train_features, train_ds.labels, eval_features, num_classes,
-                            config.eval.knn_k, config.eval.knn_temperature)
-    predictions = np.argmax(scores, axis=1)
-    facts['kNN top-1 (%) now'] = round(float(100.0 * np.mean(predictions == eval_ds.labels)), 2)
-    facts['kNN k / t'] = f'{min(config.eval.knn_k, len(train_ds))} / {config.eval.knn_temperature}'
-    queries = pick_queries(eval_ds.labels)
-    neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
-                                                  NUM_NEIGHBOURS)
-    if writing:
-      panels.append((f'MoCo, step {step} (epoch {facts["checkpoint epoch"]:g})',
-                     tsne_2d(eval_features[subset])))
-      report_plots.neighbour_grid(
-          eval_ds.images[queries], eval_ds.labels[queries], train_ds.images[neighbours],
-          train_ds.labels[neighbours], similarities, class_names,
-          os.path.join(out_dir, 'neighbours.png'))
-      matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))
-      report_plots.plot_confusion(matrix, class_names, os.path.join(out_dir, 'confusion.png'),
-                                  f'kNN (k={config.eval.knn_k}, t={config.eval.knn_temperature}), '
-                                  f'step {step}: top-1 {facts["kNN top-1 (%) now"]:.2f} %')
-  random_features = extract(random_init, eval_ds)
-  augment_step = config.report.augment_step
-  images, labels, query_views, key_views = augmentation_preview(config, train_ds, augment_step)
   facts['t-SNE points'] = len(subset)
+  drawn, panels = [], []
+
+  try:
+    params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+  except FileNotFoundError as e:
+    logging.warning('%s The report shows the curves, the augmentations and the random-init '
+                    'encoder only.', e)
+  else:
+    epoch = round(step / max(len(train_ds) // config.batch_size, 1), 2)
+    facts.update({'checkpoint step': step, 'checkpoint epoch': epoch})
+    variables = jax.device_get(features.backbone_variables(params, batch_stats))
+    train_features, eval_features = extract(variables, train_ds), extract(variables, eval_ds)
+    if writing:
+      facts.update(_draw_checkpoint(config, train_ds, eval_ds, class_names, train_features,
+                                    eval_features, step, out_dir))
+      drawn += ['neighbours.png', 'confusion.png']
+      panels.append((f'MoCo, step {step} (epoch {epoch:g})', tsne_2d(eval_features[subset])))
+
+  # The weights of --mode=knn's random_init_* floor (eager: the ops are shared with it and cached).
+  random_init = features.backbone_variables(*features.random_init_encoder(config))
+  random_features = extract(random_init, eval_ds)
+  images, labels, query_views, key_views = augmentation_preview(config, train_ds,
+                                                                config.report.augment_step)
   if writing:
     panels.append(('random-init encoder (step 0)', tsne_2d(random_features[subset])))
     report_plots.plot_tsne(panels, eval_ds.labels[subset], class_names,
@@ -228,15 +210,37 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
                              os.path.abspath(workdir))
     report_plots.augmentation_grid(images, query_views, key_views, labels, class_names,
                                    os.path.join(out_dir, 'augmentations.png'))
+    drawn += ['curves.png', 'tsne.png', 'augmentations.png']
     facts['report time (s)'] = round(time.perf_counter() - start, 1)
     page = render_html(facts, _run_config(config, workdir), results.read_results(workdir),
-                       [p for p in PICTURES if os.path.exists(os.path.join(out_dir, p))],
-                       augment_step)
-    with open(os.path.join(out_dir, 'index.html'), 'w') as f:
-      f.write(page)
+                       [p for p in PICTURES if p in drawn], config.report.augment_step)
+    files.atomic_write(os.path.join(out_dir, 'index.html'), lambda f: f.write(page))
   logging.info('Wrote the report of %s to %s in %.1f s.', workdir, out_dir,
                time.perf_counter() - start)
   return os.path.join(out_dir, 'index.html')
+
+
+def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eval_features,
+                     step: int, out_dir: str) -> dict:
+  """neighbours.png and confusion.png of a checkpoint's features; returns its kNN facts."""
+  num_classes = len(class_names)
+  scores = knn.knn_scores(train_features, train_ds.labels, eval_features, num_classes,
+                          config.eval.knn_k, config.eval.knn_temperature)
+  predictions = np.argmax(scores, axis=1)
+  top1 = round(float(100.0 * np.mean(predictions == eval_ds.labels)), 2)
+  queries = pick_queries(eval_ds.labels)
+  neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
+                                                NUM_NEIGHBOURS)
+  report_plots.neighbour_grid(
+      eval_ds.images[queries], eval_ds.labels[queries], train_ds.images[neighbours],
+      train_ds.labels[neighbours], similarities, class_names,
+      os.path.join(out_dir, 'neighbours.png'))
+  matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))
+  k = min(config.eval.knn_k, len(train_ds))
+  report_plots.plot_confusion(matrix, class_names, os.path.join(out_dir, 'confusion.png'),
+                              f'kNN (k={k}, t={config.eval.knn_temperature}), step {step}: '
+                              f'top-1 {top1:.2f} %')
+  return {'kNN top-1 (%) now': top1, 'kNN k / t': f'{k} / {config.eval.knn_temperature}'}
 
 
 def _class_names(train_ds, eval_ds) -> list:
