@@ -1,7 +1,13 @@
 """MoCo v2 pretraining and evaluation.
 
   python main.py --config=configs/imagenette.py --workdir=DIR [--config.a.b=value]
-  python main.py --mode=knn|linear_eval|export|report --config=... --workdir=DIR
+  python main.py --mode=knn|linear_eval|export|report --workdir=DIR [--config.a.b=value]
+
+Without --config, the run's own DIR/config.json (written when pretraining
+starts) is the config, and --config.a.b=value overrides apply on top of it
+(`moco_jax/run_config.py`): evaluations see the model and data of the
+pretraining run, and `python main.py --workdir=DIR` alone resumes a run.
+A new run (no DIR/config.json yet) needs --config.
 
 --mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
@@ -11,9 +17,15 @@ t-SNE, nearest neighbours, augmentations, confusion matrix) for the latest
 checkpoint. This file only parses flags; the work is in `moco_jax.train`,
 `moco_jax.knn`, `moco_jax.linear_probe`, `moco_jax.export` and
 `moco_jax.report`, which tests call too.
+
+Ctrl-C or SIGTERM stops training at the next step, saves it and exits with
+130 (Ctrl-C) or 75 (SIGTERM, EX_TEMPFAIL: rerun until it succeeds); a second
+Ctrl-C aborts at once (`moco_jax/stopping.py`).
 """
 
 import logging as std_logging
+import os
+import shlex
 import sys
 
 from absl import app
@@ -27,6 +39,8 @@ from moco_jax import export
 from moco_jax import knn
 from moco_jax import linear_probe
 from moco_jax import report
+from moco_jax import run_config
+from moco_jax import stopping
 from moco_jax import train
 
 FLAGS = flags.FLAGS
@@ -34,9 +48,60 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and res
 flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export', 'report'], 'What to run.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host GPU/TPU runs).')
-config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment configuration file; default: the run\'s own WORKDIR/config.json '
+    '(configs/from_workdir.py:WORKDIR) when it exists.', lock_config=True)
+flags.mark_flags_as_required(['workdir'])
+
+_FROM_WORKDIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                             'from_workdir.py')
+
+
+def _flag_value(argv, name):
+  """The value of --name=V or --name V in raw argv, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def with_default_config(argv):
+  """argv plus --config=configs/from_workdir.py:WORKDIR when --config is absent and
+  WORKDIR/config.json exists (so `--config.a.b=v` overrides apply to the run's own config)."""
+  has_config = any(a == '--config' or a.startswith('--config=') for a in argv)
+  workdir = _flag_value(argv, 'workdir')
+  if has_config or not run_config.has_run_config(workdir):
+    return argv
+  return argv[:1] + [f'--config={_FROM_WORKDIR}:{workdir}'] + argv[1:]
+
+
+def _parse_flags(argv):
+  return FLAGS(with_default_config(argv))
+
+
+def resume_command() -> str:
+  """The command line this process was started with (the command that resumes it)."""
+  return shlex.join(getattr(sys, 'orig_argv', [sys.executable] + sys.argv))
+
+
+def _report_config():
+  """Says where the config came from and what was overridden; warns on a mismatch."""
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  source = FLAGS['config'].config_filename
+  if source.startswith(_FROM_WORKDIR):
+    source = run_config.config_path(FLAGS.workdir) + ' (the run\'s own config)'
+  logging.info('Config: %s%s', source, ''.join(f'\n  override {k} = {v!r}'
+                                               for k, v in sorted(overrides.items())))
+  if FLAGS.mode != 'train' and not FLAGS['config'].config_filename.startswith(_FROM_WORKDIR):
+    diffs = run_config.differences(FLAGS.config, FLAGS.workdir)
+    if diffs:
+      logging.warning(
+          'The config differs from the pretraining run\'s %s in %s; the evaluation measures '
+          'another setting. Leave out --config to use the run\'s own config.',
+          run_config.config_path(FLAGS.workdir),
+          '; '.join(f'{k}: run {a!r}, now {b!r}' for k, (a, b) in diffs.items()))
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -54,6 +119,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d / %d, %d devices: %s', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[:8])
+  if FLAGS.config is None:
+    raise app.UsageError(
+        f'--config is required: {run_config.config_path(FLAGS.workdir)} does not exist yet. '
+        'Start a run with --config=configs/<name>.py (e.g. configs/cifar10_cpu.py).')
+  _report_config()
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -67,7 +137,10 @@ def main(argv):
       logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
   except config_checks.ConfigError as e:
     sys.exit(f'Config error: {e}')
+  except stopping.Interrupted as e:
+    logging.warning('%s To resume, run the same command:\n  %s', e, resume_command())
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

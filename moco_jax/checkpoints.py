@@ -7,8 +7,6 @@ so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 import json
 import os
 import re
-import signal
-import threading
 from typing import Optional
 
 import jax
@@ -179,29 +177,3 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
   finally:
     manager.close()
   return restored['query_params'], restored['query_batch_stats'], int(step)
-
-
-class PreemptionWatcher:
-  """Turns SIGTERM (what schedulers and preemptible VMs send) into a clean stop.
-
-  The loop asks `requested()` after each step; the run then saves the current
-  step and returns, and the same command resumes from it. With several
-  processes the decision must be the same on all of them, so Orbax's
-  `reached_preemption` (synchronised through jax.distributed) decides.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-
-  def requested(self, manager: ocp.CheckpointManager, step: int) -> bool:
-    if jax.process_count() > 1:
-      return manager.reached_preemption(step)
-    return self._event.is_set()
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None

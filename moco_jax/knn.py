@@ -142,17 +142,22 @@ def monitor_steps(every_epochs: float, steps_per_epoch: int, total_steps: int) -
 
 
 def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: int, writer,
-                       evaluator: Optional[KnnEvaluator] = None):
+                       evaluator: Optional[KnnEvaluator] = None, train_ds=None):
   """Hooks `hook(step, state)` for the pretraining loop: the kNN monitor.
 
   Writes {'knn_top1': percent, 'epoch': ...} to metrics.jsonl at the steps of
-  `monitor_steps(config.eval.knn_every_epochs, ...)`. The data are loaded here,
-  once, and only if the monitor runs at all.
+  `monitor_steps(config.eval.knn_every_epochs, ...)`. The eval split is loaded
+  here, once, and only if the monitor runs at all; pass the trainer's decoded
+  `train_ds` so the train split is held in memory once, not twice.
   """
   steps = monitor_steps(config.eval.knn_every_epochs, steps_per_epoch, total_steps)
   if not steps:
     return []
-  evaluator = evaluator or KnnEvaluator(config, mesh)
+  evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds)
+  logging.info('kNN monitor: %d train / %d eval images, %d classes, after steps %s.',
+               len(evaluator.train_ds), len(evaluator.eval_ds),
+               max(evaluator.train_ds.num_classes, evaluator.eval_ds.num_classes),
+               _steps_text(sorted(steps)))
 
   def hook(step: int, state):
     if step not in steps:
@@ -161,6 +166,11 @@ def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: in
     writer.write(step, {'knn_top1': top1, 'epoch': step / max(steps_per_epoch, 1)})
 
   return [hook]
+
+
+def _steps_text(steps: list) -> str:
+  return ', '.join(map(str, steps)) if len(steps) <= 6 else (
+      f'{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)')
 
 
 def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:

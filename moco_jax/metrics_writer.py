@@ -5,6 +5,7 @@ lines=True)` plots a run; TensorBoard events are written too when tensorboardX
 is importable (no TensorFlow needed, so the GPU machines can have them).
 """
 
+import contextlib
 import json
 import os
 import time
@@ -19,36 +20,89 @@ def average(rows):
 
 
 class Progress:
-  """Throughput and ETA from wall time between logged steps."""
+  """Throughput and ETA over training steps only, and when to print a line.
 
-  def __init__(self, total_steps: int, start_step: int, global_batch: int, steps_per_epoch: int):
+  Time spent in `paused()` blocks (the kNN monitor, checkpoint saves) is left
+  out of img/s and of the ETA, so an interval holding a 60 s monitor does not
+  read as a slow one. `due()` says when `heartbeat_sec` of wall time passed
+  since the last line, so something is printed every ~30 s whatever
+  `log_every_steps` is.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, global_batch: int, steps_per_epoch: int,
+               heartbeat_sec: float = 30.0, clock=time.perf_counter):
     self.total_steps = total_steps
     self.global_batch = global_batch
     self.steps_per_epoch = max(steps_per_epoch, 1)
+    self.heartbeat_sec = heartbeat_sec
+    self._clock = clock
     self._last_step = start_step
-    self._last_time = time.perf_counter()
+    self._last_time = clock()
+    self._paused = 0.0  # Seconds paused since _last_time.
+    self._last_line = self._last_time
+    self._timed_steps = 0
+    self._timed_sec = 0.0
+    self._estimated = False
 
   def elapsed(self) -> float:
-    return time.perf_counter() - self._last_time
+    return self._clock() - self._last_time
 
   def restart(self, step: int):
     """Measures from now and `step` on (e.g. after compilation)."""
-    self._last_step, self._last_time = step, time.perf_counter()
+    self._last_step, self._last_time, self._paused = step, self._clock(), 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the time of the block out of the training time."""
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._paused += self._clock() - start
+
+  def due(self) -> bool:
+    """True when no line was printed for `heartbeat_sec` seconds."""
+    return self._clock() - self._last_line >= self.heartbeat_sec
+
+  def peek(self, step: int) -> dict:
+    """Rates since the last `update`, without starting a new interval."""
+    self._last_line = self._clock()
+    steps = step - self._last_step
+    seconds = max(self._last_line - self._last_time - self._paused, 1e-9)
+    row = {'epoch': step / self.steps_per_epoch}
+    if steps <= 0:  # Nothing timed yet (e.g. the compiling first step): no rate to report.
+      return row
+    steps_per_sec = steps / seconds
+    row.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * self.global_batch,
+               eta_sec=(self.total_steps - step) / max(steps_per_sec, 1e-9))
+    self._maybe_log_estimate(step, steps, seconds)
+    return row
 
   def update(self, step: int) -> dict:
-    now = time.perf_counter()
-    steps = step - self._last_step
-    seconds = max(now - self._last_time, 1e-9)
-    if steps <= 0:  # Nothing timed yet (e.g. the compiling first step): no rate to report.
-      return {'epoch': step / self.steps_per_epoch}
-    self._last_step, self._last_time = step, now
-    steps_per_sec = steps / seconds
-    return {
-        'epoch': step / self.steps_per_epoch,
-        'steps_per_sec': steps_per_sec,
-        'images_per_sec': steps_per_sec * self.global_batch,
-        'eta_sec': (self.total_steps - step) / max(steps_per_sec, 1e-9),
-    }
+    """Rates over the training time since the last update; starts a new interval."""
+    row = self.peek(step)
+    if step > self._last_step:
+      self._timed_steps += step - self._last_step
+      self._timed_sec += max(self._last_line - self._last_time - self._paused, 0.0)
+      self._last_step, self._last_time, self._paused = step, self._last_line, 0.0
+    return row
+
+  def _maybe_log_estimate(self, step: int, steps: int, seconds: float):
+    """Logs the estimated training time once, when the first timed steps are in."""
+    if self._estimated:
+      return
+    self._estimated = True
+    rate = steps / seconds
+    eta = format_duration((self.total_steps - step) / max(rate, 1e-9))
+    logging.info('Estimated time to step %d: %s of training at %.1f img/s (measured over %d '
+                 'steps; kNN monitors and checkpoints come on top).', self.total_steps, eta,
+                 rate * self.global_batch, steps)
+
+
+def format_duration(seconds: float) -> str:
+  """'1:02:03' (h:mm:ss)."""
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 class MetricsWriter:
@@ -79,6 +133,12 @@ class MetricsWriter:
     if not quiet:
       logging.info('%s', format_progress(row))
 
+  def log_only(self, step: int, scalars: dict):
+    """The progress line of `scalars`, logged but not recorded (a wall-time heartbeat)."""
+    if self.enabled:
+      row = {'step': int(step), **{k: json_value(v) for k, v in scalars.items()}}
+      logging.info('%s', format_progress(row))
+
   def close(self):
     self._tb = None
 
@@ -94,8 +154,7 @@ def format_progress(row: dict) -> str:
   if 'images_per_sec' in row:
     parts.append(f"{row['images_per_sec']:.1f} img/s")
   if 'eta_sec' in row:
-    eta = int(row['eta_sec'])
-    parts.append(f'ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}')
+    parts.append(f"ETA {format_duration(row['eta_sec'])}")
   return ' | '.join(parts)
 
 

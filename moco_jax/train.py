@@ -8,6 +8,7 @@ on one GPU, eight GPUs, a TPU pod and many hosts.
 import dataclasses
 import functools
 import math
+import signal
 from typing import Any, Callable
 
 from absl import logging
@@ -28,6 +29,7 @@ from moco_jax import moco as moco_lib
 from moco_jax import optim
 from moco_jax import parallel
 from moco_jax import state as state_lib
+from moco_jax import stopping
 from moco_jax.data import batching
 from moco_jax.data import sources
 from moco_jax.data import streaming
@@ -179,6 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   Returns:
     The final TrainState (replicated on the mesh).
+  Raises:
+    stopping.Interrupted: after SIGINT / SIGTERM, once the step reached is saved.
   """
   num_devices = jax.device_count()
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
@@ -201,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   start_step = int(jax.device_get(state.step))
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
+  log_run_summary(config, train_ds, steps_per_epoch, total_steps, start_step)
 
   on_device = config.data.on_device and not plan.stream
   p_step = make_sharded_step(setup, learning_rate_fn, mesh, on_device)
@@ -212,16 +217,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                       'the train split in memory); evaluate checkpoints with --mode=knn.')
   else:
     next_batch = _batch_feeder(config, train_ds, mesh, start_step)
-    hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer)
+    hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer,
+                                   train_ds=train_ds)
 
-  preemption = checkpoints.PreemptionWatcher()
+  stop = stopping.StopWatcher(jax.process_count())
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
+  logging.info('Compiling the train step, then running from step %d.', start_step + 1)
+  stopped_at = None
   try:
-    pending = []
+    pending, previous = [], None
     for step in range(start_step, total_steps):
       state, metrics = p_step(state, *next_batch(step))
       pending.append(metrics)
       done = step + 1
+      # At most one step queued behind the running one: a stop acts at the next step.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = metrics
       if step == start_step:
         # Compilation is not throughput: time the run from the end of its first step.
         jax.block_until_ready(metrics)
@@ -234,21 +246,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
                                    'optim.base_lr or check the data.')
         writer.write(done, {**summary, **progress.update(done)})
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        checkpoints.save(manager, done, state)
-      elif preemption.requested(manager, done):
-        logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
-                        'command to continue.', done)
-        checkpoints.save(manager, done, state)
+      elif progress.due():  # A line every ~30 s of wall time, whatever log_every_steps is.
+        writer.log_only(done, {**metrics_writer.average(jax.device_get(pending)),
+                               **progress.peek(done)})
+      stopping_now = done < total_steps and stop.requested(manager, done)
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or stopping_now:
+        with progress.paused():  # img/s and the ETA count training steps only.
+          checkpoints.save(manager, done, state)
+      if stopping_now:
+        logging.warning('%s: saving step %d and stopping.', signal.Signals(stop.signum).name, done)
+        stopped_at = done
         break
-      for hook in hooks:
-        hook(done, state)
+      with progress.paused():
+        for hook in hooks:
+          hook(done, state)
   finally:
-    preemption.uninstall()
+    stop.uninstall()
     getattr(next_batch, 'close', lambda: None)()
   manager.wait_until_finished()
   writer.close()
+  if stopped_at is not None:
+    raise stopping.Interrupted(stop.signum, stopped_at, saved=True,
+                               directory=str(manager.directory))
   return state
+
+
+def log_run_summary(config, train_ds, steps_per_epoch: int, total_steps: int, start_step: int):
+  """What the run is about to do, in a few lines, before anything is compiled."""
+  data = config.data
+  source = sources.resolve_source(data)
+  where = {'folder': data.get('path', ''),
+           'tfds': f'{data.name} ({data.data_dir or "tfds default dir"})',
+           'synthetic': f'{data.synthetic_examples} random images'}.get(source, '')
+  images = getattr(train_ds, 'images', None)  # None: streamed (decoded at every step).
+  decoded = (f'decoded once at {images.shape[1]} px' if images is not None
+             else 'streamed (decoded and cropped on the host at every step)')
+  logging.info('Data: %s %s; train split %r: %d images, %d classes; images %s, network input '
+               '%d px.', source, where, data.train_split, len(train_ds),
+               len(train_ds.class_names), decoded, data.image_size)
+  devices = jax.devices()
+  local = config.batch_size // len(devices)
+  if config.moco.bn_mode == 'sync':
+    bn = 'BatchNorm statistics over the global batch'
+  else:
+    groups = moco_lib.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
+                                           len(devices))
+    bn = (f'{groups * len(devices)} BatchNorm groups of {local // max(groups, 1)} images '
+          f'({config.moco.bn_mode})')
+  logging.info('Batch %d (%d per device, %s); %d steps per epoch, %d steps in all '
+               '(%.1f epochs)%s.', config.batch_size, local, bn, steps_per_epoch, total_steps,
+               total_steps / max(steps_per_epoch, 1),
+               f', resuming at step {start_step}' if start_step else '')
+  logging.info('Devices: %d x %s (%s) on %d process(es). Stop with Ctrl-C or SIGTERM: the run '
+               'saves the step it is on and can be resumed with the same command.', len(devices),
+               devices[0].device_kind, devices[0].platform, jax.process_count())
 
 
 def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:

@@ -17,6 +17,7 @@ from configs import tiny
 from moco_jax import checkpoints
 from moco_jax import optim
 from moco_jax import parallel
+from moco_jax import stopping
 from moco_jax import train
 from moco_jax.data import batching
 
@@ -104,9 +105,12 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
 
   monkeypatch.setattr(batching, 'train_batches', terminated_batches)
   handler_before = signal.getsignal(signal.SIGTERM)
-  stopped = train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(stopping.Interrupted) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
   assert signal.getsignal(signal.SIGTERM) is handler_before  # The run restores it.
-  assert int(stopped.step) == 2  # Not a checkpoint_every_steps multiple: saved on SIGTERM.
+  # Step 2, the next step boundary (not a checkpoint_every_steps multiple): saved on SIGTERM.
+  assert stopped.value.step == 2 and stopped.value.saved
+  assert stopped.value.exit_code == stopping.EXIT_PREEMPTED == 75
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   monkeypatch.setattr(batching, 'train_batches', real_batches)
   _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))

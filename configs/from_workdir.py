@@ -1,0 +1,13 @@
+"""The config a run was made with: WORKDIR/config.json (see moco_jax/run_config.py).
+
+  python main.py --mode=knn --config=configs/from_workdir.py:DIR --workdir=DIR
+
+`main.py` uses this by itself when --config is left out and DIR/config.json
+exists; --config.a.b=v overrides apply on top, as with any config file.
+"""
+
+from moco_jax import run_config
+
+
+def get_config(workdir: str):
+  return run_config.load_run_config(workdir)
