@@ -38,7 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.moco.temperature = 0.2  # T of InfoNCE (v2: 0.2, v1: 0.07).
   config.moco.momentum = 0.999  # m of the key encoder EMA, in [0, 1).
   config.moco.bn_mode = 'shuffle'  # shuffle (paper) | sync (global stats) | local (per device).
-  config.moco.bn_splits = -1  # BN groups per device in shuffle mode; -1: 8 groups in total.
+  # BatchNorm groups per device in shuffle mode; -1: 8 groups in total (the paper's 8 GPUs), i.e.
+  # 8 / devices per device (1 from 8 devices on). Each group normalises over batch_size / 8
+  # images (32 at the default 256; 16 at batch 128, 8 at batch 64: small groups make noisy
+  # statistics, so keep batch_size / total groups >= 16 or set bn_splits explicitly).
+  config.moco.bn_splits = -1
 
   # --- Data ---------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
@@ -49,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
   config.data.image_size = 128  # Network input size (crop output), pixels.
-  config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: image_size.
+  config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: derived:
+  config.data.cache_ratio = 1.0  # S = round(image_size x cache_ratio) when cache_size is -1.
   config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
   config.data.on_device = False  # Keep the decoded train split on every device; host sends indices.
   config.data.num_workers = 4  # Host threads decoding images (Pillow): cold cache; streaming.
@@ -90,13 +95,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.knn_k = 200  # Neighbours of the kNN monitor (clipped to the train split's size).
   config.eval.knn_temperature = 0.1  # Weight exp(sim / t) of the kNN vote.
   config.eval.batch_size = 512  # Batch of feature extraction (rounded up to a multiple of devices).
+  config.eval.linear_protocol = 'standardized'  # standardized | raw; see below and linear_probe.py.
+  # standardized (default; eval.json linear_top1/5, linear_lr): features standardised per dim
+  #   (BatchNorm without affine, as MoCo v3 / MAE), lr picked from linear_lrs on a held-out
+  #   linear_holdout of the TRAIN split, then retrained on the whole train split.
+  # raw (eval.json linear_raw_top1/5): the MoCo paper's raw features at lr linear_lr, no sweep.
+  config.eval.linear_lrs = (0.01, 0.1, 1.0)  # standardized: lrs (for batch 256) of the sweep.
+  config.eval.linear_holdout = 0.1  # standardized: fraction of the train split held out for it.
+  config.eval.linear_lr = 30.0  # raw: lr for batch 256 (paper: 30, suits R50's raw features).
   config.eval.linear_epochs = 100  # Linear probe epochs (paper: 100).
-  config.eval.linear_lr = 30.0  # Linear probe lr for batch 256 (paper: 30, unnormalised features).
   config.eval.linear_batch_size = 256  # Linear probe batch.
   config.eval.linear_schedule = 'step'  # step (paper: x0.1 at linear_step_epochs) | cosine.
   config.eval.linear_step_epochs = (60, 80)  # Linear probe lr x0.1 at these epochs.
   config.eval.linear_weight_decay = 0.0  # Linear probe weight decay (paper: 0).
-  config.eval.linear_standardize = False  # Standardise features per dim first (MAE-style); paper: no.
   config.eval.random_init = False  # --mode=knn/linear_eval on the step-0 encoder: the floor.
 
   # --- Report (--mode=report: WORKDIR/report/index.html) ------------------------------

@@ -75,12 +75,14 @@ def test_probe_separates_linearly_separable_features():
   eval_labels = rng.integers(0, 4, size=100)
   train_features = (centres[train_labels] + rng.normal(size=(400, 16))).astype(np.float32)
   eval_features = (centres[eval_labels] + rng.normal(size=(100, 16))).astype(np.float32)
-  for standardize in (False, True):
+  for protocol in ('raw', 'standardized'):
     config = _config(linear_epochs=20, linear_lr=1.0, linear_batch_size=32,
-                     linear_step_epochs=(12, 16), linear_standardize=standardize)
+                     linear_step_epochs=(12, 16), linear_protocol=protocol)
     scores = linear_probe.linear_probe(train_features, train_labels, eval_features, eval_labels,
                                       4, config.eval)
     assert scores['top1'] >= 98.0 and scores['top5'] == 100.0
+    assert scores['diverged'] == ''
+    assert scores['lr'] in ((1.0,) if protocol == 'raw' else config.eval.linear_lrs)
 
 
 def test_classifier_init_is_the_paper_s():
@@ -101,8 +103,15 @@ def test_linear_eval_of_a_checkpoint_dir_writes_eval_json_with_the_step(checkpoi
   with open(os.path.join(checkpoint_dir, 'eval.json')) as f:
     saved = json.load(f)
   assert saved['knn_top1'] == 12.5 and saved['linear_step'] == 7
-  assert {'linear_top1', 'linear_top5', 'random_init_linear_top1',
+  assert {'linear_top1', 'linear_top5', 'linear_lr', 'random_init_linear_top1',
           'random_init_linear_top5'} <= set(saved)
+  # The paper's raw protocol writes its own keys beside the default's.
+  raw = linear_probe.run_linear_eval(_config(linear_protocol='raw', linear_lr=0.1),
+                                     checkpoint_dir)
+  assert set(raw) == {'linear_raw_top1', 'linear_raw_top5', 'linear_raw_lr', 'linear_raw_step'}
+  with open(os.path.join(checkpoint_dir, 'eval.json')) as f:
+    saved_after = json.load(f)
+  assert saved_after['linear_top1'] == saved['linear_top1']
 
 
 def test_restored_backbone_is_the_checkpoint_s(checkpoint_dir):
@@ -133,3 +142,23 @@ def test_wrong_architecture_names_both(checkpoint_dir):
   config.model.name = 'resnet18'
   with pytest.raises(ValueError, match=r'asks for resnet18 \(stages \[2, 2, 2, 2\]'):
     knn.run_knn(config, checkpoint_dir)
+
+
+def test_lr_sweep_picks_on_held_out_train_images_and_skips_diverged_lrs():
+  rng = np.random.default_rng(1)
+  centres = 2.0 * rng.normal(size=(3, 8))
+  labels = rng.integers(0, 3, size=300)
+  feats = (centres[labels] + rng.normal(size=(300, 8))).astype(np.float32)
+  config = _config(linear_epochs=10, linear_batch_size=30, linear_step_epochs=(6, 8),
+                   linear_lrs=(1e-5, 0.1, 1e38))
+  lr, scores = linear_probe.select_lr(feats, labels, 3, config.eval)
+  assert lr == 0.1 and np.isnan(scores[1e38]) and scores[0.1] > scores[1e-5]
+  fit, held = linear_probe.holdout_split(300, 0.1, seed=0)
+  assert len(held) == 30 and len(fit) == 270 and not set(fit) & set(held)
+
+
+def test_divergence_is_named():
+  assert linear_probe.divergence(np.array([2.0, 1.0, 0.5]), 10) == ''
+  assert 'nan' in linear_probe.divergence(np.array([2.0, np.nan]), 10)
+  assert 'above log(10)' in linear_probe.divergence(np.array([40.0, 3.1]), 10)
+  assert 'rose' in linear_probe.divergence(np.array([1.0, 0.5, 1.5]), 10)
