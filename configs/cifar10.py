@@ -21,7 +21,6 @@ def get_config():
   config.data.train_split = 'train'
   config.data.eval_split = 'test'
   config.data.image_size = 32
-  config.data.cache_size = 32
   config.batch_size = 512
   config.num_epochs = 200
   config.moco.queue_size = 4096

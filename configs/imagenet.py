@@ -23,7 +23,7 @@ def get_config():
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.image_size = 224
-  config.data.cache_size = 256
+  config.data.cache_ratio = 256 / 224  # Decoded at 256 px for 224 (follows image_size).
   config.batch_size = 256
   config.num_epochs = 200
   config.moco.queue_size = 65536

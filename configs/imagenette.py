@@ -28,7 +28,9 @@ def get_config():
   config.data.train_split = 'train'
   config.data.eval_split = 'val'
   config.data.image_size = 128
-  config.data.cache_size = 146  # Decoded at 146 px (128 / 0.875), random-cropped to 128 on device.
+  # Decoded at image_size / 0.875 (146 px for 128), random-cropped to image_size on the device;
+  # overriding image_size alone moves the decoded size with it.
+  config.data.cache_ratio = 1 / 0.875
   config.batch_size = 256
   config.num_epochs = 200
   config.moco.queue_size = 4096

@@ -32,9 +32,15 @@ class ImageDataset:
 
 
 def image_side(data_config) -> int:
-  """The square side S images are decoded to (and cached at)."""
+  """The square side S images are decoded to (and cached at).
+
+  `data.cache_size` when set (> 0), else round(image_size x data.cache_ratio):
+  the decoded size follows image_size unless it is pinned.
+  """
   cache_size = int(data_config.get('cache_size', -1))
-  return cache_size if cache_size > 0 else int(data_config.image_size)
+  if cache_size > 0:
+    return cache_size
+  return int(round(int(data_config.image_size) * float(data_config.get('cache_ratio', 1.0))))
 
 
 def split_field(split: str) -> str:

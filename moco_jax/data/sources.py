@@ -14,7 +14,7 @@ Sources, chosen by config (`resolve_source`):
   * synthetic: random uint8 images, for throughput benchmarks and tests.
 
 Every source returns images resized to S x S, S = data.cache_size if > 0 else
-data.image_size: the shorter side is resized to S (bilinear, antialiased) and
+round(data.image_size x data.cache_ratio) (`image_side`): the shorter side is resized to S (bilinear, antialiased) and
 the centre S x S square is kept (`moco_jax.data.decode.fit_square`). Decoded
 splits are cached (`moco_jax.data.cache`), so a second run skips decoding.
 Every process loads the whole split and takes its own slice of each batch.
