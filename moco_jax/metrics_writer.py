@@ -89,7 +89,7 @@ class Progress:
 
   def _maybe_log_estimate(self, step: int, steps: int, seconds: float):
     """Logs the estimated training time once, when the first timed steps are in."""
-    if self._estimated:
+    if self._estimated or (steps < 20 and seconds < 10):  # Too few to say much yet.
       return
     self._estimated = True
     rate = steps / seconds

@@ -291,10 +291,14 @@ def log_run_summary(config, train_ds, steps_per_epoch: int, total_steps: int, st
   else:
     groups = moco_lib.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
                                            len(devices))
-    bn = (f'{groups * len(devices)} BatchNorm groups of {local // max(groups, 1)} images '
-          f'({config.moco.bn_mode})')
+    group = local // max(groups, 1)
+    bn = f'{groups * len(devices)} BatchNorm groups of {group} images ({config.moco.bn_mode})'
+    if group < 16:
+      logging.warning('BatchNorm groups of %d images make noisy statistics: raise batch_size or '
+                      'set --config.moco.bn_splits (groups per device) so that batch_size / '
+                      'devices / bn_splits >= 16.', group)
   logging.info('Batch %d (%d per device, %s); %d steps per epoch, %d steps in all '
-               '(%.1f epochs)%s.', config.batch_size, local, bn, steps_per_epoch, total_steps,
+               '(%.3g epochs)%s.', config.batch_size, local, bn, steps_per_epoch, total_steps,
                total_steps / max(steps_per_epoch, 1),
                f', resuming at step {start_step}' if start_step else '')
   logging.info('Devices: %d x %s (%s) on %d process(es). Stop with Ctrl-C or SIGTERM: the run '

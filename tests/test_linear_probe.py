@@ -150,9 +150,9 @@ def test_lr_sweep_picks_on_held_out_train_images_and_skips_diverged_lrs():
   labels = rng.integers(0, 3, size=300)
   feats = (centres[labels] + rng.normal(size=(300, 8))).astype(np.float32)
   config = _config(linear_epochs=10, linear_batch_size=30, linear_step_epochs=(6, 8),
-                   linear_lrs=(1e-5, 0.1, 1e38))
+                   linear_lrs=(1e-5, 0.1, float('inf')))
   lr, scores = linear_probe.select_lr(feats, labels, 3, config.eval)
-  assert lr == 0.1 and np.isnan(scores[1e38]) and scores[0.1] > scores[1e-5]
+  assert lr == 0.1 and np.isnan(scores[float('inf')]) and scores[0.1] > scores[1e-5]
   fit, held = linear_probe.holdout_split(300, 0.1, seed=0)
   assert len(held) == 30 and len(fit) == 270 and not set(fit) & set(held)
 
