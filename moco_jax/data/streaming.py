@@ -45,6 +45,7 @@ import io
 import json
 import math
 import os
+import signal
 from typing import Iterator, Optional
 
 from absl import flags
@@ -584,8 +585,17 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (pytest, notebooks).
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes),
-                                                     per_worker_buffer_size=max(1, prefetch)))
+                                                     per_worker_buffer_size=max(1, prefetch)),
+                        worker_init_fn=_ignore_ctrl_c)
   return iter(it)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int):
+  """In each grain worker: a terminal's Ctrl-C reaches the whole process group, but
+  stopping is the train loop's job (`moco_jax.stopping`: finish the step, save, exit 130),
+  so workers must not die of it with a KeyboardInterrupt traceback."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def loader_workers(data_config) -> tuple[int, int]:
