@@ -95,7 +95,11 @@ def _report_config():
   logging.info('Config: %s%s', source, ''.join(f'\n  override {k} = {v!r}'
                                                for k, v in sorted(overrides.items())))
   if FLAGS.mode != 'train' and not FLAGS['config'].config_filename.startswith(_FROM_WORKDIR):
-    diffs = run_config.differences(FLAGS.config, FLAGS.workdir)
+    try:
+      diffs = run_config.differences(FLAGS.config, FLAGS.workdir)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # An unreadable config.json.
+      logging.warning('Could not compare with %s: %s', run_config.config_path(FLAGS.workdir), e)
+      diffs = {}
     if diffs:
       logging.warning(
           'The config differs from the pretraining run\'s %s in %s; the evaluation measures '

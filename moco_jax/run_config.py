@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
+from moco_jax.data import dataset
+
 CONFIG_FILE = 'config.json'
 
 
@@ -112,8 +114,13 @@ def differences(config, workdir: str, fields=MEASURED_FIELDS) -> dict:
   """
   if not has_run_config(workdir):
     return {}
-  saved = flatten(load_run_config(workdir))
-  given = flatten(config)
+  saved_config = load_run_config(workdir)
+  saved, given = flatten(saved_config), flatten(config)
+  # The decoded size is what matters, not how it was given (cache_size 32 = ratio 1 at 32 px).
+  for flat, cfg in ((saved, saved_config), (given, config)):
+    for key in ('data.cache_size', 'data.cache_ratio'):
+      flat.pop(key, None)
+    flat['data.cache_size'] = dataset.image_side(cfg.data)
   out = {}
   for key in sorted(set(saved) | set(given)):
     wanted = any(key.startswith(f) if f.endswith('.') else key == f for f in fields)

@@ -51,7 +51,11 @@ def test_differences_name_the_fields_that_change_the_measurement(tmp_path):
   config.data.image_size = 32
   config.eval.knn_k = 3  # Evaluation settings are meant to differ.
   config.data.num_workers = 1
-  assert run_config.differences(config, str(tmp_path)) == {'data.image_size': (24, 32)}
+  assert run_config.differences(config, str(tmp_path)) == {'data.image_size': (24, 32),
+                                                            'data.cache_size': (24, 32)}
+  config.data.image_size = 24
+  config.data.cache_size = 24  # The same decoded size, given explicitly: no difference.
+  assert run_config.differences(config, str(tmp_path)) == {}
 
 
 def test_main_defaults_to_the_run_s_config_json(tmp_path):
