@@ -13,8 +13,11 @@ checkpoint. This file only parses flags; the work is in `moco_jax.train`,
 `moco_jax.report`, which tests call too.
 """
 
+import difflib
 import logging as std_logging
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -22,7 +25,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from moco_jax import config_checks
+from moco_jax import errors
 from moco_jax import export
 from moco_jax import knn
 from moco_jax import linear_probe
@@ -36,6 +39,8 @@ flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host GPU/TPU runs).')
 config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.',
                                 lock_config=True)
+flags.DEFINE_bool('verbose', False,
+                  'On an error, print the Python traceback as well as the one-line message.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -54,7 +59,7 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d / %d, %d devices: %s', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[:8])
-  try:
+  with _one_message_on_user_errors():
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'knn':
@@ -65,9 +70,94 @@ def main(argv):
       logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
     elif FLAGS.mode == 'report':
       logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
-  except config_checks.ConfigError as e:
-    sys.exit(f'Config error: {e}')
+
+
+# --------------------------------------------------------------------------
+# Errors a user can cause end in one message and a non-zero exit (no traceback
+# unless --verbose).
+
+
+def _verbose(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return any(a in ('--verbose', '--verbose=true', '--verbose=True') for a in argv)
+
+
+def _fail(kind: str, message: str, argv=None):
+  """Prints 'Error (<kind>): <message>' (+ the traceback with --verbose) and exits."""
+  if _verbose(argv):
+    traceback.print_exc()
+  message = ' '.join(str(message).split())  # One line, however the message was built.
+  print(f'Error ({kind}): {message}', file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_CODE)
+
+
+class _one_message_on_user_errors:  # pylint: disable=invalid-name
+  """Turns the project's UserError types into one message; anything else is a bug."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None and issubclass(exc_type, errors.UserError):
+      kind = {errors.ConfigError: 'config', errors.DataError: 'data',
+              errors.CheckpointError: 'checkpoint', errors.NonFiniteError: 'diverged'}
+      name = next((v for k, v in kind.items() if issubclass(exc_type, k)), 'input')
+      _fail(name, f'{exc} (rerun with --verbose for the traceback)')
+    return False
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a bad flag, override or config file is one line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get('seed')  # Loads the config file now: a missing one fails here.
+    return rest
+  except Exception as e:  # pylint: disable=broad-except
+    _fail('flags', _flag_error_message(argv, e), argv)
+
+
+def _flag_error_message(argv, error) -> str:
+  """'--config.moco.queue=4: config.moco has no field 'queue'; did you mean ...' or the error."""
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  config = None
+  if config_arg:
+    try:
+      config = config_flags.config_flags.ConfigFileFlagParser(name="config").parse(config_arg)
+      config.get('seed')
+    except Exception:  # pylint: disable=broad-except
+      config = None
+  if config_arg and config is None:
+    file = config_arg.split(':', 1)[0]
+    why = 'no such file' if not os.path.isfile(file) else _first_line(error)
+    return (f'--config={config_arg}: could not load it ({why}); pass a config file such as '
+            '--config=configs/imagenette.py.')
+  for arg in argv[1:]:
+    if not arg.startswith('--config.') or config is None:
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, where = config, 'config'
+    for part in path:
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = (f'did you mean {" or ".join(f"--{where}.{c}" for c in close)}?' if close
+                else f'its fields: {", ".join(sorted(keys))}.' if keys
+                else f'{where} is a value, not a section.')
+        return f'{arg}: {where} has no field {part!r}; {hint}'
+      node, where = node[part], f'{where}.{part}'
+  return _first_line(error)
+
+
+def _first_line(error) -> str:
+  """The telling line of an error: its first, or the last of an embedded traceback."""
+  text = str(error).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':
+    text = text[1:-1]
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = lines[-1:]
+  return lines[0] if lines else type(error).__name__
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
