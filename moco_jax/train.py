@@ -7,7 +7,6 @@ on one GPU, eight GPUs, a TPU pod and many hosts.
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 from absl import logging
@@ -21,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moco_jax import augment
 from moco_jax import checkpoints
 from moco_jax import config_checks
+from moco_jax import guard
 from moco_jax import knn
 from moco_jax import metrics_writer
 from moco_jax import models
@@ -182,6 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   num_devices = jax.device_count()
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
+  guard.check_writable(workdir)
+  guard.check_resume_config(workdir, config)  # Before config.json is overwritten.
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   mesh = parallel.make_mesh()
 
@@ -199,6 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
+  guard.check_resume_step(start_step, total_steps, config, manager.directory)
+  writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
+  saver = guard.Guard(manager, config)
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
 
@@ -220,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     pending = []
     for step in range(start_step, total_steps):
       state, metrics = p_step(state, *next_batch(step))
+      saver.poll(step + 1)  # A failed background save stops the run now.
       pending.append(metrics)
       done = step + 1
       if step == start_step:
@@ -230,23 +236,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if done % config.log_every_steps == 0 or done == total_steps:
         summary = metrics_writer.average(jax.device_get(pending))
         pending = []
-        if not math.isfinite(summary['train_loss']):
-          raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
-                                   'optim.base_lr or check the data.')
+        saver.check_finite(done, state, summary['train_loss'])
         writer.write(done, {**summary, **progress.update(done)})
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        checkpoints.save(manager, done, state)
+        saver.save(done, state)  # Only a finite state is saved.
       elif preemption.requested(manager, done):
         logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
                         'command to continue.', done)
-        checkpoints.save(manager, done, state)
+        saver.save(done, state)
         break
       for hook in hooks:
         hook(done, state)
   finally:
     preemption.uninstall()
     getattr(next_batch, 'close', lambda: None)()
-  manager.wait_until_finished()
+  saver.finish()
   writer.close()
   return state
 
