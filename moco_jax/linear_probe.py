@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from moco_jax import errors
 from moco_jax import features
 from moco_jax import optim
 from moco_jax import parallel
@@ -35,7 +36,7 @@ from moco_jax.data import sources
 def linear_learning_rate_fn(eval_config, steps_per_epoch: int):
   """lr = linear_lr x batch / 256, stepped x0.1 at linear_step_epochs (or cosine)."""
   if eval_config.linear_schedule not in ('step', 'cosine'):
-    raise ValueError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
+    raise errors.ConfigError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
                      "'step' (paper) or 'cosine'.")
   epochs = eval_config.linear_epochs
   return optim.learning_rate_schedule(
@@ -74,7 +75,7 @@ def train_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_c
   steps_per_epoch = num // batch
   epochs = int(eval_config.linear_epochs)
   if epochs <= 0:
-    raise ValueError(f'config.eval.linear_epochs={epochs} must be > 0 (paper: 100).')
+    raise errors.ConfigError(f'config.eval.linear_epochs={epochs} must be > 0 (paper: 100).')
   lr_fn = linear_learning_rate_fn(eval_config, steps_per_epoch)
   tx = optax.chain(optax.add_decayed_weights(eval_config.linear_weight_decay),
                    optax.sgd(lr_fn, momentum=0.9))
@@ -107,7 +108,7 @@ def train_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_c
   params, _, last_loss = fit(params)
   last_loss = float(last_loss)
   if not np.isfinite(last_loss):
-    raise FloatingPointError(
+    raise errors.NonFiniteError(
         f'The linear probe diverged (train loss {last_loss}): lower config.eval.linear_lr '
         f'(now {eval_config.linear_lr}) or set --config.eval.linear_standardize=True.')
   return jax.device_get(params), last_loss
