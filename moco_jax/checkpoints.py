@@ -253,7 +253,12 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
           raise errors.CheckpointError(f'{where} is not a MoCo train state (no query_params).')
         found = _flat_shapes(metadata['query_params'].get('backbone', {}))
         check_backbone_matches(found, model_config, where, workdir)
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        # Onto this process's first device: the checkpoint may come from another topology
+        # (pretrained on 8 GPUs, evaluated on 1).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return restored['query_params'], restored['query_batch_stats'], int(step)
       except errors.CheckpointError:
         raise

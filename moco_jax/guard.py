@@ -7,8 +7,9 @@ stays short):
     workdir, or a workdir whose checkpoints came from a config that gives them
     another meaning (model, queue, batch, seed, data), fail at once, naming it.
   * `Guard.check_finite` at each log and `Guard.save` at each save: one fused
-    `isfinite` reduction over the whole state on the device; a non-finite state
-    is never written, and the run stops naming the last (finite) checkpoint.
+    max-|x| reduction over the whole state on the device; a non-finite (or
+    exploded, > MAX_ABS) state is never written, and the run stops naming the
+    last good checkpoint.
   * `Guard.poll` after each step: a failed asynchronous save surfaces at once as
     a CheckpointError, not at the next save (or never).
 """
@@ -121,16 +122,28 @@ def check_resume_step(start_step: int, total_steps: int, config, directory: str)
         f'{start_step}, or pass a new --workdir.')
 
 
+# A state holding a value this large has exploded even if it is still finite: with
+# --config.optim.base_lr=1e9 the parameters reach 1e11 and the BatchNorm statistics 1e27
+# a step before they overflow, and a rerun resumed from there overflows at once. A
+# healthy run's values (parameters, statistics, momenta, normalised queue keys) stay
+# within a few hundred.
+MAX_ABS = 1e8
+
+
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  """One fused reduction: are all floating-point leaves of `tree` finite?"""
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+def _max_abs(tree) -> jax.Array:
+  """One fused reduction: the largest |x| over the floating-point leaves (NaN if any is)."""
+  leaves = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(0)
+
+
+def max_abs(tree) -> float:
+  return float(jax.device_get(_max_abs(tree)))
 
 
 def all_finite(tree) -> bool:
-  return bool(jax.device_get(_all_finite(tree)))
+  return math.isfinite(max_abs(tree))
 
 
 class Guard:
@@ -154,8 +167,12 @@ class Guard:
     """Stops the run (NonFiniteError) if the loss or any value of the state is NaN/Inf."""
     if loss is not None and not math.isfinite(loss):
       self._diverged(step, f'train_loss is {loss}')
-    if not all_finite(state):
+    largest = max_abs(state)
+    if not math.isfinite(largest):
       self._diverged(step, 'the train state holds NaN/Inf values')
+    if largest > MAX_ABS:
+      self._diverged(step, f'the train state holds values of magnitude {largest:.3g} (over '
+                     f'{MAX_ABS:.0e}: exploding)')
 
   def save(self, step: int, state):
     """Saves `state` at `step` (asynchronously) if it is finite; else stops the run."""
