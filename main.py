@@ -88,7 +88,11 @@ def _fail(kind: str, message: str, argv=None):
     traceback.print_exc()
   message = ' '.join(str(message).split())  # One line, however the message was built.
   print(f'Error ({kind}): {message}', file=sys.stderr, flush=True)
-  sys.exit(errors.EXIT_CODE)
+  sys.stdout.flush()
+  # Not sys.exit: interpreter teardown with Orbax/TensorStore objects still alive can
+  # print a stray 'Event loop is closed' traceback after the message. Pending saves of
+  # good checkpoints were waited for before the error was raised (guard.Guard).
+  os._exit(errors.EXIT_CODE)  # pylint: disable=protected-access
 
 
 class _one_message_on_user_errors:  # pylint: disable=invalid-name

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -71,6 +72,7 @@ def restore_latest(manager: ocp.CheckpointManager, target):
     except errors.CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_closed_event_loop_errors()
       moved = _move_aside(manager, step)
       logging.warning('The checkpoint at step %d in %s does not restore (%s: %s); moved it to '
                       '%s (nothing deleted) and trying the previous one.', step,
@@ -82,6 +84,31 @@ def restore_latest(manager: ocp.CheckpointManager, target):
         f'{os.path.dirname(str(manager.directory))}/checkpoints_corrupt/). Rerun to start '
         'from scratch, or pass another --workdir.')
   return target
+
+
+def _quiet_closed_event_loop_errors():
+  """Silences the 'Event loop is closed' tracebacks a failed restore leaves behind.
+
+  After a restore fails, TensorStore reads still in flight complete and post
+  to Orbax's already closed asyncio loop, from other threads; the resulting
+  RuntimeError tracebacks are printed after the clear message and mean nothing.
+  """
+  def quiet(previous):
+    def hook(*args):
+      exc = args[1] if len(args) == 3 else getattr(args[0], 'exc_value', None)
+      if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+        logging.debug('Ignored a late callback of a failed restore: %s', exc)
+        return
+      previous(*args)
+    hook.quiet = True
+    return hook
+
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = quiet(sys.excepthook)
+  if not getattr(threading.excepthook, 'quiet', False):
+    threading.excepthook = quiet(threading.excepthook)
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = quiet(sys.unraisablehook)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target):

@@ -51,8 +51,9 @@ def check_writable(workdir: str):
         f.write('ok')
       os.remove(probe)
     except OSError as e:
+      why = 'it is a file' if os.path.isfile(directory) else e.strerror or str(e)
       raise errors.CheckpointError(
-          f'{directory} is not a writable directory ({e.strerror or e}): checkpoints and '
+          f'{directory} is not a writable directory ({why}): checkpoints and '
           'metrics go there. Fix its permissions or free space, or pass another --workdir.'
       ) from e
 
@@ -214,6 +215,6 @@ class Guard:
 
   def _diverged(self, step: int, what: str):
     raise errors.NonFiniteError(
-        f'{what} at step {step}: training diverged, and nothing non-finite was saved. '
+        f'{what} at step {step}: training diverged, and no such state was saved. '
         f'{self._last_good()}; lower --config.optim.base_lr (now {self.config.optim.base_lr}) '
         'or check the data before rerunning.')
