@@ -31,7 +31,8 @@ from moco_jax import errors
 # change on resume (e.g. extending a run with more steps).
 RESUME_FIELDS = (
     'seed', 'batch_size', 'model.name', 'model.stem', 'model.width', 'model.head',
-    'model.head_hidden_dim', 'model.embed_dim', 'moco.queue_size', 'moco.bn_mode',
+    'model.head_hidden_dim', 'model.head_dims', 'model.embed_dim', 'moco.queue_size',
+    'moco.bn_mode', 'optim.name',
     'data.image_size', 'data.cache_size', 'data.train_split',
 )
 _DATA_FIELDS = {  # The fields that name the training data, per source.
