@@ -29,6 +29,7 @@ from moco_jax import train
 from moco_jax.data import batching
 from moco_jax.data import decode
 from moco_jax.data import sources
+from moco_jax.data import streaming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +132,11 @@ def test_typo_in_a_tfds_name_is_one_line(tmp_path):
   with pytest.raises(errors.DataError, match="data.name='cifar1O'.*did you mean 'cifar10'") as e:
     sources.load_split(config, 'train')
   assert '\n' not in str(e.value)
+  with pytest.raises(errors.DataError, match="did you mean 'cifar10'"):  # What train calls first.
+    streaming.plan_train_input(config)
+  config.name = 'imagenette/160px-v2'
+  with pytest.raises(errors.DataNotFoundError, match='is not prepared'):
+    streaming.plan_train_input(config)
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Runs realistic bad inputs through `python main.py` and prints a table of the outcomes.
 
-  python tools/bad_inputs.py [--only SUBSTRING] [--devices 8] > table.md
+  python tools/bad_inputs.py [--only SUBSTRING] [--devices 8] > table.md   # ~10-20 min on 2 cores
 
 Each case builds its files (image trees, archives, checkpoints) in a temporary
 directory, runs main.py as a user would, and classifies what happened:

@@ -24,7 +24,7 @@ def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
   try:
     builder = tfds.builder(data_config.name, data_dir=data_dir)
   except ValueError as e:  # DatasetNotFoundError and friends list every dataset: one line here.
-    raise errors.DataError(_unknown_dataset_message(tfds, data_config.name, e)) from e
+    raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
   if not builder.is_prepared():
     raise errors.DataNotFoundError(
         f'tfds dataset data.name={data_config.name!r} is not prepared in '
@@ -72,7 +72,7 @@ def _decode_tfds_image(value, side: int) -> Optional[np.ndarray]:
   return decode.decode_image(bytes(value), side)
 
 
-def _unknown_dataset_message(tfds, name: str, error: Exception) -> str:
+def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
   """'data.name='cifar1O' is not a tfds dataset (did you mean 'cifar10'?)...' in one line."""
   import difflib  # pylint: disable=g-import-not-at-top
   first = (str(error).strip().splitlines() or [type(error).__name__])[0]
