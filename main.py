@@ -23,10 +23,12 @@ Ctrl-C or SIGTERM stops training at the next step, saves it and exits with
 Ctrl-C aborts at once (`moco_jax/stopping.py`).
 """
 
+import difflib
 import logging as std_logging
 import os
 import shlex
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -34,7 +36,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from moco_jax import config_checks
+from moco_jax import errors
 from moco_jax import export
 from moco_jax import knn
 from moco_jax import linear_probe
@@ -51,6 +53,8 @@ flags.DEFINE_bool('distributed', False,
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment configuration file; default: the run\'s own WORKDIR/config.json '
     '(configs/from_workdir.py:WORKDIR) when it exists.', lock_config=True)
+flags.DEFINE_bool('verbose', False,
+                  'On an error, print the Python traceback as well as the one-line message.')
 flags.mark_flags_as_required(['workdir'])
 
 _FROM_WORKDIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
@@ -75,10 +79,6 @@ def with_default_config(argv):
   if has_config or not run_config.has_run_config(workdir):
     return argv
   return argv[:1] + [f'--config={_FROM_WORKDIR}:{workdir}'] + argv[1:]
-
-
-def _parse_flags(argv):
-  return FLAGS(with_default_config(argv))
 
 
 def resume_command() -> str:
@@ -129,21 +129,118 @@ def main(argv):
         'Start a run with --config=configs/<name>.py (e.g. configs/cifar10_cpu.py).')
   _report_config()
   try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == 'knn':
-      logging.info('Results: %s', knn.run_knn(FLAGS.config, FLAGS.workdir))
-    elif FLAGS.mode == 'linear_eval':
-      logging.info('Results: %s', linear_probe.run_linear_eval(FLAGS.config, FLAGS.workdir))
-    elif FLAGS.mode == 'export':
-      logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
-    elif FLAGS.mode == 'report':
-      logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
-  except config_checks.ConfigError as e:
-    sys.exit(f'Config error: {e}')
+    with _one_message_on_user_errors():
+      _run_mode()
   except stopping.Interrupted as e:
     logging.warning('%s To resume, run the same command:\n  %s', e, resume_command())
     sys.exit(e.exit_code)
+
+
+def _run_mode():
+  """Runs what --mode names."""
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'knn':
+    logging.info('Results: %s', knn.run_knn(FLAGS.config, FLAGS.workdir))
+  elif FLAGS.mode == 'linear_eval':
+    logging.info('Results: %s', linear_probe.run_linear_eval(FLAGS.config, FLAGS.workdir))
+  elif FLAGS.mode == 'export':
+    logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
+  elif FLAGS.mode == 'report':
+    logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
+
+
+# --------------------------------------------------------------------------
+# Errors a user can cause end in one message and a non-zero exit (no traceback
+# unless --verbose).
+
+
+def _verbose(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return any(a in ('--verbose', '--verbose=true', '--verbose=True') for a in argv)
+
+
+def _fail(kind: str, message: str, argv=None):
+  """Prints 'Error (<kind>): <message>' (+ the traceback with --verbose) and exits."""
+  if _verbose(argv):
+    traceback.print_exc()
+  message = ' '.join(str(message).split())  # One line, however the message was built.
+  print(f'Error ({kind}): {message}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Not sys.exit: interpreter teardown with Orbax/TensorStore objects still alive can
+  # print a stray 'Event loop is closed' traceback after the message. Pending saves of
+  # good checkpoints were waited for before the error was raised (guard.Guard).
+  os._exit(errors.EXIT_CODE)  # pylint: disable=protected-access
+
+
+class _one_message_on_user_errors:  # pylint: disable=invalid-name
+  """Turns the project's UserError types into one message; anything else is a bug."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None and issubclass(exc_type, errors.UserError):
+      kind = {errors.ConfigError: 'config', errors.DataError: 'data',
+              errors.CheckpointError: 'checkpoint', errors.NonFiniteError: 'diverged'}
+      name = next((v for k, v in kind.items() if issubclass(exc_type, k)), 'input')
+      _fail(name, f'{exc} (rerun with --verbose for the traceback)')
+    return False
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a bad flag, override or config file is one line."""
+  try:
+    argv = with_default_config(argv)
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.get('seed')  # Loads the config file now: a missing one fails here.
+    return rest
+  except Exception as e:  # pylint: disable=broad-except
+    _fail('flags', _flag_error_message(argv, e), argv)
+
+
+def _flag_error_message(argv, error) -> str:
+  """'--config.moco.queue=4: config.moco has no field 'queue'; did you mean ...' or the error."""
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  config = None
+  if config_arg:
+    try:
+      config = config_flags.config_flags.ConfigFileFlagParser(name="config").parse(config_arg)
+      config.get('seed')
+    except Exception:  # pylint: disable=broad-except
+      config = None
+  if config_arg and config is None:
+    file = config_arg.split(':', 1)[0]
+    why = 'no such file' if not os.path.isfile(file) else _first_line(error)
+    return (f'--config={config_arg}: could not load it ({why}); pass a config file such as '
+            '--config=configs/imagenette.py.')
+  for arg in argv[1:]:
+    if not arg.startswith('--config.') or config is None:
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, where = config, 'config'
+    for part in path:
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = (f'did you mean {" or ".join(f"--{where}.{c}" for c in close)}?' if close
+                else f'its fields: {", ".join(sorted(keys))}.' if keys
+                else f'{where} is a value, not a section.')
+        return f'{arg}: {where} has no field {part!r}; {hint}'
+      node, where = node[part], f'{where}.{part}'
+  return _first_line(error)
+
+
+def _first_line(error) -> str:
+  """The telling line of an error: its first, or the last of an embedded traceback."""
+  text = str(error).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':
+    text = text[1:-1]
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = lines[-1:]
+  return lines[0] if lines else type(error).__name__
 
 
 if __name__ == '__main__':

@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.
   config.checkpoint_every_steps = 1000  # Orbax save period (and always at the end).
-  config.keep_checkpoints = 3  # Checkpoints kept in workdir/checkpoints.
+  config.keep_checkpoints = 3  # Checkpoints kept in workdir/checkpoints (>= 1).
+  # Resuming with a config that changes what the checkpoint or the data order means (model,
+  # queue, batch, seed, data) is refused unless this is True.
+  config.allow_config_change = False
   config.tensorboard = True  # Also write TensorBoard events (tensorboardX; no TensorFlow needed).
   return config

@@ -7,12 +7,18 @@ so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 import json
 import os
 import re
+import shutil
+import sys
+import threading
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from absl import logging
+
+from moco_jax import errors
 from moco_jax import models
 
 
@@ -21,12 +27,27 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the step directories in WORKDIR/checkpoints (no Orbax, no checks)."""
+  directory = checkpoint_dir(workdir)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """A manager keeping `config.keep_checkpoints` steps in WORKDIR/checkpoints."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir),
-                               options=options)
+  """A manager keeping `config.keep_checkpoints` steps in WORKDIR/checkpoints.
+
+  Step directories are created synchronously: created in Orbax's background
+  thread, a failure (an unwritable directory) left the commit waiting 300 s for
+  a signal that never came; here it fails in `save` at once.
+  """
+  if config.keep_checkpoints < 1:  # max_to_keep=0 would keep nothing.
+    raise errors.ConfigError(f'config.keep_checkpoints={config.keep_checkpoints} must be >= 1.')
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True,
+      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state):
@@ -35,25 +56,106 @@ def save(manager: ocp.CheckpointManager, step: int, state):
 
 
 def restore_latest(manager: ocp.CheckpointManager, target):
-  """The latest checkpoint restored into the structure and shardings of `target`.
+  """The newest checkpoint that restores, in the structure and shardings of `target`.
 
-  Returns `target` unchanged when there is no checkpoint yet.
+  Returns `target` unchanged when there is no checkpoint yet. A checkpoint that
+  does not restore (truncated, corrupt) is moved aside to
+  WORKDIR/checkpoints_corrupt/ with a warning, never deleted, and the next
+  older one is tried; a checkpoint of another model is a CheckpointError.
   """
-  step = manager.latest_step()
-  if step is None:
-    return target
-  return restore(manager, step, target)
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      _check_state_shapes(manager, step, target)
+      return restore(manager, step, target)
+    except errors.CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      _quiet_closed_event_loop_errors()
+      moved = _move_aside(manager, step)
+      logging.warning('The checkpoint at step %d in %s does not restore (%s: %s); moved it to '
+                      '%s (nothing deleted) and trying the previous one.', step,
+                      manager.directory, type(e).__name__, _short(e), moved)
+  if steps:
+    manager.reload()
+    raise errors.CheckpointError(
+        f'No checkpoint in {manager.directory} restores (tried steps {steps}; moved to '
+        f'{os.path.dirname(str(manager.directory))}/checkpoints_corrupt/). Rerun to start '
+        'from scratch, or pass another --workdir.')
+  return target
+
+
+def _quiet_closed_event_loop_errors():
+  """Silences the 'Event loop is closed' tracebacks a failed restore leaves behind.
+
+  After a restore fails, TensorStore reads still in flight complete and post
+  to Orbax's already closed asyncio loop, from other threads; the resulting
+  RuntimeError tracebacks are printed after the clear message and mean nothing.
+  """
+  def quiet(previous):
+    def hook(*args):
+      exc = args[1] if len(args) == 3 else getattr(args[0], 'exc_value', None)
+      if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+        logging.debug('Ignored a late callback of a failed restore: %s', exc)
+        return
+      previous(*args)
+    hook.quiet = True
+    return hook
+
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = quiet(sys.excepthook)
+  if not getattr(threading.excepthook, 'quiet', False):
+    threading.excepthook = quiet(threading.excepthook)
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = quiet(sys.unraisablehook)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target):
-  """Checkpoint `step` restored like `target`; a clear error if the trees differ."""
+  """Checkpoint `step` restored like `target`."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f'The checkpoint at step {step} in {manager.directory} does not match the model of '
-        f'this config (architecture, head, embed_dim or queue_size differ?): {e}') from e
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _short(error, limit: int = 200) -> str:
+  text = ' '.join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _shapes(tree) -> list:
+  return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape'))
+
+
+def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
+  """CheckpointError if checkpoint `step` holds another model's state (read from metadata)."""
+  metadata = manager.item_metadata(step)
+  if metadata is None:  # Nothing to compare before restoring: restore decides.
+    return
+  found = _shapes(metadata)
+  if found == _shapes(target):
+    return
+  queue = metadata.get('queue') if hasattr(metadata, 'get') else None
+  backbone = _flat_shapes(metadata.get('query_params', {}).get('backbone', {})) if queue else {}
+  raise errors.CheckpointError(
+      f'The checkpoint at step {step} in {manager.directory} holds another model\'s train state '
+      f'({describe_backbone(backbone) if backbone else "unknown backbone"}, queue '
+      f'{getattr(queue, "shape", "?")}; this config builds queue {tuple(target.queue.shape)}): '
+      'model, embed_dim or queue_size differ. Rerun with the config that wrote it, or pass a '
+      'new --workdir.')
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves step directory `step` to WORKDIR/checkpoints_corrupt/<step>[.n]; returns where."""
+  source = os.path.join(str(manager.directory), str(step))
+  target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
+  target = os.path.join(target_dir, str(step))
+  n = 1
+  while os.path.exists(target):
+    target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
+  if jax.process_index() == 0:
+    os.makedirs(target_dir, exist_ok=True)
+    shutil.move(source, target)
+  manager.reload()
+  return target
 
 
 # --------------------------------------------------------------------------
@@ -114,7 +216,7 @@ def check_backbone_matches(found: dict, model_config, where: str, workdir: str):
       diffs.append(f'{key}: checkpoint {found.get(key, "missing")}, config '
                    f'{expected.get(key, "missing")}')
   hint = _pretraining_model_hint(workdir)
-  raise ValueError(
+  raise errors.CheckpointError(
       f'{where} holds a {describe_backbone(found)} backbone, but the config asks for '
       f'{describe_backbone(expected)} (config.model.name={model_config.name!r}, '
       f'stem={model_config.stem!r}, width={model_config.width}). First differences: '
@@ -149,7 +251,7 @@ def latest_checkpoint_step(workdir: str) -> int:
     manager.close()
   if step is None:
     listing = 'no such directory' if found is None else (', '.join(found[:10]) or 'an empty directory')
-    raise FileNotFoundError(
+    raise errors.CheckpointNotFoundError(
         f'No checkpoint to evaluate in {directory} (found: {listing}). Expected step '
         f'directories written by `python main.py --mode=train --workdir={workdir}`; pass the '
         'workdir of a pretraining run, or measure the random-init floor with '
@@ -163,17 +265,36 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
   The checkpoint's shapes are read from its metadata first, so a wrong
   architecture fails in a second with both descriptions, not deep in Orbax.
   """
-  step = latest_checkpoint_step(workdir) if step is None else step
+  steps = [latest_checkpoint_step(workdir)] if step is None else [step]
   directory = checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  if step is None:  # The newest that restores: a corrupt latest falls back, with a warning.
+    steps = sorted(manager.all_steps(), reverse=True)
   try:
-    metadata = manager.item_metadata(step)
-    where = f'The checkpoint at step {step} in {directory}'
-    if metadata is None or 'query_params' not in metadata:
-      raise ValueError(f'{where} is not a MoCo train state (no query_params).')
-    found = _flat_shapes(metadata['query_params'].get('backbone', {}))
-    check_backbone_matches(found, model_config, where, workdir)
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    for i, step in enumerate(steps):
+      where = f'The checkpoint at step {step} in {directory}'
+      try:
+        metadata = manager.item_metadata(step)
+        if metadata is None or 'query_params' not in metadata:
+          raise errors.CheckpointError(f'{where} is not a MoCo train state (no query_params).')
+        found = _flat_shapes(metadata['query_params'].get('backbone', {}))
+        check_backbone_matches(found, model_config, where, workdir)
+        # Onto this process's first device: the checkpoint may come from another topology
+        # (pretrained on 8 GPUs, evaluated on 1).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return restored['query_params'], restored['query_batch_stats'], int(step)
+      except errors.CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if i + 1 == len(steps):
+          raise errors.CheckpointError(
+              f'{where} does not restore ({type(e).__name__}: {_short(e)}), nor does any older '
+              f'one (tried {steps}): rerun the pretraining, or pass the workdir of another '
+              'run.') from e
+        logging.warning('%s does not restore (%s: %s); evaluating the previous one instead.',
+                        where, type(e).__name__, _short(e))
   finally:
     manager.close()
-  return restored['query_params'], restored['query_batch_stats'], int(step)

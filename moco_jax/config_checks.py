@@ -4,8 +4,12 @@ Every message names the field and says how to fix it, so a typo in an override
 costs a second, not a traceback from inside XLA after minutes of compilation.
 """
 
+import math
+import numbers
+
 import ml_collections
 
+from moco_jax import errors
 from moco_jax import moco
 
 _CHOICES = {
@@ -17,11 +21,10 @@ _CHOICES = {
     ('optim', 'name'): ('sgd', 'adam', 'adamw', 'lars'),
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
+    ('eval', 'linear_schedule'): ('step', 'cosine'),
 }
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and the fix."""
+ConfigError = errors.ConfigError  # Importable from here, as before.
 
 
 def _require(condition: bool, message: str):
@@ -42,7 +45,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
            f'multiple of {num_devices}, e.g. --config.batch_size={max(1, batch // num_devices) * num_devices}.')
   _require(batch % process_count == 0,
            f'config.batch_size={batch} is not divisible by the {process_count} processes.')
-  _require(config.optim.base_lr > 0, f'config.optim.base_lr={config.optim.base_lr} must be > 0.')
+  _require(_number(config.optim.base_lr) and config.optim.base_lr > 0, f'config.optim.base_lr={config.optim.base_lr} must be > 0.')
   _require(config.optim.weight_decay >= 0,
            f'config.optim.weight_decay={config.optim.weight_decay} must be >= 0.')
   _require(0 <= config.optim.momentum < 1,
@@ -78,6 +81,89 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(config.log_every_steps > 0, f'config.log_every_steps={config.log_every_steps} must be > 0.')
   _require(config.checkpoint_every_steps > 0,
            f'config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0.')
+  _validate_ranges(config)
+
+
+def _number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(config, field: str, ok, rule: str, hint: str = ''):
+  """Raises ConfigError 'config.<field>=<value> <rule>.' unless ok(value) holds."""
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  try:
+    good = bool(ok(value))
+  except (TypeError, ValueError, IndexError):
+    good = False
+  _require(good, f'config.{field}={value!r} {rule}' + (f' ({hint})' if hint else '') + '.')
+
+
+def _pair(lo_ok, hi_ok=None):
+  """A check for an ordered (lo, hi) pair of numbers."""
+  def ok(v):
+    return (len(v) == 2 and all(_number(x) for x in v) and v[0] <= v[1] and lo_ok(v[0])
+            and (hi_ok or (lambda _: True))(v[1]))
+  return ok
+
+
+def _validate_ranges(config):
+  """Ranges, orderings and relations of every remaining field, before any work."""
+  positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  probability = lambda v: _number(v) and 0 <= v <= 1
+  _check(config, 'num_train_steps', lambda v: v == -1 or v > 0,
+         'must be -1 (num_epochs x steps per epoch) or > 0')
+  if config.num_train_steps == -1:
+    _check(config, 'num_epochs', lambda v: _number(v) and v > 0,
+           'must be > 0 when config.num_train_steps=-1')
+  _check(config, 'keep_checkpoints', positive_int,
+         'must be >= 1: with 0 the run keeps no checkpoint and cannot resume or be evaluated')
+  _check(config, 'model.head_hidden_dim', lambda v: v == -1 or v > 0,
+         "must be -1 (the backbone's width) or > 0")
+  _check(config, 'moco.bn_splits', lambda v: v == -1 or v > 0, 'must be -1 (8 groups) or > 0')
+  # Data.
+  _check(config, 'data.cache_size', lambda v: v == -1 or v >= config.data.image_size,
+         f'must be -1 (= image_size) or >= config.data.image_size={config.data.image_size}',
+         'a smaller decoded side would train on upscaled thumbnails')
+  _check(config, 'data.num_workers', positive_int, 'must be >= 1 (decoding threads)')
+  for field in ('train_split', 'eval_split'):
+    _check(config, f'data.{field}', lambda v: isinstance(v, str) and v.strip(),
+           'must name a split')
+  if config.data.source == 'synthetic' and not config.data.path:
+    _check(config, 'data.synthetic_examples', positive_int, 'must be > 0')
+    _check(config, 'data.synthetic_classes', positive_int, 'must be > 0')
+  # Augmentation.
+  _check(config, 'aug.crop_scale', _pair(lambda lo: lo > 0, lambda hi: hi <= 1),
+         'must be (min, max) with 0 < min <= max <= 1', 'area fraction of RandomResizedCrop')
+  _check(config, 'aug.crop_ratio', _pair(lambda lo: lo > 0),
+         'must be (min, max) with 0 < min <= max', 'aspect ratio of RandomResizedCrop')
+  _check(config, 'aug.blur_sigma', _pair(lambda lo: lo > 0),
+         'must be (min, max) with 0 < min <= max')
+  _check(config, 'aug.jitter', lambda v: (len(v) == 4 and all(_number(x) and x >= 0 for x in v)
+                                          and v[3] <= 0.5),
+         'must be (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5')
+  for field in ('jitter_prob', 'grayscale_prob', 'blur_prob'):
+    _check(config, f'aug.{field}', probability, 'must be a probability in [0, 1]')
+  _check(config, 'aug.mean', lambda v: len(v) == 3 and all(_number(x) for x in v),
+         'must be 3 numbers (R, G, B)')
+  _check(config, 'aug.std', lambda v: len(v) == 3 and all(_number(x) and x > 0 for x in v),
+         'must be 3 numbers > 0 (R, G, B)')
+  # Optimiser.
+  ascending = lambda v: all(_number(x) and x >= 0 for x in v) and list(v) == sorted(v)
+  _check(config, 'optim.step_epochs', ascending, 'must be ascending epochs >= 0')
+  # Evaluation (checked now, not after the whole pretraining run).
+  _check(config, 'eval.knn_every_epochs', lambda v: _number(v) and (v >= 0 or v == -1),
+         'must be > 0 (period in epochs), 0 (only at the end) or -1 (never)')
+  _check(config, 'eval.knn_k', positive_int, 'must be > 0', 'paper: 200')
+  _check(config, 'eval.knn_temperature', lambda v: _number(v) and v > 0, 'must be > 0',
+         'paper: 0.1')
+  _check(config, 'eval.batch_size', positive_int, 'must be > 0')
+  _check(config, 'eval.linear_epochs', positive_int, 'must be > 0', 'paper: 100')
+  _check(config, 'eval.linear_lr', lambda v: _number(v) and v > 0, 'must be > 0', 'paper: 30')
+  _check(config, 'eval.linear_batch_size', positive_int, 'must be > 0')
+  _check(config, 'eval.linear_step_epochs', ascending, 'must be ascending epochs >= 0')
+  _check(config, 'eval.linear_weight_decay', lambda v: _number(v) and v >= 0, 'must be >= 0')
 
 
 def _check_head_dims(model_config):

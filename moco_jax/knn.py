@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from moco_jax import errors
 from moco_jax import features
 from moco_jax import models
 from moco_jax import parallel
@@ -59,9 +60,9 @@ def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, query_featu
   `k` is clipped to the number of train features.
   """
   if temperature <= 0:
-    raise ValueError(f'config.eval.knn_temperature={temperature} must be > 0 (paper: 0.1).')
+    raise errors.ConfigError(f'config.eval.knn_temperature={temperature} must be > 0 (paper: 0.1).')
   if k <= 0:
-    raise ValueError(f'config.eval.knn_k={k} must be > 0 (paper: 200).')
+    raise errors.ConfigError(f'config.eval.knn_k={k} must be > 0 (paper: 200).')
   k = min(int(k), int(train_features.shape[0]))
   bank = jnp.asarray(train_features, jnp.float32)
   labels = jnp.asarray(train_labels, jnp.int32)
@@ -108,7 +109,7 @@ class KnnEvaluator:
     self.train_ds, self.eval_ds = train_ds, eval_ds
     self.backbone = models.create_backbone(config.model)
     if self.train_ds.num_classes < 2:
-      raise ValueError(f'The train split has {self.train_ds.num_classes} class(es): kNN needs '
+      raise errors.DataError(f'The train split has {self.train_ds.num_classes} class(es): kNN needs '
                        'labels; check config.data.path / config.data.train_split.')
 
   def __call__(self, variables) -> float:

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from moco_jax import errors
 from moco_jax import features
 from moco_jax import optim
 from moco_jax import parallel
@@ -59,7 +60,7 @@ def linear_learning_rate_fn(eval_config, steps_per_epoch: int, lr=None):
   `lr` may be a traced value (the sweep trains several lrs in one program).
   """
   if eval_config.linear_schedule not in ('step', 'cosine'):
-    raise ValueError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
+    raise errors.ConfigError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
                      "'step' (paper) or 'cosine'.")
   epochs = eval_config.linear_epochs
   unit = optim.learning_rate_schedule(
@@ -103,7 +104,7 @@ def train_classifiers(train_features: np.ndarray, train_labels: np.ndarray, num_
   steps_per_epoch = num // batch
   epochs = int(eval_config.linear_epochs)
   if epochs <= 0:
-    raise ValueError(f'config.eval.linear_epochs={epochs} must be > 0 (paper: 100).')
+    raise errors.ConfigError(f'config.eval.linear_epochs={epochs} must be > 0 (paper: 100).')
   init_rng, order_rng = jax.random.split(jax.random.PRNGKey(seed))
   params0 = init_classifier(init_rng, dim, num_classes)
   feats = jnp.asarray(train_features, jnp.float32)
@@ -174,7 +175,7 @@ def _standardize(fit_features, *others):
 def holdout_split(num: int, fraction: float, seed: int):
   """(fit indices, held-out indices): a random `fraction` of range(num) held out."""
   if not 0 < fraction < 1:
-    raise ValueError(f'config.eval.linear_holdout={fraction} must be in (0, 1) (default 0.1).')
+    raise errors.ConfigError(f'config.eval.linear_holdout={fraction} must be in (0, 1) (default 0.1).')
   held = min(max(1, int(round(num * fraction))), num - 1)
   perm = np.random.default_rng(seed).permutation(num)
   return np.sort(perm[held:]), np.sort(perm[:held])
@@ -188,7 +189,7 @@ def select_lr(train_features, train_labels, num_classes: int, eval_config, seed:
   """
   lrs = [float(lr) for lr in eval_config.linear_lrs]
   if not lrs:
-    raise ValueError('config.eval.linear_lrs is empty: give at least one lr, e.g. (0.1,).')
+    raise errors.ConfigError('config.eval.linear_lrs is empty: give at least one lr, e.g. (0.1,).')
   if len(lrs) == 1:
     return lrs[0], {}
   fit, held = holdout_split(len(train_labels), eval_config.linear_holdout, seed)
@@ -205,7 +206,7 @@ def select_lr(train_features, train_labels, num_classes: int, eval_config, seed:
     scores[lr] = topk_accuracy(logits, train_labels[held], 1)
   finite = {lr: s for lr, s in scores.items() if np.isfinite(s)}
   if not finite:
-    raise FloatingPointError(f'Every lr of config.eval.linear_lrs={tuple(lrs)} diverged: try '
+    raise errors.NonFiniteError(f'Every lr of config.eval.linear_lrs={tuple(lrs)} diverged: try '
                              'smaller ones.')
   best = max(finite, key=lambda lr: (finite[lr], -lr))  # Ties: the smaller lr.
   logging.info('Linear probe lr sweep (top-1 on %d held-out train images, trained on %d): %s; '
@@ -223,7 +224,7 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
   """
   protocol = eval_config.get('linear_protocol', 'standardized')
   if protocol not in PROTOCOLS:
-    raise ValueError(f'config.eval.linear_protocol={protocol!r} is not one of {list(PROTOCOLS)}.')
+    raise errors.ConfigError(f'config.eval.linear_protocol={protocol!r} is not one of {list(PROTOCOLS)}.')
   train_labels = np.asarray(train_labels)
   if protocol == 'standardized':
     lr, _ = select_lr(train_features, train_labels, num_classes, eval_config, seed)
@@ -239,7 +240,7 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
                     'use smaller config.eval.linear_lrs.' if protocol == 'standardized' else
                     'lower config.eval.linear_lr or use the default standardized protocol.')
   if not np.isfinite(losses[-1]):
-    raise FloatingPointError(f'The linear probe diverged ({reason}).')
+    raise errors.NonFiniteError(f'The linear probe diverged ({reason}).')
   logits = np.asarray(logits_fn(params, jnp.asarray(eval_features, jnp.float32)))
   return {'top1': topk_accuracy(logits, eval_labels, 1),
           'top5': topk_accuracy(logits, eval_labels, 5),

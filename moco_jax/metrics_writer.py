@@ -13,6 +13,8 @@ import time
 from absl import logging
 import numpy as np
 
+from moco_jax import files
+
 
 def average(rows):
   """Mean of each metric over a list of per-step metric dicts."""
@@ -138,6 +140,30 @@ class MetricsWriter:
     if self.enabled:
       row = {'step': int(step), **{k: json_value(v) for k, v in scalars.items()}}
       logging.info('%s', format_progress(row))
+
+  def drop_rows_after(self, step: int):
+    """Drops metrics.jsonl rows past `step` (the resumed checkpoint's), atomically.
+
+    A run killed after logging step s but before its checkpoint at s' < s logs
+    steps s'+1..s again when resumed: without this they would appear twice.
+    """
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    if not self.enabled or not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        keep = int(json.loads(line)['step']) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False  # A half-written last line of a killed run.
+      if keep:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    if len(kept) != len(lines):
+      files.atomic_write(path, lambda f: f.writelines(kept))
+      logging.info('Dropped %d metrics.jsonl rows after the resumed step %d.',
+                   len(lines) - len(kept), step)
 
   def close(self):
     self._tb = None

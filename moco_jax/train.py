@@ -7,7 +7,6 @@ on one GPU, eight GPUs, a TPU pod and many hosts.
 
 import dataclasses
 import functools
-import math
 import signal
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moco_jax import augment
 from moco_jax import checkpoints
 from moco_jax import config_checks
+from moco_jax import guard
 from moco_jax import knn
 from moco_jax import metrics_writer
 from moco_jax import models
@@ -186,6 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   num_devices = jax.device_count()
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
+  guard.check_writable(workdir)
+  guard.check_resume_config(workdir, config)  # Before config.json is overwritten.
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   mesh = parallel.make_mesh()
 
@@ -203,6 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
+  guard.check_resume_step(start_step, total_steps, config, manager.directory)
+  writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
+  saver = guard.Guard(manager, config)
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
   log_run_summary(config, train_ds, steps_per_epoch, total_steps, start_step)
@@ -228,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     pending, previous = [], None
     for step in range(start_step, total_steps):
       state, metrics = p_step(state, *next_batch(step))
+      saver.poll(step + 1)  # A failed background save stops the run now.
       pending.append(metrics)
       done = step + 1
       # At most one step queued behind the running one: a stop acts at the next step.
@@ -242,9 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if done % config.log_every_steps == 0 or done == total_steps:
         summary = metrics_writer.average(jax.device_get(pending))
         pending = []
-        if not math.isfinite(summary['train_loss']):
-          raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
-                                   'optim.base_lr or check the data.')
+        saver.check_finite(done, state, summary['train_loss'])
         writer.write(done, {**summary, **progress.update(done)})
       elif progress.due():  # A line every ~30 s of wall time, whatever log_every_steps is.
         writer.log_only(done, {**metrics_writer.average(jax.device_get(pending)),
@@ -252,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       stopping_now = done < total_steps and stop.requested(manager, done)
       if done % config.checkpoint_every_steps == 0 or done == total_steps or stopping_now:
         with progress.paused():  # img/s and the ETA count training steps only.
-          checkpoints.save(manager, done, state)
+          saver.save(done, state)  # Only a finite state is saved.
       if stopping_now:
         logging.warning('%s: saving step %d and stopping.', signal.Signals(stop.signum).name, done)
         stopped_at = done
@@ -263,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   finally:
     stop.uninstall()
     getattr(next_batch, 'close', lambda: None)()
-  manager.wait_until_finished()
+  saver.finish()
   writer.close()
   if stopped_at is not None:
     raise stopping.Interrupted(stop.signum, stopped_at, saved=True,

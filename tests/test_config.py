@@ -40,6 +40,28 @@ def test_shipped_configs_validate(name):
     ('model.head_dims', (64, 32), 'ends in 32, but config.model.embed_dim=16'),
     ('model.head_dims', (16,), 'has no hidden layer'),
     ('model.head_dims', (8, 0, 16), 'must be a list of positive widths'),
+    # Checked before any work, not after the run (issue 11).
+    ('num_train_steps', -5, 'config.num_train_steps=-5 must be -1'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints=0 must be >= 1'),
+    ('eval.knn_k', 0, 'config.eval.knn_k=0 must be > 0'),
+    ('eval.knn_temperature', 0.0, 'config.eval.knn_temperature=0.0 must be > 0'),
+    ('eval.linear_epochs', 0, 'config.eval.linear_epochs=0 must be > 0'),
+    ('eval.linear_schedule', 'poly', "config.eval.linear_schedule='poly'"),
+    ('eval.linear_step_epochs', (80, 60), 'config.eval.linear_step_epochs=(80, 60) must be ascending'),
+    ('eval.knn_every_epochs', -2, 'config.eval.knn_every_epochs=-2'),
+    ('data.cache_size', 16, 'config.data.cache_size=16 must be -1 (= image_size) or >= '
+     'config.data.image_size=32'),
+    ('data.num_workers', 0, 'config.data.num_workers=0 must be >= 1'),
+    ('aug.crop_scale', (1.0, 0.2), 'config.aug.crop_scale=(1.0, 0.2) must be (min, max)'),
+    ('aug.crop_scale', (0.2, 1.5), 'config.aug.crop_scale=(0.2, 1.5)'),
+    ('aug.crop_ratio', (0.0, 1.0), 'config.aug.crop_ratio=(0.0, 1.0)'),
+    ('aug.blur_sigma', (2.0, 0.1), 'config.aug.blur_sigma=(2.0, 0.1)'),
+    ('aug.jitter', (0.4, 0.4, 0.4, 0.7), 'hue <= 0.5'),
+    ('aug.jitter_prob', 1.5, 'config.aug.jitter_prob=1.5 must be a probability in [0, 1]'),
+    ('aug.blur_prob', -0.1, 'config.aug.blur_prob=-0.1 must be a probability'),
+    ('aug.std', (0.2, 0.0, 0.2), 'config.aug.std=(0.2, 0.0, 0.2) must be 3 numbers > 0'),
+    ('optim.base_lr', float('nan'), 'config.optim.base_lr=nan must be > 0'),
+    ('optim.step_epochs', (160, 120), 'config.optim.step_epochs=(160, 120) must be ascending'),
 ])
 def test_bad_values_are_rejected_with_the_field_name(field, value, needle):
   config = tiny.get_config()

@@ -16,7 +16,7 @@ import numpy as np
 from moco_jax import files
 
 # Bump when decoding/resizing changes, so stale caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit and float images scaled to 8 bits (were clipped).
 
 
 def cache_dir(data_config) -> str:

@@ -11,6 +11,7 @@ from typing import Iterable
 from absl import logging
 import numpy as np
 
+from moco_jax import errors
 from moco_jax.data import cache
 from moco_jax.data import decode
 
@@ -66,7 +67,7 @@ def pick_split(wanted: str, available: Iterable[str], field: str, where: str,
         logging.info('data.%s=%r is not in %s; using split %r instead (available: %s).',
                      field, wanted, where, name, available)
         return name
-  raise ValueError(f'data.{field}={wanted!r} is not in {where} (available: {available}); '
+  raise errors.DataError(f'data.{field}={wanted!r} is not in {where} (available: {available}); '
                    f'set --config.data.{field} to one of them.')
 
 

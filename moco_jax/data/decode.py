@@ -13,8 +13,41 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from moco_jax import errors
+
 # Errors Pillow raises for truncated, corrupt or non-image files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+_SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """A 16-bit, 32-bit integer or float single-channel image scaled to 8-bit 'L'.
+
+  Pillow's own convert('RGB') clips these at 255: a full-range 16-bit PNG comes
+  out white and a [0, 1] float TIFF black. Here 16-bit images are divided by
+  257 (65535 -> 255); 'I' (32-bit) and 'F' images are read by their range:
+  floats within [0, 1] are x255, values within [0, 255] are kept, within
+  [0, 65535] divided by 257, anything else min-max scaled. NaN becomes 0.
+  Other modes are returned unchanged.
+  """
+  if image.mode not in _SIXTEEN_BIT + ('I', 'F'):
+    return image
+  values = np.asarray(image, dtype=np.float64)
+  values = np.where(np.isfinite(values), values, 0.0)
+  low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+  if image.mode in _SIXTEEN_BIT:
+    scaled = values / 257.0
+  elif image.mode == 'F' and low >= 0 and high <= 1:
+    scaled = values * 255.0
+  elif low >= 0 and high <= 255:
+    scaled = values
+  elif low >= 0 and high <= 65535:
+    scaled = values / 257.0
+  else:
+    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), 'L')
 
 
 def fit_square(image: Image.Image, side: int) -> np.ndarray:
@@ -22,7 +55,9 @@ def fit_square(image: Image.Image, side: int) -> np.ndarray:
 
   One `resize(box=...)` call crops and resizes together, which is both faster
   and sharper than resizing the whole image first. Smaller images are upscaled.
+  High bit-depth and float images are scaled to 8 bits first (`to_8bit`).
   """
+  image = to_8bit(image)
   if image.mode != 'RGB':
     image = image.convert('RGB')
   w, h = image.size
@@ -108,7 +143,7 @@ def keep_decoded(images, labels, ok, names, where):
                     '(truncated, corrupt or another format), e.g. %s.',
                     bad, len(names), where, examples)
   if not ok.any():
-    raise ValueError(f'No readable image in {where}: all {len(names)} files failed to decode.')
+    raise errors.DataError(f'No readable image in {where}: all {len(names)} files failed to decode.')
   if bad:
     images, labels = images[ok], labels[ok]
   return images, labels

@@ -10,9 +10,12 @@ import hashlib
 import os
 import tarfile
 from typing import Iterator, Optional
+import zlib
 
 from absl import logging
+from PIL import Image
 
+from moco_jax import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
@@ -42,6 +45,19 @@ def _visible(name: str) -> bool:
   return not any(part.startswith('.') or part == '__MACOSX' for part in name.split('/'))
 
 
+Image.init()
+IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # '.jpg', '.png', '.tif', ...
+
+
+def _image_name(name: str) -> bool:
+  """Whether a file name looks like an image (to tell a stray README from a layout)."""
+  return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+# What a truncated or corrupt archive raises while it is streamed.
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
 class Tree:
   """A read-only view of an ImageFolder tree: relative file names and their bytes."""
 
@@ -59,12 +75,12 @@ class Tree:
     self._decode_splits = decode_splits
     self.path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(self.path):
-      raise FileNotFoundError(
+      raise errors.DataNotFoundError(
           f'data.path={path!r} does not exist. Set --config.data.path to an ImageFolder '
           'directory ROOT/{train,val}/<class>/<image> or a .tar/.tgz/.tar.gz archive of one.')
     self.is_archive = os.path.isfile(self.path)
     if self.is_archive and not (_is_archive(self.path) and tarfile.is_tarfile(self.path)):
-      raise ValueError(f'data.path={path!r} is a file but not a .tar/.tgz/.tar.gz archive; '
+      raise errors.DataError(f'data.path={path!r} is a file but not a .tar/.tgz/.tar.gz archive; '
                        'point it at an ImageFolder directory or a tar archive of one.')
     self.files = self._list_files()  # Relative names, '/'-separated.
     self.root = self._find_root()
@@ -75,11 +91,18 @@ class Tree:
     if self.is_archive:
       spec = self._decode_splits
       wanted = self._scan_archive(names)  # Yields the files to decode, lists the rest.
-      if spec:
-        self.decoded = decode.decode_stream(wanted, spec['side'], spec['workers'], spec['decode'])
-      else:
-        for _ in wanted:
-          pass
+      try:
+        if spec:
+          self.decoded = decode.decode_stream(wanted, spec['side'], spec['workers'],
+                                              spec['decode'])
+        else:
+          for _ in wanted:
+            pass
+      except ARCHIVE_ERRORS as e:
+        raise errors.DataError(
+            f'data.path={self.path!r} is truncated or corrupt ({type(e).__name__}: {e}; '
+            f'read {len(names)} files before it failed): download or create the archive '
+            'again, or point --config.data.path at an unpacked ImageFolder directory.') from e
       return names
     for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
       dirnames[:] = sorted(d for d in dirnames if _visible(d))
@@ -106,12 +129,16 @@ class Tree:
             yield name, tar.extractfile(member).read()
 
   def _find_root(self) -> str:
-    """'' if splits sit at the top, 'name/' if inside a single top-level directory."""
+    """'' if splits sit at the top, 'name/' if inside a single top-level directory.
+
+    Only image files at split/class/ depth count against a top-level directory:
+    a README.txt beside the class folders (top/train/README.txt) is not a layout.
+    """
     tops = {n.split('/', 1)[0] for n in self.files if '/' in n}
     if len(tops) == 1:
       top = next(iter(tops))
       inner = {n.split('/')[1] for n in self.files if n.count('/') >= 3 and n.startswith(top + '/')}
-      outer = {n.split('/')[0] for n in self.files if n.count('/') == 2}
+      outer = {n.split('/')[0] for n in self.files if n.count('/') == 2 and _image_name(n)}
       if inner and not outer:
         return top + '/'
     return ''
@@ -136,6 +163,12 @@ class Tree:
         if len(parts) == 2:
           by_class.setdefault(parts[0], []).append(name)
     return {c: sorted(by_class[c]) for c in sorted(by_class)}
+
+  def outside(self, splits: list[str]) -> list[str]:
+    """Files that are not directly in a class folder of one of `splits` (ignored)."""
+    prefixes = tuple(f'{self.root}{split}/' for split in splits)
+    return [n for n in self.files
+            if not (n.startswith(prefixes) and n[len(self.root):].count('/') == 2)]
 
   def class_dirs(self, split: str) -> list[str]:
     """Every class directory of `split`, including empty ones."""
@@ -168,7 +201,7 @@ def _folder_split(tree: Tree, data_config, split: str) -> tuple[str, list[str], 
   where = f'data.path={tree.path!r}' + (f' (inside {tree.root!r})' if tree.root else '')
   train_dir = data_config.train_split
   if train_dir not in available:
-    raise ValueError(
+    raise errors.DataError(
         f'{where} has no {train_dir!r} folder of class folders (found: {available or "nothing"}). '
         f'Expected ROOT/{train_dir}/<class>/<image>, optionally inside one top-level folder; fix '
         '--config.data.path or --config.data.train_split.')
@@ -178,11 +211,15 @@ def _folder_split(tree: Tree, data_config, split: str) -> tuple[str, list[str], 
   by_class = tree.classes(split_dir)
   for name in tree.class_dirs(split_dir):
     if not by_class.get(name):
-      raise ValueError(f'{where}: class folder {split_dir}/{name}/ has no image files; '
+      raise errors.DataError(f'{where}: class folder {split_dir}/{name}/ has no image files; '
                        'remove it or add images (every class folder must hold at least one).')
   # Labels index the sorted union of train and this split's classes, so train
   # and eval labels agree even if one split lacks a class.
   class_names = sorted(set(tree.classes(train_dir)) | set(by_class))
+  ignored = tree.outside(available)
+  if ignored:
+    logging.warning('Ignored %d files of %s that are not in a <split>/<class>/ folder, e.g. %s.',
+                    len(ignored), where, ignored[:3])
   return split_dir, class_names, by_class
 
 

@@ -22,6 +22,7 @@ Every process loads the whole split and takes its own slice of each batch.
 
 import numpy as np
 
+from moco_jax import errors
 from moco_jax.data import folder
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import ImageDataset, image_side, split_field
@@ -33,9 +34,9 @@ def resolve_source(data_config) -> str:
     return 'folder'
   source = data_config.source
   if source not in ('tfds', 'folder', 'synthetic'):
-    raise ValueError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
+    raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
   if source == 'folder':
-    raise ValueError('data.source=folder needs data.path: set --config.data.path to an '
+    raise errors.ConfigError('data.source=folder needs data.path: set --config.data.path to an '
                      'ImageFolder directory ROOT/{train,val}/<class>/* or a .tar/.tgz of one.')
   return source
 

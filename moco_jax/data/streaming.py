@@ -53,12 +53,14 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from moco_jax import errors
 from moco_jax.data import batching
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
 from moco_jax.data import folder
 from moco_jax.data import sources
+from moco_jax.data import tfds_source
 
 # Bump when the index format changes.
 _INDEX_VERSION = 1
@@ -164,7 +166,7 @@ def _plan_archive(data_config, side: int, budget: int, budget_text: str) -> Plan
   what = (f'data.path={data_config.path!r} is an archive whose {count:,} train images decode to '
           f'{size / 2**30:.2f} GiB at {side} px')
   if size > budget:
-    raise ValueError(
+    raise errors.DataError(
         f'{what}, more than {budget / 2**30:.2f} GiB = {budget_text}. Tar archives are read '
         'sequentially and cannot be streamed: large sets must be directories. Unpack it '
         f'(mkdir DIR && tar xf {data_config.path} -C DIR) and set --config.data.path=DIR, '
@@ -271,12 +273,12 @@ def open_source(data_config) -> StreamSource:
   source = sources.resolve_source(data_config)
   if source == 'folder':
     if _is_archive(data_config.path):
-      raise ValueError(f'data.path={data_config.path!r} is an archive: archives cannot be '
+      raise errors.DataError(f'data.path={data_config.path!r} is an archive: archives cannot be '
                        'streamed; unpack it into a directory and point data.path at it.')
     return _folder_source(data_config)
   if source == 'tfds':
     return _tfds_source(data_config)
-  raise ValueError(f'data.source={source!r} cannot be streamed (only folder and tfds).')
+  raise errors.ConfigError(f'data.source={source!r} cannot be streamed (only folder and tfds).')
 
 
 def _split_dirs_key(root: str, split_dir: str) -> list:
@@ -340,7 +342,7 @@ def _folder_source(data_config) -> FolderSource:
     _write_json(index_path + '.json', {'count': len(names), 'class_names': class_names,
                                        'where': where})
   except OSError as e:
-    raise OSError(f'Cannot write the file list of {where} under data.cache_dir '
+    raise errors.DataError(f'Cannot write the file list of {where} under data.cache_dir '
                   f'({e}); set --config.data.cache_dir to a writable directory.') from e
   logging.info('Indexed %d files of %s (%d classes) at %s.names.npy.', len(names), where,
                len(class_names), index_path)
@@ -360,9 +362,12 @@ def _tfds_builder(data_config):
   """(prepared builder, train split name); the in-memory path's errors otherwise."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_config.get('data_dir', '') or None
-  builder = tfds.builder(data_config.name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(data_config.name, data_dir=data_dir)
+  except ValueError as e:  # One line, not the list of every tfds dataset.
+    raise errors.DataError(tfds_source.unknown_dataset_message(tfds, data_config.name, e)) from e
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f'tfds dataset data.name={data_config.name!r} is not prepared in '
         f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
         '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
@@ -381,7 +386,7 @@ def _tfds_source(data_config) -> TfdsSource:
     source = builder.as_data_source(split=split,
                                     decoders={'image': tfds.decode.SkipDecoding()})
   except (NotImplementedError, ValueError, FileNotFoundError) as e:
-    raise ValueError(
+    raise errors.DataError(
         f'tfds {data_config.name}:{split} has no random-access files ({e}). Streaming needs '
         'it prepared as array_record (tfds build --file_format=array_record), or an '
         'ImageFolder directory via --config.data.path=DIR.') from e
@@ -540,7 +545,7 @@ class LoadExample:
                           self.source.name(index), self.source.name(candidate))
         return {'image': crops, 'label': np.int32(self.source.label(candidate)),
                 'index': np.int64(candidate), 'skipped': np.int32(attempt)}
-    raise ValueError(f'{_MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
+    raise errors.DataError(f'{_MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
                      f'{self.source.where} (first: {self.source.name(index)}): is it an image '
                      'folder?')
 

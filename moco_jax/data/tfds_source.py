@@ -11,6 +11,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from moco_jax import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
@@ -20,9 +21,12 @@ def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
   """The decoded `split` of the prepared tfds dataset `data.name` (cached)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_config.get('data_dir', '') or None
-  builder = tfds.builder(data_config.name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(data_config.name, data_dir=data_dir)
+  except ValueError as e:  # DatasetNotFoundError and friends list every dataset: one line here.
+    raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f'tfds dataset data.name={data_config.name!r} is not prepared in '
         f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
         '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
@@ -66,3 +70,25 @@ def _decode_tfds_image(value, side: int) -> Optional[np.ndarray]:
     image = value if value.shape[-1] == 3 else np.repeat(value[..., :1], 3, axis=-1)
     return decode.fit_square(Image.fromarray(image), side)
   return decode.decode_image(bytes(value), side)
+
+
+def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
+  """'data.name='cifar1O' is not a tfds dataset (did you mean 'cifar10'?)...' in one line."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  try:
+    known = tfds.list_builders(with_community_datasets=False)
+  except Exception:  # pylint: disable=broad-except
+    known = []
+  base = name.split('/')[0].split(':')[0]
+  if base in known:  # The dataset exists: its config or version is wrong.
+    try:
+      configs = [f'{base}/{c.name}' for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+    except Exception:  # pylint: disable=broad-except
+      configs = []
+    close = difflib.get_close_matches(name, configs, n=3, cutoff=0.0) if configs else []
+  else:
+    close = difflib.get_close_matches(base, known, n=3)
+  hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ''
+  return (f'data.name={name!r} is not a tfds dataset ({first}). {hint}Fix --config.data.name, '
+          'or read a local ImageFolder tree/archive with --config.data.path=...')

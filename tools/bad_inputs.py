@@ -1,0 +1,353 @@
+"""Runs realistic bad inputs through `python main.py` and prints a table of the outcomes.
+
+  python tools/bad_inputs.py [--only SUBSTRING] [--devices 8] > table.md   # ~10-20 min on 2 cores
+
+Each case builds its files (image trees, archives, checkpoints) in a temporary
+directory, runs main.py as a user would, and classifies what happened:
+
+  clean    the expected ending: one `Error (<kind>): ...` line, exit code 2, no
+           traceback (or, for inputs that must work, exit 0 with the skip counted)
+  TRACE    a Python traceback reached the user
+  SILENT   exit 0 where the input should have been refused, or no count of a skip
+  HANG     still running after --timeout seconds
+  other    any other ending (wrong exit code, message missing)
+
+The tests in tests/test_reliability.py cover the same items; this is the
+user's view, used for the table in docs/reliability.md.
+"""
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/tiny.py']
+SMALL_RUN = ['--config.num_train_steps=4', '--config.checkpoint_every_steps=2',
+             '--config.log_every_steps=1', '--config.tensorboard=False']
+# A folder dataset of 12 images: batch 8 over 8 devices.
+FOLDER_RUN = ['--config.batch_size=8', '--config.moco.queue_size=16',
+              '--config.num_train_steps=2', '--config.checkpoint_every_steps=2',
+              '--config.log_every_steps=1', '--config.tensorboard=False']
+
+
+def _png(seed, side=40):
+  pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def _png16():
+  buf = io.BytesIO()
+  Image.fromarray(np.tile(np.linspace(0, 65535, 48), (48, 1)).astype(np.uint16)).save(
+      buf, format='PNG')
+  return buf.getvalue()
+
+
+def _tiff_float():
+  buf = io.BytesIO()
+  Image.fromarray(np.tile(np.linspace(0, 1, 48), (48, 1)).astype(np.float32)).save(
+      buf, format='TIFF')
+  return buf.getvalue()
+
+
+def _tree(root, top='top', per_class=6, extras=None):
+  """root/top/train/{a,b}/*.png (+ extras: {relative name: bytes})."""
+  for c, cls in enumerate(('a', 'b')):
+    folder = os.path.join(root, top, 'train', cls)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(per_class):
+      with open(os.path.join(folder, f'{i}.png'), 'wb') as f:
+        f.write(_png(10 * c + i))
+  for name, data in (extras or {}).items():
+    path = os.path.join(root, top, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(data)
+  return os.path.join(root, top)
+
+
+def _tgz(tmp, src, name='data.tgz'):
+  path = os.path.join(tmp, name)
+  with tarfile.open(path, 'w:gz') as tar:
+    tar.add(src, arcname=os.path.basename(src))
+  return path
+
+
+def _main(args, timeout, devices):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  start = time.time()
+  try:
+    proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return None, '', time.time() - start
+  return proc.returncode, proc.stderr, time.time() - start
+
+
+def _train(tmp, name, extra=()):
+  """A finished 4-step tiny run in tmp/name (checkpoints at 2 and 4)."""
+  workdir = os.path.join(tmp, name)
+  return workdir, ['--mode=train', *TINY, f'--workdir={workdir}', *SMALL_RUN, *extra]
+
+
+def _corrupt(step_dir):
+  for dirpath, _, filenames in os.walk(step_dir):
+    if os.path.basename(dirpath) == 'd':
+      for name in filenames:
+        path = os.path.join(dirpath, name)
+        size = os.path.getsize(path)
+        with open(path, 'wb') as f:
+          f.write(b'\0garbage' * (size // 8 + 1))
+
+
+# Each case: (group, description, setup(tmp) -> (prepare commands, args), expect).
+# expect: 'error' (one clean message, exit 2) or a substring that a successful run
+# (exit 0) must print (the counted skip / the warning).
+
+
+def cases():
+  wd = lambda tmp: f'--workdir={os.path.join(tmp, "w")}'
+  c = []
+  add = lambda group, what, setup, expect='error': c.append((group, what, setup, expect))
+  # Flags and config values.
+  add('flags', 'override typo --config.moco.queue=4',
+      lambda t: ([], [*TINY, wd(t), '--config.moco.queue=4']))
+  add('flags', 'section typo --config.mocoo.queue_size=4',
+      lambda t: ([], [*TINY, wd(t), '--config.mocoo.queue_size=4']))
+  add('flags', 'wrong type --config.batch_size=abc',
+      lambda t: ([], [*TINY, wd(t), '--config.batch_size=abc']))
+  add('flags', 'unknown flag --bogus=1', lambda t: ([], [*TINY, wd(t), '--bogus=1']))
+  add('flags', 'missing config file', lambda t: ([], ['--config=configs/nope.py', wd(t)]))
+  add('flags', 'no --workdir', lambda t: ([], [*TINY]))
+  for override in ('eval.knn_k=0', 'eval.knn_temperature=0', 'num_train_steps=-5',
+                   'data.cache_size=16', 'aug.crop_scale=(1.0,0.2)', 'aug.crop_ratio=(0.0,1.0)',
+                   'aug.jitter_prob=1.5', 'aug.blur_prob=-0.1', 'keep_checkpoints=0',
+                   'batch_size=60', 'moco.queue_size=32', 'optim.base_lr=0',
+                   'eval.linear_epochs=0', 'optim.step_epochs=(160,120)'):
+    add('config', f'--config.{override}',
+        lambda t, o=override: ([], [*TINY, wd(t), f'--config.{o}']))
+  # Data.
+  add('data', 'data.path does not exist',
+      lambda t: ([], [*TINY, wd(t), '--config.data.path=/nonexistent/imagenette.tgz']))
+
+  def zip_file(t):
+    path = os.path.join(t, 'data.zip')
+    with open(path, 'wb') as f:
+      f.write(b'PK\x03\x04')
+    return [], [*TINY, wd(t), f'--config.data.path={path}']
+  add('data', 'data.path is a .zip', zip_file)
+
+  def truncated(t):
+    path = _tgz(t, _tree(t))
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+      f.write(data[:len(data) // 2])
+    return [], [*TINY, wd(t), f'--config.data.path={path}', *FOLDER_RUN]
+  add('data', 'truncated .tgz', truncated)
+
+  def no_train(t):
+    root = _tree(t)
+    os.rename(os.path.join(root, 'train'), os.path.join(root, 'training'))
+    return [], [*TINY, wd(t), f'--config.data.path={root}', *FOLDER_RUN]
+  add('data', 'tree without a train/ folder', no_train)
+
+  def empty_class(t):
+    root = _tree(t)
+    os.makedirs(os.path.join(root, 'train', 'zebra'))
+    return [], [*TINY, wd(t), f'--config.data.path={root}', *FOLDER_RUN]
+  add('data', 'empty class folder', empty_class)
+
+  def unreadable(t):
+    root = os.path.join(t, 'junk')
+    os.makedirs(os.path.join(root, 'train', 'a'))
+    for i in range(3):
+      with open(os.path.join(root, 'train', 'a', f'{i}.jpg'), 'wb') as f:
+        f.write(b'not a jpeg')
+    return [], [*TINY, wd(t), f'--config.data.path={root}', *FOLDER_RUN]
+  add('data', 'no readable image at all', unreadable)
+
+  def too_small(t):
+    return [], [*TINY, wd(t), f'--config.data.path={_tree(t)}', '--config.num_train_steps=2']
+  add('data', 'batch_size larger than the dataset', too_small)
+
+  def readme_archive(t):
+    src = _tree(t, extras={'train/README.txt': b'class folders beside me', 'LICENSE': b'CC'})
+    return [], [*TINY, wd(t), f'--config.data.path={_tgz(t, src)}', *FOLDER_RUN]
+  add('data', 'README.txt beside the class folders (archive)', readme_archive,
+      'Ignored 2 files')
+
+  def readme_tree(t):
+    src = _tree(t, extras={'train/README.txt': b'x', 'train/a/notes.txt': b'not an image'})
+    return [], [*TINY, wd(t), f'--config.data.path={src}', *FOLDER_RUN]
+  add('data', 'README.txt beside class folders, notes.txt in one (tree)', readme_tree,
+      'Skipped 1 of 13 files')
+
+  def deep_images(t):
+    src = _tree(t, extras={'train/a/ramp16.png': _png16(), 'train/b/ramp.tif': _tiff_float()})
+    return [], [*TINY, wd(t), f'--config.data.path={src}', *FOLDER_RUN]
+  add('data', '16-bit PNG and float TIFF among the images', deep_images, 'step 2')
+
+  add('data', 'tfds name typo (cifar1O)',
+      lambda t: ([], [*TINY, wd(t), '--config.data.source=tfds', '--config.data.name=cifar1O',
+                      f'--config.data.data_dir={t}']))
+  add('data', 'tfds dataset not prepared',
+      lambda t: ([], [*TINY, wd(t), '--config.data.source=tfds',
+                      '--config.data.name=imagenette/160px-v2', f'--config.data.data_dir={t}']))
+  # Workdirs and checkpoints.
+
+  def workdir_file(t):
+    path = os.path.join(t, 'file')
+    open(path, 'w').close()
+    return [], [*TINY, f'--workdir={path}', *SMALL_RUN]
+  add('checkpoints', 'workdir is a file', workdir_file)
+
+  def checkpoints_file(t):
+    os.makedirs(os.path.join(t, 'w'))
+    open(os.path.join(t, 'w', 'checkpoints'), 'w').close()
+    return [], [*TINY, wd(t), *SMALL_RUN]
+  add('checkpoints', 'WORKDIR/checkpoints is a file', checkpoints_file)
+
+  def resume_changed(extra, expect_tag):
+    def setup(t):
+      workdir, first = _train(t, 'run')
+      return [first], [*TINY, f'--workdir={workdir}', *SMALL_RUN, *extra]
+    return setup
+  add('checkpoints', 'resume with another batch_size',
+      resume_changed(['--config.batch_size=32', '--config.moco.queue_size=256'], ''))
+  add('checkpoints', 'resume with another model width', resume_changed(['--config.model.width=16'], ''))
+  add('checkpoints', 'resume with another seed', resume_changed(['--config.seed=1'], ''))
+  add('checkpoints', 'resume with num_train_steps below the checkpoint',
+      resume_changed(['--config.num_train_steps=2'], ''))
+  add('checkpoints', 'resume with allow_config_change=True (seed)',
+      resume_changed(['--config.seed=1', '--config.allow_config_change=True',
+                      '--config.num_train_steps=6'], ''), 'changed config')
+
+  def corrupt_latest(t):
+    workdir, first = _train(t, 'run')
+    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
+              f'import bad_inputs; bad_inputs._corrupt({os.path.join(workdir, "checkpoints", "4")!r})')
+    return [first, ['-c', script]], [*TINY, f'--workdir={workdir}', *SMALL_RUN]
+  add('checkpoints', 'corrupt latest checkpoint (falls back, moves it aside)', corrupt_latest,
+      'does not restore')
+
+  def diverge(t):
+    workdir, first = _train(t, 'run')
+    return [first], [*TINY, f'--workdir={workdir}', *SMALL_RUN, '--config.num_train_steps=10',
+                     '--config.optim.base_lr=1e9']
+  add('checkpoints', 'base_lr=1e9 after a good start (diverges)', diverge)
+
+  def rerun_after_divergence(t):
+    workdir, first = _train(t, 'run')
+    bad = [*TINY, f'--workdir={workdir}', *SMALL_RUN, '--config.num_train_steps=10',
+           '--config.optim.base_lr=1e9']
+    return [first, ['!'] + bad], [*TINY, f'--workdir={workdir}', *SMALL_RUN,
+                                  '--config.num_train_steps=10']
+  add('checkpoints', 'rerun with a sane lr after the divergence', rerun_after_divergence,
+      'step 10')
+  add('checkpoints', '--mode=knn without checkpoints',
+      lambda t: ([], ['--mode=knn', *TINY, wd(t)]))
+
+  def knn_other_model(t):
+    workdir, first = _train(t, 'run')
+    return [first], ['--mode=knn', *TINY, f'--workdir={workdir}', '--config.model.width=16']
+  add('checkpoints', '--mode=knn with another model than the checkpoint', knn_other_model)
+  # Added after the first measurement.
+
+  def all_corrupt(t):
+    workdir, first = _train(t, 'run')
+    dirs = [os.path.join(workdir, 'checkpoints', s) for s in ('2', '4')]
+    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
+              f'import bad_inputs; [bad_inputs._corrupt(d) for d in {dirs!r}]')
+    return [first, ['-c', script]], [*TINY, f'--workdir={workdir}', *SMALL_RUN]
+  add('checkpoints', 'every checkpoint corrupt', all_corrupt)
+
+  def no_config_json(t):
+    workdir, first = _train(t, 'run')
+    script = f'import os; os.remove({os.path.join(workdir, "config.json")!r})'
+    return [first, ['-c', script]], [*TINY, f'--workdir={workdir}', *SMALL_RUN,
+                                     '--config.model.embed_dim=32']
+  add('checkpoints', 'resume with another embed_dim, config.json deleted', no_config_json)
+  add('checkpoints', '--mode=export without checkpoints',
+      lambda t: ([], ['--mode=export', *TINY, wd(t)]))
+  add('config', '--config.data.source=folder without data.path',
+      lambda t: ([], [*TINY, wd(t), '--config.data.source=folder']))
+  add('config', '--config.data.image_size=0',
+      lambda t: ([], [*TINY, wd(t), '--config.data.image_size=0']))
+  return c
+
+
+def classify(rc, stderr, expect):
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  last = lines[-1] if lines else ''
+  if rc is None:
+    return 'HANG', ''
+  if 'Traceback' in stderr:
+    return 'TRACE', last
+  if expect == 'error':
+    if rc == 0:
+      return 'SILENT', last
+    if rc == 2 and last.startswith('Error ('):
+      return 'clean', last
+    return 'other', last
+  if rc != 0:
+    return 'other', last
+  found = next((l for l in lines if expect in l), None)
+  return ('clean', found) if found else ('SILENT', last)
+
+
+def _shorten(line: str, limit: int = 230) -> str:
+  line = line.split('] ', 1)[1] if line[:1] in 'IWE' and '] ' in line[:60] else line
+  line = line.replace('|', '/')
+  return line if len(line) <= limit else line[:limit] + '...'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--only', default='', help='run only cases whose text contains this')
+  parser.add_argument('--timeout', type=int, default=300)
+  parser.add_argument('--devices', type=int, default=8)
+  args = parser.parse_args()
+  rows, counts = [], {}
+  for n, (group, what, setup, expect) in enumerate(cases(), 1):
+    if args.only and args.only not in what:
+      continue
+    tmp = tempfile.mkdtemp(prefix='bad_inputs_')
+    try:
+      prepare, argv = setup(tmp)
+      for command in prepare:
+        if command[:1] == ['-c']:
+          subprocess.run([sys.executable, *command], check=True, capture_output=True)
+        else:
+          allowed_to_fail = command[:1] == ['!']
+          rc, err, _ = _main(command[1:] if allowed_to_fail else command, args.timeout,
+                             args.devices)
+          if rc != 0 and not allowed_to_fail:
+            raise RuntimeError(f'setup run failed ({rc}): {err[-500:]}')
+      rc, stderr, seconds = _main(argv, args.timeout, args.devices)
+      outcome, line = classify(rc, stderr, expect)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    counts[outcome] = counts.get(outcome, 0) + 1
+    row = f'| {n} | {group} | {what} | {outcome} | {rc} | {seconds:.0f} s | {_shorten(line)} |'
+    rows.append(row)
+    print(row, file=sys.stderr, flush=True)
+  print('| # | kind | bad input | outcome | exit | time | last line the user sees |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
+  print('\n'.join(rows))
+  print(f'\n{sum(counts.values())} inputs: ' + ', '.join(f'{v} {k}' for k, v in
+                                                      sorted(counts.items())))
+
+
+if __name__ == '__main__':
+  main()
