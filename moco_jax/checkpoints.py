@@ -13,9 +13,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moco_jax import models
+from moco_jax import parallel
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -175,7 +177,13 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
       raise ValueError(f'{where} is not a MoCo train state (no query_params).')
     found = _flat_shapes(metadata['query_params'].get('backbone', {}))
     check_backbone_matches(found, model_config, where, workdir)
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    # Onto this process's first device, whatever mesh wrote it: without a
+    # target Orbax would rebuild the writer's sharding and fail on another
+    # topology (a checkpoint of 2 processes read by 1, or the other way).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   finally:
     manager.close()
   return restored['query_params'], restored['query_batch_stats'], int(step)
@@ -184,24 +192,46 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
 class PreemptionWatcher:
   """Turns SIGTERM (what schedulers and preemptible VMs send) into a clean stop.
 
-  The loop asks `requested()` after each step; the run then saves the current
-  step and returns, and the same command resumes from it. With several
-  processes the decision must be the same on all of them, so Orbax's
-  `reached_preemption` (synchronised through jax.distributed) decides.
+  The loop asks `requested(manager, step)` after EVERY step; the run then saves
+  that step and returns, and the same command resumes from it.
+
+  One process: a Python SIGTERM handler sets a flag.
+
+  Several processes: every process must stop after the same step, even when
+  the signal reaches them at different steps (or only one of them). After
+  `jax.distributed.initialize`, JAX's preemption sync manager owns SIGTERM (a
+  C++ handler that tells the coordination service); Orbax's
+  `reached_preemption(step)` then returns True on every process at the same
+  step, the first one after the notice that all of them reach. That is why
+  no Python handler is installed then: it would replace the runtime's and the
+  notice would never arrive (the run would go on until SIGKILL). The sync
+  point is one exact step, so `requested` must be asked at every step.
+  If the preemption service is disabled (jax_enable_preemption_service=False),
+  a Python handler sets a flag and the processes agree on it with a tiny
+  all-gather after every step (which waits for the step: slower).
   """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self._runtime_sync = jax.process_count() > 1 and _preemption_service_running()
+    if not self._runtime_sync and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
   def requested(self, manager: ocp.CheckpointManager, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._runtime_sync:
       return manager.reached_preemption(step)
+    if jax.process_count() > 1:
+      return bool(np.max(parallel.host_gather(np.int32(self._event.is_set()))))
     return self._event.is_set()
 
   def uninstall(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def _preemption_service_running() -> bool:
+  """True when jax.distributed runs its preemption sync manager (the default)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return getattr(jax_distributed.global_state, 'preemption_sync_manager', None) is not None

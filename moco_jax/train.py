@@ -234,12 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           raise FloatingPointError(f'train_loss is {summary["train_loss"]} at step {done}: lower '
                                    'optim.base_lr or check the data.')
         writer.write(done, {**summary, **progress.update(done)})
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        checkpoints.save(manager, done, state)
-      elif preemption.requested(manager, done):
+      # Asked at every step: with several processes the agreed stop is one exact step.
+      preempted = preemption.requested(manager, done)
+      if preempted:
         logging.warning('Preempted (SIGTERM): saving step %d and stopping; rerun the same '
                         'command to continue.', done)
+      if preempted or done % config.checkpoint_every_steps == 0 or done == total_steps:
         checkpoints.save(manager, done, state)
+      if preempted:
         break
       for hook in hooks:
         hook(done, state)
