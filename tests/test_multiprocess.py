@@ -8,8 +8,8 @@ cover the faults and leave a finished run to compare:
      timeout, naming the lost process.
   B  Rerun both: it resumes from step 4. SIGTERM both after step 5 (a
      preemption): both agree to save step 6 and stop.
-  C  Rerun both: it resumes from step 6, finishes step 8 and runs the kNN
-     monitor on 2 processes.
+  C  Rerun both: it resumes from step 6 and finishes step 8.
+  D  --mode=knn on 2 processes.
 
 Then, in this pytest process (1 process x 8 devices, tests/conftest.py), the
 uninterrupted reference run: the final checkpoints, the kNN top-1 and an export
@@ -33,6 +33,7 @@ import pytest
 from configs import tiny
 from moco_jax import checkpoints
 from moco_jax import export
+from moco_jax import knn
 from moco_jax import optim
 from moco_jax import parallel
 from moco_jax import train
@@ -50,13 +51,12 @@ def _config():
   config.num_train_steps = STEPS
   config.checkpoint_every_steps = 4
   config.log_every_steps = 1
-  config.eval.knn_every_epochs = 0  # kNN monitor once, at the end.
   return config
 
 
 def _flags():
   return [f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=4',
-          '--config.log_every_steps=1', '--config.eval.knn_every_epochs=0']
+          '--config.log_every_steps=1']
 
 
 def _free_port() -> int:
@@ -68,7 +68,7 @@ def _free_port() -> int:
 class TwoProcesses:
   """`python tests/multiprocess_main.py` x 2 on 127.0.0.1, 4 CPU devices each."""
 
-  def __init__(self, workdir, logdir, name, gate=None):
+  def __init__(self, workdir, logdir, name, gate=None, extra=()):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}')
     env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
@@ -83,7 +83,7 @@ class TwoProcesses:
                  f'--workdir={workdir}', '--cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
                  '--num_processes=2', f'--process_id={i}',
                  f'--heartbeat_timeout_seconds={HEARTBEAT_S}', '--initialization_timeout=120',
-                 *_flags()]
+                 *_flags(), *extra]
       with open(self.logs[i], 'w') as log:
         self.procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                            stderr=subprocess.STDOUT))
@@ -164,12 +164,19 @@ def chain(tmp_path_factory):
     out['b_checkpoints'] = sorted(os.listdir(ckpt))
     out['durations']['b'] = time.time() - b.started
 
-    # C: rerun to the end (kNN monitor at step 8).
+    # C: rerun to the end.
     c = TwoProcesses(workdir, base, 'c')
     runs.append(c)
     out['c_rc'] = [c.wait(i, timeout=RUN_TIMEOUT_S) for i in range(2)]
     out['c_logs'] = [c.log(0), c.log(1)]
     out['durations']['c'] = time.time() - c.started
+
+    # D: kNN evaluation of the final checkpoint.
+    d = TwoProcesses(workdir, base, 'd', extra=['--mode=knn'])
+    runs.append(d)
+    out['d_rc'] = [d.wait(i, timeout=RUN_TIMEOUT_S) for i in range(2)]
+    out['d_logs'] = [d.log(0), d.log(1)]
+    out['durations']['d'] = time.time() - d.started
     out['tails'] = '\n'.join(r.tails() for r in runs)
   finally:
     for r in runs:
@@ -182,7 +189,8 @@ def reference(tmp_path_factory):
   """The uninterrupted run on 1 process x 8 devices, in this process."""
   workdir = tmp_path_factory.mktemp('one_process')
   state = train.train_and_evaluate(_config(), str(workdir))
-  return {'workdir': workdir, 'state': jax.device_get(state)}
+  return {'workdir': workdir, 'state': jax.device_get(state),
+          'knn': knn.run_knn(_config(), str(workdir))}
 
 
 def _restore(workdir, step):
@@ -248,10 +256,14 @@ def test_two_processes_give_the_one_process_checkpoint(chain, reference):
 
 
 def test_knn_on_two_processes_equals_one_process(chain, reference):
-  two = [r for r in _rows(chain['workdir']) if 'knn_top1' in r]
-  one = [r for r in _rows(reference['workdir']) if 'knn_top1' in r]
-  assert len(two) == len(one) == 1
-  assert two[0]['knn_top1'] == one[0]['knn_top1']
+  assert chain['d_rc'] == [0, 0], chain['tails']
+  with open(chain['workdir'] / 'eval.json') as f:
+    two = json.load(f)
+  assert two['knn_step'] == reference['knn']['knn_step'] == STEPS
+  assert two['knn_top1'] == reference['knn']['knn_top1']
+  # Every process computed the same result; process 0 alone wrote eval.json.
+  for log in chain['d_logs']:
+    assert f"'knn_top1': {two['knn_top1']}" in log, log[-2000:]
 
 
 def test_only_process_0_writes_metrics_and_config(chain):
@@ -261,7 +273,9 @@ def test_only_process_0_writes_metrics_and_config(chain):
   assert steps == list(range(1, STEPS + 1)), steps
   assert os.path.exists(workdir / 'config.json')
   events = [f for f in os.listdir(workdir / 'tensorboard') if f.startswith('events')]
-  assert len(events) <= 3, events  # One per run of process 0.
+  assert len(events) <= 3, events  # One per training run of process 0.
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'eval.json',
+                                         'metrics.jsonl', 'tensorboard']
 
 
 def test_export_of_a_two_process_checkpoint(chain, reference):
