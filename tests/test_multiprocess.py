@@ -285,3 +285,23 @@ def test_export_of_a_two_process_checkpoint(chain, reference):
   assert sorted(two.files) == sorted(one.files) and 'conv1.weight' in two.files
   for key in one.files:
     np.testing.assert_allclose(two[key], one[key], rtol=RTOL, atol=ATOL, err_msg=key)
+
+
+def test_pmean_packed_is_pmean_in_one_all_reduce():
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  tree = {'w': rng.normal(size=(8, 3, 5)).astype(np.float32),
+          'b': rng.normal(size=(8, 7)).astype(np.float32),
+          'n': np.arange(8, dtype=np.int32).reshape(8, 1),
+          's': rng.normal(size=(8,)).astype(np.float32)}
+  spec = jax.sharding.PartitionSpec(parallel.AXIS)
+
+  def run(fn):
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.jit(sharded), jax.device_get(jax.jit(sharded)(tree))
+
+  packed, got = run(parallel.pmean_packed)
+  _, want = run(lambda t: jax.lax.pmean(t, parallel.AXIS))
+  for key in tree:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert packed.lower(tree).as_text().count('all_reduce') == 2  # One per dtype (float, int).
