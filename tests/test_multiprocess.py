@@ -158,6 +158,11 @@ def chain(tmp_path_factory):
                'both processes after step 5')
     for p in b.procs:
       p.send_signal(signal.SIGTERM)
+    # JAX's notifier thread takes the signal up to ~1 s later; the steps of this
+    # tiny model are faster, so let the notice land before the processes go on.
+    b.wait_for(lambda: all('SIGTERM caught' in b.log(i) for i in range(2)),
+               'JAX noticing the SIGTERM', timeout=60)
+    time.sleep(1.0)
     (gate / 'open').touch()
     out['b_rc'] = [b.wait(i, timeout=RUN_TIMEOUT_S) for i in range(2)]
     out['b_logs'] = [b.log(0), b.log(1)]
