@@ -10,7 +10,9 @@ all-gathers, the gradient/BatchNorm pmeans and the queue's all-gather stay in
 one address space; with 2 processes (`jax.distributed` on 127.0.0.1, gloo over
 TCP) every one of them crosses a socket. Besides the whole step, two programs
 time those collectives alone on the same mesh: the pmean of a gradient-sized
-tree (the query encoder's params) and the all-gather of the uint8 batch.
+tree (the query encoder's params), once as `lax.pmean` of the tree (one
+all-reduce per array) and once raveled into one array as the step does
+(`parallel.pmean_packed`), and the all-gather of the uint8 batch.
 
 Each round launches both layouts as fresh processes, in alternating order, so
 that a shared machine's changing load hits both alike; per-step times are the
@@ -177,8 +179,8 @@ def main(argv=None):
   print('| --- | --- | --- | --- |')
   leaves = runs[1][0]['leaves']
   for key, name in (('step_s', 'train step'),
-                    ('pmean_s', f'pmean of the gradients ({leaves} arrays, as the step does)'),
-                    ('pmean_one_s', 'pmean of the gradients raveled into one array'),
+                    ('pmean_s', f'pmean of the gradients, one all-reduce per array ({leaves})'),
+                    ('pmean_one_s', 'the same raveled into one array (parallel.pmean_packed)'),
                     ('gather_s', 'all-gather of the uint8 batch')):
     one, two = med(1, key), med(2, key)
     print(f'| {name} | {one:.1f} ms | {two:.1f} ms | {two - one:+.1f} ms ({two / one:.2f}x) |')
