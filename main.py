@@ -36,6 +36,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from moco_jax import distributed
 from moco_jax import errors
 from moco_jax import export
 from moco_jax import knn
@@ -49,7 +50,21 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export', 'report'], 'What to run.')
 flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() first (multi-host GPU/TPU runs).')
+                  'Call jax.distributed.initialize() first (many processes/hosts). Without the '
+                  'three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU pods).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0\'s coordination service (implies --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (implies --distributed).')
+flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1 '
+                     '(implies --distributed).')
+flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
+                     'A process that sends no heartbeat for this long is declared dead and every '
+                     'other process exits (jax.distributed).')
+flags.DEFINE_integer('cpu_devices', None,
+                     'Simulated CPU devices of this process (jax_num_cpu_devices; tests and '
+                     'laptops: --cpu_devices=4 with 2 processes is an 8-device mesh).')
+flags.DEFINE_integer('initialization_timeout', 300,
+                     'Seconds to wait for all processes to connect (jax.distributed).')
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment configuration file; default: the run\'s own WORKDIR/config.json '
     '(configs/from_workdir.py:WORKDIR) when it exists.', lock_config=True)
@@ -119,8 +134,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  if FLAGS.cpu_devices is not None:
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.distributed or any(v is not None for v in explicit):
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+        initialization_timeout=FLAGS.initialization_timeout)
   logging.info('JAX process %d / %d, %d devices: %s', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[:8])
   if FLAGS.config is None:

@@ -169,9 +169,13 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None) 
 
 
 def run_export(config, workdir: str) -> str:
-  """Exports the latest checkpoint's query backbone to WORKDIR/backbone_torchvision.npz."""
+  """Exports the latest checkpoint's query backbone to WORKDIR/backbone_torchvision.npz.
+
+  With several processes, every one restores and process 0 alone writes.
+  """
   params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
   path = os.path.join(workdir, 'backbone_torchvision.npz')
-  export_backbone(params, batch_stats, path, config.model)
+  if jax.process_index() == 0:
+    export_backbone(params, batch_stats, path, config.model)
   results.write_results(workdir, {'export_step': step})
   return path

@@ -23,6 +23,10 @@ last periodic checkpoint).
 import signal
 import threading
 
+import numpy as np
+
+from moco_jax import parallel
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
@@ -56,9 +60,15 @@ class StopWatcher:
     self._process_count = process_count
     self._event = threading.Event()
     self._previous = {}
+    # After jax.distributed.initialize, JAX's preemption sync manager owns SIGTERM
+    # (a C++ handler that tells the coordination service, so that Orbax's
+    # `reached_preemption(step)` is True on every process at the same step). A
+    # Python handler would replace it and the notice would never arrive.
+    self._runtime_sync = process_count > 1 and _preemption_service_running()
     if threading.current_thread() is not threading.main_thread():
       return
-    watched = [signal.SIGTERM] + ([signal.SIGINT] if process_count == 1 else [])
+    watched = ([] if self._runtime_sync else [signal.SIGTERM]) + (
+        [signal.SIGINT] if process_count == 1 else [])
     for signum in watched:
       self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -76,9 +86,16 @@ class StopWatcher:
     return self._event.is_set()
 
   def requested(self, manager, step: int) -> bool:
-    """True once a stop was asked for (on every process at the same step)."""
-    if self._process_count > 1:
+    """True once a stop was asked for (on every process at the same step).
+
+    Asked after EVERY step: with several processes the agreed stop is one exact step.
+    """
+    if self._runtime_sync:
       stop = bool(manager.reached_preemption(step))
+      if stop and self.signum is None:
+        self.signum = signal.SIGTERM
+    elif self._process_count > 1:  # Preemption service off: agree on the flag.
+      stop = bool(np.max(parallel.host_gather(np.int32(self._event.is_set()))))
       if stop and self.signum is None:
         self.signum = signal.SIGTERM
     else:
@@ -96,3 +113,9 @@ class StopWatcher:
   def __exit__(self, *exc):
     self.uninstall()
     return False
+
+
+def _preemption_service_running() -> bool:
+  """True when jax.distributed runs its preemption sync manager (the default)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return getattr(jax_distributed.global_state, 'preemption_sync_manager', None) is not None

@@ -87,7 +87,9 @@ def step_on_views(state: state_lib.TrainState, query_view, key_view, shuffle_rng
   grad_fn = jax.value_and_grad(moco_lib.moco_loss, has_aux=True)
   (loss, aux), grads = grad_fn(state.query_params, state.key_params, state, query_view,
                                key_view, shuffle_rng, setup.moco)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
+  # Gradients and BatchNorm statistics averaged over devices in one all-reduce.
+  grads, query_batch_stats, key_batch_stats = parallel.pmean_packed(
+      (grads, aux.query_batch_stats, aux.key_batch_stats))
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.query_params)
   query_params = optax.apply_updates(state.query_params, updates)
   # The EMA uses the query after this step's update: the official code applies
@@ -97,9 +99,9 @@ def step_on_views(state: state_lib.TrainState, query_view, key_view, shuffle_rng
   new_state = state.replace(
       step=state.step + 1,
       query_params=query_params,
-      query_batch_stats=jax.lax.pmean(aux.query_batch_stats, parallel.AXIS),
+      query_batch_stats=query_batch_stats,
       key_params=key_params,
-      key_batch_stats=jax.lax.pmean(aux.key_batch_stats, parallel.AXIS),
+      key_batch_stats=key_batch_stats,
       opt_state=opt_state,
       queue=queue,
       queue_ptr=queue_ptr,
@@ -123,9 +125,10 @@ def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
   """
   query_view, key_view, shuffle_rng = augment_views(state, images, setup)
   new_state, loss, accuracy = step_on_views(state, query_view, key_view, shuffle_rng, setup)
+  loss, accuracy = parallel.pmean_packed((loss, accuracy))
   metrics = {
-      'train_loss': jax.lax.pmean(loss, parallel.AXIS),
-      'contrastive_acc': jax.lax.pmean(accuracy, parallel.AXIS),
+      'train_loss': loss,
+      'contrastive_acc': accuracy,
       'learning_rate': learning_rate_fn(state.step),
   }
   return new_state, metrics

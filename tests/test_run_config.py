@@ -1,7 +1,6 @@
 """The run's own config (WORKDIR/config.json), derived fields and progress timing."""
 
 import json
-import os
 
 import pytest
 
