@@ -36,6 +36,7 @@ from moco_jax import export
 from moco_jax import knn
 from moco_jax import optim
 from moco_jax import parallel
+from moco_jax import stopping
 from moco_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,8 +225,9 @@ def test_sigkill_of_one_process_stops_the_other_naming_it(chain):
 
 
 def test_sigterm_both_saves_the_same_step_and_the_rerun_resumes(chain):
-  assert chain['b_rc'] == [0, 0], chain['tails']
-  saved = [re.findall(r'Preempted \(SIGTERM\): saving step (\d+)', log) for log in chain['b_logs']]
+  # A preempted run exits 75 (EX_TEMPFAIL) on every process, so a retry loop reruns it.
+  assert chain['b_rc'] == [stopping.EXIT_PREEMPTED] * 2, chain['tails']
+  saved = [re.findall(r'SIGTERM: saving step (\d+)', log) for log in chain['b_logs']]
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   step = int(saved[0][0])
   assert 5 < step < STEPS, step  # After the signal, before the end, not a periodic checkpoint.
