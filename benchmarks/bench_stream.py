@@ -11,7 +11,7 @@
 
 `host` runs, each in a fresh process pinned to the same `--cores` CPUs
 (sched_setaffinity), over the same files:
-  ours        moco_jax.data.streaming.train_batches with `cores` grain worker
+  ours        moco_jax.data.host_crops.train_batches with `cores` grain worker
               processes: decode (JPEG draft where the crops allow) + two
               RandomResizedCrop(224, scale=(0.2, 1)) views -> uint8
               [B, 2, 224, 224, 3]. Colour ops run later, on the accelerator.
@@ -119,12 +119,13 @@ def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: i
   _pin(cores)
   sys.path.insert(0, _ROOT)
   from configs import default  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import host_crops  # pylint: disable=g-import-not-at-top
   from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
   config = default.get_config().data
   config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
   source = streaming.open_source(config)
-  it = streaming.train_batches(source, global_batch=batch, seed=0, image_size=size,
+  it = host_crops.train_batches(source, global_batch=batch, seed=0, image_size=size,
                                crop_scale=(0.2, 1.0), num_threads=1, num_processes=cores,
                                prefetch=2)
   for _ in range(warmup):
@@ -143,12 +144,13 @@ def run_ours_loop(data: str, images: int, size: int) -> dict:
   _pin(1)
   sys.path.insert(0, _ROOT)
   from configs import default  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import host_crops  # pylint: disable=g-import-not-at-top
   from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
   config = default.get_config().data
   config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
   source = streaming.open_source(config)
-  load = streaming.LoadExample(source, global_batch=256, seed=0, process_index=0, process_count=1,
+  load = host_crops.LoadExample(source, global_batch=256, seed=0, process_index=0, process_count=1,
                                image_size=size, crop_scale=(0.2, 1.0),
                                crop_ratio=(3 / 4, 4 / 3))
   for i in range(20):

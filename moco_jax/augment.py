@@ -127,7 +127,7 @@ def two_views_from_crops(rng, crops, example_ids, aug_config, image_size, dtype=
   Args:
     rng: the step's augmentation key (the same on every device).
     crops: uint8 [B, 2, image_size, image_size, 3]: each example's query and
-      key RandomResizedCrop (`moco_jax.data.streaming.two_crops`).
+      key RandomResizedCrop (`moco_jax.data.host_crops.two_crops`).
     example_ids: int32 [B] global positions of these examples in the global batch.
     aug_config, image_size, dtype: as `two_views`.
 

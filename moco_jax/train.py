@@ -32,6 +32,7 @@ from moco_jax import state as state_lib
 from moco_jax import stopping
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import host_crops
 from moco_jax.data import streaming
 
 
@@ -344,10 +345,10 @@ def _stream_feeder(config, source, mesh: Mesh, start_step: int, total_steps: int
   uint8 [b, 2, image_size, image_size, 3]: both views' crops
   (`moco_jax.data.streaming`), the examples of `batching.train_indices`.
   """
-  processes, threads = streaming.loader_workers(config.data)
+  processes, threads = host_crops.loader_workers(config.data)
   logging.info('Streaming %s: %d grain worker processes x %d threads (data.stream_processes, '
                'data.num_workers).', source.where, processes, threads)
-  batches = streaming.train_batches(
+  batches = host_crops.train_batches(
       source, global_batch=config.batch_size, seed=config.seed,
       image_size=config.data.image_size, crop_scale=config.aug.crop_scale,
       crop_ratio=config.aug.crop_ratio, start_step=start_step, end_step=total_steps,

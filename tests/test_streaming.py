@@ -16,6 +16,7 @@ from configs import default
 from moco_jax.data import batching
 from moco_jax.data import folder
 from moco_jax.data import streaming
+from moco_jax.data import host_crops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -47,21 +48,21 @@ def _config(path, tmp_path, **overrides):
 
 def _take(source, steps, **kwargs):
   kwargs = dict(dict(global_batch=4, seed=3, image_size=16, num_threads=2), **kwargs)
-  it = streaming.train_batches(source, **kwargs)
+  it = host_crops.train_batches(source, **kwargs)
   return [next(it) for _ in range(steps)]
 
 
 def test_crop_box_is_the_twin_of_the_device_sampler():
   jax = pytest.importorskip('jax')
   from moco_jax import image_ops  # pylint: disable=g-import-not-at-top
-  assert streaming.CROP_UNIFORMS == image_ops.CROP_UNIFORMS
+  assert host_crops.CROP_UNIFORMS == image_ops.CROP_UNIFORMS
   rng = np.random.default_rng(0)
-  u = rng.random((300, streaming.CROP_UNIFORMS), dtype=np.float32)
-  u[:100, :streaming.CROP_TRIES] = 0.99  # Most draws too large: the fallback and late tries.
+  u = rng.random((300, host_crops.CROP_UNIFORMS), dtype=np.float32)
+  u[:100, :host_crops.CROP_TRIES] = 0.99  # Most draws too large: the fallback and late tries.
   for height, width in ((375, 500), (500, 333), (20, 200), (3, 7)):
     device = jax.jit(jax.vmap(lambda x, h=height, w=width: image_ops.crop_box_from_uniforms(
         x, h, w, SCALE, RATIO)))(u)
-    host = np.stack([streaming.crop_box(x, height, width, SCALE, RATIO) for x in u])
+    host = np.stack([host_crops.crop_box(x, height, width, SCALE, RATIO) for x in u])
     np.testing.assert_array_equal(host, np.asarray(device).astype(np.int64))
 
 
@@ -71,27 +72,27 @@ def test_two_crops_cut_the_whole_image_with_draft_decoding():
   buf = io.BytesIO()
   src.save(buf, format='JPEG', quality=95)
   data = buf.getvalue()
-  u = streaming.crop_uniforms(0, 0, 0)
-  u[:, :streaming.CROP_TRIES] = [[0.1], [0.99]]  # Small area (view 0), whole-ish image (view 1).
-  crops = streaming.two_crops(data, u, 32, SCALE, RATIO)
+  u = host_crops.crop_uniforms(0, 0, 0)
+  u[:, :host_crops.CROP_TRIES] = [[0.1], [0.99]]  # Small area (view 0), whole-ish image (view 1).
+  crops = host_crops.two_crops(data, u, 32, SCALE, RATIO)
   assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.uint8
   full = Image.open(io.BytesIO(data)).convert('RGB')
   for view in range(2):
-    top, left, h, w = streaming.crop_box(u[view], 480, 640, SCALE, RATIO)
+    top, left, h, w = host_crops.crop_box(u[view], 480, 640, SCALE, RATIO)
     want = np.asarray(full.crop((left, top, left + w, top + h)).resize((32, 32), Image.BILINEAR))
     # Both boxes are >= 8x the output: decoded at 1/4 scale (draft), close to a full decode.
     assert min(h, w) >= 8 * 32
     assert np.abs(crops[view].astype(int) - want).mean() < 2
   jpeg = Image.open(io.BytesIO(data)).__class__
   with mock.patch.object(jpeg, 'draft', autospec=True, wraps=jpeg.draft) as draft:
-    streaming.two_crops(data, u, 32, SCALE, RATIO)
+    host_crops.two_crops(data, u, 32, SCALE, RATIO)
   assert draft.call_args.args[2] == (640 * 64 // 276, 480 * 64 // 276)
   # A decoded array (mocked tfds) and a grayscale PNG take the same route; junk gives None.
   gray = io.BytesIO()
   src.convert('L').save(gray, format='PNG')
-  assert streaming.two_crops(gray.getvalue(), u, 8, SCALE, RATIO).shape == (2, 8, 8, 3)
-  assert streaming.two_crops(np.asarray(src), u, 8, SCALE, RATIO).shape == (2, 8, 8, 3)
-  assert streaming.two_crops(b'\xff\xd8\xff junk', u, 8, SCALE, RATIO) is None
+  assert host_crops.two_crops(gray.getvalue(), u, 8, SCALE, RATIO).shape == (2, 8, 8, 3)
+  assert host_crops.two_crops(np.asarray(src), u, 8, SCALE, RATIO).shape == (2, 8, 8, 3)
+  assert host_crops.two_crops(b'\xff\xd8\xff junk', u, 8, SCALE, RATIO) is None
 
 
 def test_order_resume_and_per_process_shards(tmp_path):
@@ -211,7 +212,7 @@ def main():
   config.update(dict(path={str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, image_size=8,
                      max_in_memory_gb=0.0))
   plan = streaming.plan_train_input(config)
-  it = streaming.train_batches(plan.source, global_batch=4, seed=0, image_size=8,
+  it = host_crops.train_batches(plan.source, global_batch=4, seed=0, image_size=8,
                                num_threads=1, num_processes=1)
   assert next(it)['image'].shape == (4, 2, 8, 8, 3)
   it.close()

@@ -9,16 +9,9 @@ decides, and says why in the log):
   * Every step, each JAX process reads and decodes only its own 1/P slice of
     the global batch: the examples of step s are `train_indices(N, B, seed, s)`
     (the in-memory path's order), sliced by process.
-  * The host decodes each image once per step, at reduced size where the
-    crops allow it (Pillow's JPEG `draft`: a DCT-domain 1/2, 1/4 or 1/8
-    decode), and cuts MoCo's two RandomResizedCrop views from the WHOLE
-    original image, each resized to `image_size`: the batch is uint8
-    [b, 2, image_size, image_size, 3]. The crop boxes are sampled exactly as
-    torchvision samples them (`crop_box`, a NumPy twin of
-    `image_ops.crop_box_from_uniforms`) from uniforms that are a pure function
-    of (seed, step, position in the global batch). Colour jitter, grayscale,
-    blur, flip and normalisation stay on the accelerator
-    (`augment.two_views_from_crops`).
+  * The host decodes each image once per step and cuts MoCo's two
+    RandomResizedCrop views from the whole original image
+    (`moco_jax.data.host_crops`); colour ops stay on the accelerator.
   * The loader is grain: a `MapDataset` over this process's flat example
     positions, mapped by `LoadExample`, batched, read with threads
     (`ReadOptions`) and optionally worker processes (`mp_prefetch`). Because
@@ -41,41 +34,22 @@ so grain worker processes start quickly.
 
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
-import signal
-from typing import Iterator, Optional
+from typing import Optional
 
-from absl import flags
 from absl import logging
 import numpy as np
-from PIL import Image
 
 from moco_jax import errors
-from moco_jax.data import batching
 from moco_jax.data import cache
 from moco_jax.data import dataset
-from moco_jax.data import decode
 from moco_jax.data import folder
 from moco_jax.data import sources
 from moco_jax.data import tfds_source
 
 # Bump when the index format changes.
 _INDEX_VERSION = 1
-# Uniforms one RandomResizedCrop consumes (as image_ops.CROP_UNIFORMS): 10 area
-# draws, 10 log-ratio draws, top, left.
-CROP_TRIES = 10
-CROP_UNIFORMS = 2 * CROP_TRIES + 2
-# How many substitutes are tried for an unreadable example before giving up.
-_MAX_SUBSTITUTES = 16
-# A JPEG is decoded at reduced DCT scale only while both crop boxes keep at
-# least this many times the output side: the final antialiased resize then
-# still filters >= 2 source pixels per output pixel (measured: mean |diff| vs
-# a full decode <= ~1.5/255; at 1x the DC-only 1/8 decode aliases, ~2.5/255).
-_DRAFT_MARGIN = 2
-_DECODE_ERRORS = decode.DECODE_ERRORS
 
 
 # --------------------------------------------------------------------------
@@ -410,209 +384,3 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(path + f'.tmp{os.getpid()}', path)
   except OSError as e:
     logging.warning('Could not write %s (%s); continuing without it.', path, e)
-
-
-# --------------------------------------------------------------------------
-# Crops on the host.
-
-
-def crop_uniforms(seed: int, step: int, position: int) -> np.ndarray:
-  """float32 [2, CROP_UNIFORMS]: both views' crop randomness at (seed, step, global position)."""
-  rng = np.random.default_rng([seed, step, position, 0x63726F70])  # 'crop'
-  return rng.random((2, CROP_UNIFORMS), dtype=np.float32)
-
-
-def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray:
-  """RandomResizedCrop's (top, left, h, w) from CROP_UNIFORMS uniforms, as torchvision samples it.
-
-  The NumPy twin of `image_ops.crop_box_from_uniforms` (float32 arithmetic, so
-  both give the same box from the same uniforms): up to 10 (area, log-aspect)
-  draws, the first box that fits wins, else the largest centred box with a
-  clamped ratio; the offsets are uniform over the valid positions.
-  """
-  u = np.asarray(u, np.float32)
-  u_area, u_ratio = u[:CROP_TRIES], u[CROP_TRIES:2 * CROP_TRIES]
-  u_top, u_left = u[2 * CROP_TRIES], u[2 * CROP_TRIES + 1]
-  f32 = np.float32
-  area = f32(height * width) * (f32(scale[0]) + f32(scale[1] - scale[0]) * u_area)
-  lo, hi = f32(math.log(ratio[0])), f32(math.log(ratio[1]))
-  aspect = np.exp(lo + (hi - lo) * u_ratio)
-  w = np.round(np.sqrt(area * aspect))
-  h = np.round(np.sqrt(area / aspect))
-  valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  if valid.any():
-    first = int(np.argmax(valid))
-    w, h = w[first], h[first]
-    top = min(np.floor(u_top * f32(height - h + 1)), f32(height - h))
-    left = min(np.floor(u_left * f32(width - w + 1)), f32(width - w))
-    return np.array([top, left, h, w], np.int64)
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    fw, fh = width, round(width / ratio[0])
-  elif in_ratio > ratio[1]:
-    fw, fh = round(height * ratio[1]), height
-  else:
-    fw, fh = width, height
-  return np.array([(height - fh) // 2, (width - fw) // 2, fh, fw], np.int64)
-
-
-def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.ndarray]:
-  """Decodes one image and cuts both RandomResizedCrop views: uint8 [2, size, size, 3].
-
-  The boxes are sampled over the whole original image. A JPEG is decoded at
-  the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves both boxes at
-  least 2 x `size` px on their shorter side (`draft`), so a crop is never
-  upsampled from a reduced decode and is still resized with antialiasing.
-  Each box is then resized (bilinear, antialiased, as torchvision's PIL
-  path) straight from the decoded image.
-  Returns None for an unreadable image.
-
-  Args:
-    encoded: the file's bytes, or a decoded uint8 array [H, W, C] (mocked tfds).
-    u: float32 [2, CROP_UNIFORMS] (`crop_uniforms`).
-    size: output side (data.image_size).
-    scale, ratio: RandomResizedCrop's ranges (aug.crop_scale, aug.crop_ratio).
-  """
-  try:
-    if isinstance(encoded, np.ndarray) and encoded.dtype == np.uint8 and encoded.ndim == 3:
-      image = Image.fromarray(encoded if encoded.shape[-1] == 3 else encoded[..., 0])
-    else:
-      image = Image.open(io.BytesIO(bytes(encoded)))
-    with image:
-      width, height = image.size
-      boxes = [crop_box(u[v], height, width, scale, ratio) for v in range(2)]
-      shortest = min(min(int(b[2]), int(b[3])) for b in boxes)
-      keep = _DRAFT_MARGIN * size  # Shorter box side kept after a reduced decode.
-      if image.format == 'JPEG' and shortest >= 2 * keep:
-        image.draft('RGB', (max(1, width * keep // shortest), max(1, height * keep // shortest)))
-      image.load()
-      if image.mode != 'RGB':
-        image = image.convert('RGB')
-      sx, sy = image.width / width, image.height / height
-      out = np.empty((2, size, size, 3), np.uint8)
-      for v, (top, left, h, w) in enumerate(boxes):
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        out[v] = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
-      return out
-  except _DECODE_ERRORS:
-    return None
-
-
-# --------------------------------------------------------------------------
-# The loader.
-
-
-def substitute_index(num_examples: int, seed: int, index: int, attempt: int) -> int:
-  """The example read instead of unreadable `index` on its `attempt`-th retry (deterministic)."""
-  return int(np.random.default_rng([seed, index, attempt, 0x737562]).integers(num_examples))
-
-
-class LoadExample:
-  """Flat position i of this process's stream -> its example with both crops.
-
-  i = step * local + j reads position process_index * local + j of the global
-  batch of `step`: example `train_indices(N, B, seed, step)[position]`.
-  Picklable (grain sends it to worker processes).
-  """
-
-  def __init__(self, source: StreamSource, *, global_batch: int, seed: int, process_index: int,
-               process_count: int, image_size: int, crop_scale, crop_ratio):
-    self.source = source
-    self.num = len(source)
-    self.global_batch, self.seed = global_batch, seed
-    self.local = global_batch // process_count
-    self.offset = process_index * self.local
-    self.image_size = image_size
-    self.scale, self.ratio = tuple(crop_scale), tuple(crop_ratio)
-
-  def __call__(self, i: int) -> dict:
-    step, j = divmod(int(i), self.local)
-    position = self.offset + j
-    index = int(batching.train_indices(self.num, self.global_batch, self.seed, step)[position])
-    u = crop_uniforms(self.seed, step, position)
-    candidate = index
-    for attempt in range(_MAX_SUBSTITUTES + 1):
-      if attempt:
-        candidate = substitute_index(self.num, self.seed, index, attempt)
-      try:
-        encoded = self.source.read(candidate)
-      except OSError:
-        encoded = b''
-      crops = two_crops(encoded, u, self.image_size, self.scale, self.ratio)
-      if crops is not None:
-        if attempt:
-          logging.warning('Unreadable image %s (not a readable image file): read %s instead.',
-                          self.source.name(index), self.source.name(candidate))
-        return {'image': crops, 'label': np.int32(self.source.label(candidate)),
-                'index': np.int64(candidate), 'skipped': np.int32(attempt)}
-    raise errors.DataError(f'{_MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
-                     f'{self.source.where} (first: {self.source.name(index)}): is it an image '
-                     'folder?')
-
-
-def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_size: int,
-                  crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), start_step: int = 0,
-                  end_step: Optional[int] = None, process_index: int = 0,
-                  process_count: int = 1, num_threads: int = 4,
-                  num_processes: int = 0, prefetch: int = 2) -> Iterator[dict]:
-  """Yields this process's slice of every global batch from `start_step` on, streamed.
-
-  Batches are {'image': uint8 [b, 2, image_size, image_size, 3] (both
-  views' crops), 'label': int32 [b], 'index': int64 [b] (dataset index
-  read), 'skipped': int32 [b] (unreadable files replaced)}, b = global_batch /
-  process_count. Step s holds the examples `train_indices(N, global_batch,
-  seed, s)` (as the in-memory path), so a run resumed at `start_step`
-  continues the uninterrupted sequence exactly.
-
-  Args:
-    num_threads: grain read threads (per process); each reads whole batches.
-    num_processes: grain worker processes (0: threads in this process only).
-    prefetch: batches buffered ahead (memory: about (num_threads + prefetch)
-      batches in flight per worker process, or in this process without).
-  """
-  import grain  # pylint: disable=g-import-not-at-top
-  num = len(source)
-  if num // global_batch == 0:
-    raise ValueError(f'batch_size={global_batch} is larger than the dataset ({num} examples).')
-  local = batching._local_batch(global_batch, process_count)  # pylint: disable=protected-access
-  end_step = end_step if end_step is not None else 2**40
-  load = LoadExample(source, global_batch=global_batch, seed=seed, process_index=process_index,
-                     process_count=process_count, image_size=image_size, crop_scale=crop_scale,
-                     crop_ratio=crop_ratio)
-  ds = grain.MapDataset.range(start_step * local, end_step * local).map(load)
-  ds = ds.batch(local, drop_remainder=True)
-  threads = max(1, int(num_threads))
-  # In flight: `threads` batches being read, plus `prefetch` ready ones (in the
-  # worker processes' shared-memory queues when there are workers).
-  buffered = threads if num_processes > 0 else threads + max(0, prefetch)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffered))
-  if num_processes > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (pytest, notebooks).
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes),
-                                                     per_worker_buffer_size=max(1, prefetch)),
-                        worker_init_fn=_ignore_ctrl_c)
-  return iter(it)
-
-
-def _ignore_ctrl_c(worker_index: int, worker_count: int):
-  """In each grain worker: a terminal's Ctrl-C reaches the whole process group, but
-  stopping is the train loop's job (`moco_jax.stopping`: finish the step, save, exit 130),
-  so workers must not die of it with a KeyboardInterrupt traceback."""
-  del worker_index, worker_count
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def loader_workers(data_config) -> tuple[int, int]:
-  """(worker processes, threads per process) of the streaming loader.
-
-  data.stream_processes (-1: one per core but one, for the train loop) worker
-  processes, each reading with one thread; without worker processes,
-  data.num_workers threads in this process (Pillow releases the GIL while
-  decoding and resizing, the Python around it does not).
-  """
-  processes = int(data_config.get('stream_processes', -1))
-  if processes < 0:
-    processes = max(1, (os.cpu_count() or 2) - 1)
-  threads = 1 if processes > 0 else max(1, int(data_config.num_workers))
-  return processes, threads
