@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moco_jax import crop_fallback
+
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 # Boxes tried by RandomResizedCrop before it falls back to a centre crop.
@@ -56,14 +58,7 @@ def crop_box_from_uniforms(u: jax.Array, height: int, width: int, scale, ratio) 
   top = jnp.minimum(jnp.floor(u_top * (height - h + 1)), height - h)
   left = jnp.minimum(jnp.floor(u_left * (width - w + 1)), width - w)
   # Fallback: whole image, trimmed to the nearest allowed ratio, centred.
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    fw, fh = width, round(width / ratio[0])
-  elif in_ratio > ratio[1]:
-    fw, fh = round(height * ratio[1]), height
-  else:
-    fw, fh = width, height
-  fallback = jnp.array([(height - fh) // 2, (width - fw) // 2, fh, fw], jnp.float32)
+  fallback = jnp.array(crop_fallback.fallback_box(height, width, ratio), jnp.float32)
   box = jnp.stack([top, left, h, w]).astype(jnp.float32)
   return jnp.where(valid.any(), box, fallback)
 

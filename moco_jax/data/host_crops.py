@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from moco_jax import crop_fallback
 from moco_jax import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
@@ -80,14 +81,7 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray
     top = min(np.floor(u_top * f32(height - h + 1)), f32(height - h))
     left = min(np.floor(u_left * f32(width - w + 1)), f32(width - w))
     return np.array([top, left, h, w], np.int64)
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    fw, fh = width, round(width / ratio[0])
-  elif in_ratio > ratio[1]:
-    fw, fh = round(height * ratio[1]), height
-  else:
-    fw, fh = width, height
-  return np.array([(height - fh) // 2, (width - fw) // 2, fh, fw], np.int64)
+  return np.array(crop_fallback.fallback_box(height, width, ratio), np.int64)
 
 
 def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.ndarray]:
