@@ -205,6 +205,7 @@ def test_streaming_a_folder_needs_no_tensorflow(tmp_path):
 import sys
 sys.modules['tensorflow'] = None  # Any import of TensorFlow now fails.
 from configs import default
+from moco_jax.data import host_crops
 from moco_jax.data import streaming
 
 def main():
