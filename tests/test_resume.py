@@ -32,6 +32,18 @@ def _config(steps=6):
   return config
 
 
+def _sigkill_after_checkpoint(cmd, workdir, env, steps, checkpoint=4) -> bool:
+  """Starts `cmd`, SIGKILLs it once checkpoint `checkpoint` exists; True if it had finished."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return (workdir / 'checkpoints' / str(steps)).is_dir()
+
+
 def _assert_same_state(a, b):
   a, b = jax.device_get(a), jax.device_get(b)
   leaves_a, tree_a = jax.tree.flatten(a)
@@ -140,14 +152,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '4').is_dir() and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  finished_before_kill = (killed / 'checkpoints' / str(steps)).is_dir()
+  finished_before_kill = _sigkill_after_checkpoint(command(killed), killed, env, steps)
   subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=600)
   config = tiny.get_config()
@@ -209,14 +214,7 @@ def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
   assert [r['step'] for r in rows] == list(range(1, steps + 1))
   assert all(np.isfinite(r['train_loss']) for r in rows)
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '4').is_dir() and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  finished_before_kill = (killed / 'checkpoints' / str(steps)).is_dir()
+  finished_before_kill = _sigkill_after_checkpoint(command(killed), killed, env, steps)
   rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                          text=True, timeout=600)
   assert 'Using the cached file list' in rerun.stderr
