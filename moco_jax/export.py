@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from moco_jax import checkpoints
+from moco_jax import files
 from moco_jax import results
 
 # Flax BatchNorm variable -> torchvision BatchNorm2d buffer/parameter.
@@ -157,9 +158,7 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None) 
   params, batch_stats = _backbone_trees(state_or_params, batch_stats)
   state = torchvision_state_dict(params, batch_stats)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **state)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda f: np.savez(f, **state), binary=True)
   if model_config is not None:
     sidecar = os.path.splitext(path)[0] + '.json'
     with open(sidecar, 'w') as f:

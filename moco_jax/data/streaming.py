@@ -42,6 +42,7 @@ from absl import logging
 import numpy as np
 
 from moco_jax import errors
+from moco_jax import files
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import folder
@@ -308,11 +309,8 @@ def _folder_source(data_config) -> FolderSource:
   encoded = np.array([n.encode('utf-8', 'surrogateescape') for n in names], dtype=np.bytes_)
   try:
     os.makedirs(os.path.dirname(index_path), exist_ok=True)
-    tmp = f'.tmp{os.getpid()}'
     for suffix, array in (('.names.npy', encoded), ('.labels.npy', np.asarray(labels, np.int32))):
-      with open(index_path + suffix + tmp, 'wb') as f:
-        np.save(f, array)
-      os.replace(index_path + suffix + tmp, index_path + suffix)
+      files.atomic_write(index_path + suffix, lambda f, a=array: np.save(f, a), binary=True)
     _write_json(index_path + '.json', {'count': len(names), 'class_names': class_names,
                                        'where': where})
   except OSError as e:
@@ -379,8 +377,6 @@ def _read_json(path: str) -> Optional[dict]:
 def _write_json(path: str, value: dict) -> None:
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + f'.tmp{os.getpid()}', 'w') as f:
-      json.dump(value, f)
-    os.replace(path + f'.tmp{os.getpid()}', path)
+    files.atomic_write(path, lambda f: json.dump(value, f))
   except OSError as e:
     logging.warning('Could not write %s (%s); continuing without it.', path, e)
