@@ -5,7 +5,7 @@
 
 Without --config, the run's own DIR/config.json (written when pretraining
 starts) is the config, and --config.a.b=value overrides apply on top of it
-(`moco_jax/run_config.py`): evaluations see the model and data of the
+(`moco_jax/run/run_config.py`): evaluations see the model and data of the
 pretraining run, and `python main.py --workdir=DIR` alone resumes a run.
 A new run (no DIR/config.json yet) needs --config.
 
@@ -14,13 +14,13 @@ latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
 DIR/backbone_torchvision.npz; report writes DIR/report/index.html (curves,
 t-SNE, nearest neighbours, augmentations, confusion matrix) for the latest
-checkpoint. This file only parses flags; the work is in `moco_jax.train`,
-`moco_jax.knn`, `moco_jax.linear_probe`, `moco_jax.export` and
-`moco_jax.report`, which tests call too.
+checkpoint. This file only parses flags; the work is in `moco_jax.training.train`,
+`moco_jax.evaluation.knn`, `moco_jax.evaluation.linear_probe`, `moco_jax.evaluation.export` and
+`moco_jax.evaluation.report`, which tests call too.
 
 Ctrl-C or SIGTERM stops training at the next step, saves it and exits with
 130 (Ctrl-C) or 75 (SIGTERM, EX_TEMPFAIL: rerun until it succeeds); a second
-Ctrl-C aborts at once (`moco_jax/stopping.py`).
+Ctrl-C aborts at once (`moco_jax/run/stopping.py`).
 """
 
 import difflib
@@ -36,15 +36,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from moco_jax import distributed
-from moco_jax import errors
-from moco_jax import export
-from moco_jax import knn
-from moco_jax import linear_probe
-from moco_jax import report
-from moco_jax import run_config
-from moco_jax import stopping
-from moco_jax import train
+from moco_jax.core import errors
+from moco_jax.evaluation import export
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import linear_probe
+from moco_jax.evaluation import report
+from moco_jax.run import distributed
+from moco_jax.run import run_config
+from moco_jax.run import stopping
+from moco_jax.training import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')

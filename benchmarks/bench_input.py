@@ -37,8 +37,8 @@ import numpy as np
 
 from configs import default
 from benchmarks import report
-from moco_jax import augment
-from moco_jax import image_ops
+from moco_jax.augmentation import augment
+from moco_jax.augmentation import image_ops
 from moco_jax.data import batching
 from moco_jax.data import sources
 

@@ -41,7 +41,7 @@ DEVICES = 8
 def _worker(args):
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', DEVICES // args.num_processes)
-  from moco_jax import distributed  # pylint: disable=g-import-not-at-top
+  from moco_jax.run import distributed  # pylint: disable=g-import-not-at-top
   if args.num_processes > 1:
     distributed.initialize(f'127.0.0.1:{args.port}', args.num_processes, args.process_id,
                            heartbeat_timeout_seconds=60, initialization_timeout=120)
@@ -49,7 +49,9 @@ def _worker(args):
   from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from moco_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from moco_jax.core import parallel
+  from moco_jax.training import optim
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config()
   config.batch_size = args.batch

@@ -47,13 +47,13 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import report
-from moco_jax import config_checks
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import state as state_lib
-from moco_jax import train
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.run import config_checks
+from moco_jax.training import optim
+from moco_jax.training import state as state_lib
+from moco_jax.training import train
 
 DOCS_PATH = report.DOCS_PATH
 SECTION = '## Training throughput'

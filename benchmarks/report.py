@@ -10,7 +10,7 @@ import platform
 
 import jax
 
-from moco_jax import files
+from moco_jax.core import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS_PATH = os.path.join(ROOT, 'docs', 'benchmarks.md')

@@ -1,4 +1,4 @@
-"""The config a run was made with: WORKDIR/config.json (see moco_jax/run_config.py).
+"""The config a run was made with: WORKDIR/config.json (see moco_jax/run/run_config.py).
 
   python main.py --mode=knn --config=configs/from_workdir.py:DIR --workdir=DIR
 
@@ -6,7 +6,7 @@
 exists; --config.a.b=v overrides apply on top, as with any config file.
 """
 
-from moco_jax import run_config
+from moco_jax.run import run_config
 
 
 def get_config(workdir: str):

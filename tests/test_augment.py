@@ -23,8 +23,8 @@ from PIL import Image
 import pytest
 
 from configs import default
-from moco_jax import augment
-from moco_jax import image_ops
+from moco_jax.augmentation import augment
+from moco_jax.augmentation import image_ops
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 LUMA = np.array([0.2989, 0.587, 0.114])

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.peer import bench_peer
 from benchmarks import bench_train
-from moco_jax import state as state_lib
+from moco_jax.training import state as state_lib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import pytest
 from configs import imagenet_ablation
 from configs import tiny
 from configs import writeup
-from moco_jax import config_checks
+from moco_jax.run import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ['default', 'tiny', 'imagenette', 'imagewoof', 'imagenet', 'cifar10', 'mocov1',

@@ -17,14 +17,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from moco_jax import export
-from moco_jax import image_ops
 from moco_jax import models
-from moco_jax import moco as moco_lib
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import state as state_lib
-from moco_jax import train
+from moco_jax.augmentation import image_ops
+from moco_jax.core import parallel
+from moco_jax.evaluation import export
+from moco_jax.methods import moco as moco_lib
+from moco_jax.training import optim
+from moco_jax.training import state as state_lib
+from moco_jax.training import train
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -254,7 +254,7 @@ def _torchvision_cases(golden, crops: bool):
 POINT_OPS_LEVELS = 0.1
 # resized_crop: our crop samples the real pixels just outside its box at the
 # border, torchvision's crop-then-resize repeats the box's edge (see
-# moco_jax/augment.py). Inside the 1-pixel output border both agree exactly; on
+# moco_jax/augmentation/augment.py). Inside the 1-pixel output border both agree exactly; on
 # it they differ by up to 34 levels on these images, 0.44 levels on average.
 CROP_BORDER_LEVELS = 40.0
 CROP_MEAN_LEVELS = 0.5

@@ -10,8 +10,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from configs import tiny
-from moco_jax import export
 from moco_jax import models
+from moco_jax.evaluation import export
 
 
 # --------------------------------------------------------------------------

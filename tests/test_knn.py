@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import augment
-from moco_jax import features
-from moco_jax import knn
 from moco_jax import models
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import results
-from moco_jax import train
+from moco_jax.augmentation import augment
+from moco_jax.core import parallel
 from moco_jax.data import sources
+from moco_jax.evaluation import features
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import results
+from moco_jax.training import optim
+from moco_jax.training import train
 
 
 def _unit(x):

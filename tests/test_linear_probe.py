@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import checkpoints
-from moco_jax import features
-from moco_jax import knn
-from moco_jax import linear_probe
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import train
+from moco_jax.core import parallel
+from moco_jax.evaluation import features
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import linear_probe
+from moco_jax.run import checkpoints
+from moco_jax.training import optim
+from moco_jax.training import train
 
 
 def _config(**eval_overrides):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import moco
+from moco_jax.methods import moco
 
 
 def _unit(rng, shape):

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from moco_jax import models
-from moco_jax import parallel
+from moco_jax.core import parallel
 
 
 def _model_config(name, stem='imagenet', head='mlp'):

@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import checkpoints
-from moco_jax import export
-from moco_jax import knn
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import stopping
-from moco_jax import train
+from moco_jax.core import parallel
+from moco_jax.evaluation import export
+from moco_jax.evaluation import knn
+from moco_jax.run import checkpoints
+from moco_jax.run import stopping
+from moco_jax.training import optim
+from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8

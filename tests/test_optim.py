@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from configs import writeup
-from moco_jax import optim
+from moco_jax.training import optim
 
 PARAMS = {'dense': {'kernel': jnp.full((3, 2), 0.5), 'bias': jnp.full((2,), 0.5)}}
 GRADS = {'dense': {'kernel': jnp.full((3, 2), 0.1), 'bias': jnp.full((2,), 0.1)}}

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from configs import tiny
-from moco_jax import train
+from moco_jax.training import train
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
 PER_CLASS = {'train': 24, 'test': 8}

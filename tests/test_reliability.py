@@ -21,15 +21,15 @@ import pytest
 
 from configs import default
 from configs import tiny
-from moco_jax import checkpoints
-from moco_jax import errors
-from moco_jax import guard
-from moco_jax import metrics_writer
-from moco_jax import train
+from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
 from moco_jax.data import sources
 from moco_jax.data import streaming
+from moco_jax.run import checkpoints
+from moco_jax.run import guard
+from moco_jax.run import metrics_writer
+from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

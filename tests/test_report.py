@@ -14,13 +14,13 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from moco_jax import parallel
-from moco_jax import state as state_lib
-from moco_jax import report
-from moco_jax import report_plots
-from moco_jax import train
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.evaluation import report
+from moco_jax.evaluation import report_plots
+from moco_jax.training import state as state_lib
+from moco_jax.training import train
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
 PER_CLASS = {'train': 8, 'test': 4}

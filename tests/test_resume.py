@@ -14,12 +14,12 @@ import pytest
 
 from configs import imagenet
 from configs import tiny
-from moco_jax import checkpoints
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import stopping
-from moco_jax import train
+from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax.run import checkpoints
+from moco_jax.run import stopping
+from moco_jax.training import optim
+from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,9 +6,9 @@ import pytest
 
 from configs import imagenette
 from configs import tiny
-from moco_jax import metrics_writer
-from moco_jax import run_config
 from moco_jax.data import dataset
+from moco_jax.run import metrics_writer
+from moco_jax.run import run_config
 
 
 def _saved_run(tmp_path):

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from moco_jax import run_config
-from moco_jax import stopping
-from moco_jax import train
+from moco_jax.run import run_config
+from moco_jax.run import stopping
+from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,8 +15,8 @@ import pytest
 from configs import default
 from moco_jax.data import batching
 from moco_jax.data import folder
-from moco_jax.data import streaming
 from moco_jax.data import host_crops
+from moco_jax.data import streaming
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -54,7 +54,7 @@ def _take(source, steps, **kwargs):
 
 def test_crop_box_is_the_twin_of_the_device_sampler():
   jax = pytest.importorskip('jax')
-  from moco_jax import image_ops  # pylint: disable=g-import-not-at-top
+  from moco_jax.augmentation import image_ops  # pylint: disable=g-import-not-at-top
   assert host_crops.CROP_UNIFORMS == image_ops.CROP_UNIFORMS
   rng = np.random.default_rng(0)
   u = rng.random((300, host_crops.CROP_UNIFORMS), dtype=np.float32)

@@ -10,12 +10,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from moco_jax import moco
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import train
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.methods import moco
+from moco_jax.training import optim
+from moco_jax.training import train
 
 AXIS = parallel.AXIS
 

@@ -229,7 +229,7 @@ def ours_aug_worker(args) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from moco_jax import augment  # pylint: disable=g-import-not-at-top
+  from moco_jax.augmentation import augment  # pylint: disable=g-import-not-at-top
 
   aug = default.get_config().aug
   size = args.image_size

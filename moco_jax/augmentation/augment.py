@@ -2,7 +2,7 @@
 
 Two random views of each image are made inside the jit-compiled train step
 instead of on the host, because a 2-core host cannot run torchvision-style
-augmentation fast enough to feed a GPU. Each op (`moco_jax.image_ops`) works on one float image
+augmentation fast enough to feed a GPU. Each op (`moco_jax.augmentation.image_ops`) works on one float image
 [H, W, 3] in [0, 1] and is vmapped over the batch; a per-example random choice
 (jitter on/off, blur on/off, ...) is a `jnp.where`, so every example runs the
 same program and XLA sees static shapes.
@@ -37,7 +37,7 @@ Known differences from the reference (PIL) pipeline, all deliberate:
 import jax
 import jax.numpy as jnp
 
-from moco_jax import image_ops
+from moco_jax.augmentation import image_ops
 
 # Uniforms one view consumes: crop, 4 jitter factors, jitter order (4),
 # jitter on, grayscale on, blur sigma, blur on, flip.

@@ -1,7 +1,7 @@
 """The per-image ops of MoCo's augmentations, with torchvision's tensor semantics.
 
 Each op works on one float image [H, W, 3] in [0, 1] (vmapped over a batch by
-`moco_jax.augment`) with static shapes, so a per-example random choice is a
+`moco_jax.augmentation.augment`) with static shapes, so a per-example random choice is a
 `jnp.where` and XLA sees one program. The formulas are those of
 `torchvision.transforms.v2.functional` on tensors; `augment`'s docstring lists
 the deliberate differences from the PIL pipeline the paper used.
@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moco_jax import crop_fallback
+from moco_jax.augmentation import crop_fallback
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)

@@ -13,7 +13,7 @@ import os
 from absl import logging
 import numpy as np
 
-from moco_jax import files
+from moco_jax.core import files
 
 # Bump when decoding/resizing changes, so stale caches are not reused.
 CACHE_VERSION = 2  # 2: 16-bit and float images scaled to 8 bits (were clipped).

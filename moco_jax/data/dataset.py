@@ -11,7 +11,7 @@ from typing import Iterable
 from absl import logging
 import numpy as np
 
-from moco_jax import errors
+from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import decode
 

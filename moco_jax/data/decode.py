@@ -13,7 +13,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from moco_jax import errors
+from moco_jax.core import errors
 
 # Errors Pillow raises for truncated, corrupt or non-image files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

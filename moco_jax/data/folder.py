@@ -15,7 +15,7 @@ import zlib
 from absl import logging
 from PIL import Image
 
-from moco_jax import errors
+from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode

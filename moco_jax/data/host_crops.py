@@ -26,8 +26,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from moco_jax import crop_fallback
-from moco_jax import errors
+from moco_jax.augmentation import crop_fallback
+from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
 from moco_jax.data.streaming import StreamSource
@@ -225,7 +225,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
 
 def _ignore_ctrl_c(worker_index: int, worker_count: int):
   """In each grain worker: a terminal's Ctrl-C reaches the whole process group, but
-  stopping is the train loop's job (`moco_jax.stopping`: finish the step, save, exit 130),
+  stopping is the train loop's job (`moco_jax.run.stopping`: finish the step, save, exit 130),
   so workers must not die of it with a KeyboardInterrupt traceback."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -2,7 +2,7 @@
 
 The host only decodes (and caches) images at a fixed square size S; random
 crops, colour jitter, blur and flips run on the accelerator
-(`moco_jax.augment`). Keeping the host's work to one decode per image per run
+(`moco_jax.augmentation.augment`). Keeping the host's work to one decode per image per run
 (and none on a warm cache) is what lets a 2-core host feed a GPU: per step the
 host only gathers rows of one big uint8 array (`moco_jax.data.batching`).
 
@@ -22,7 +22,7 @@ Every process loads the whole split and takes its own slice of each batch.
 
 import numpy as np
 
-from moco_jax import errors
+from moco_jax.core import errors
 from moco_jax.data import folder
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import ImageDataset, image_side, split_field

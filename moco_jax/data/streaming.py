@@ -41,8 +41,8 @@ from typing import Optional
 from absl import logging
 import numpy as np
 
-from moco_jax import errors
-from moco_jax import files
+from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import folder

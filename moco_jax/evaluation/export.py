@@ -26,9 +26,9 @@ import re
 import jax
 import numpy as np
 
-from moco_jax import checkpoints
-from moco_jax import files
-from moco_jax import results
+from moco_jax.core import files
+from moco_jax.evaluation import results
+from moco_jax.run import checkpoints
 
 # Flax BatchNorm variable -> torchvision BatchNorm2d buffer/parameter.
 _BN_PARAMS = {'scale': 'weight', 'bias': 'bias'}

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import augment
-from moco_jax import checkpoints
 from moco_jax import models
-from moco_jax import moco
-from moco_jax import parallel
-from moco_jax import state as state_lib
+from moco_jax.augmentation import augment
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data.dataset import ImageDataset
+from moco_jax.methods import moco
+from moco_jax.run import checkpoints
+from moco_jax.training import state as state_lib
 
 
 def eval_batch_size(requested: int, num_devices: int) -> int:

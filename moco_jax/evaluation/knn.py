@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax import errors
-from moco_jax import features
 from moco_jax import models
-from moco_jax import parallel
-from moco_jax import results
+from moco_jax.core import errors
+from moco_jax.core import parallel
 from moco_jax.data import sources
+from moco_jax.evaluation import features
+from moco_jax.evaluation import results
 
 # Eval images per kNN chunk: the similarity block is [chunk, num_train] float32,
 # 256 x 50,000 x 4 bytes = 51 MB for CIFAR-10, whatever the eval split's size.

@@ -44,12 +44,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from moco_jax import errors
-from moco_jax import features
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import results
+from moco_jax.core import errors
+from moco_jax.core import parallel
 from moco_jax.data import sources
+from moco_jax.evaluation import features
+from moco_jax.evaluation import results
+from moco_jax.training import optim
 
 PROTOCOLS = ('standardized', 'raw')
 

@@ -20,7 +20,7 @@ self-supervised run:
 and the run's config (WORKDIR/config.json) and eval.json figures as tables.
 Features are those of the kNN evaluation (`features.extract_features`: eval view,
 inference-mode BatchNorm, no head, L2-normalised). The arrays are gathered here
-and drawn by `moco_jax.report_plots`.
+and drawn by `moco_jax.evaluation.report_plots`.
 """
 
 import functools
@@ -37,20 +37,20 @@ import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
-from moco_jax import augment
-from moco_jax import checkpoints
-from moco_jax import features
-from moco_jax import files
-from moco_jax import knn
 from moco_jax import models
-from moco_jax import parallel
-from moco_jax import report_plots
-from moco_jax import results
-from moco_jax import state as state_lib
+from moco_jax.augmentation import augment
+from moco_jax.core import files
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.data.dataset import ImageDataset
+from moco_jax.evaluation import features
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import report_plots
+from moco_jax.evaluation import results
+from moco_jax.run import checkpoints
+from moco_jax.training import state as state_lib
 
 REPORT_DIR = 'report'
 NUM_QUERIES = 16  # Eval images of the neighbour grid.

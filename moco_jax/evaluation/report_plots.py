@@ -4,7 +4,7 @@ matplotlib draws the plots (through `matplotlib.figure.Figure`, which renders
 with Agg and touches no global pyplot state) and Pillow the image grids. Each
 function writes one PNG of a fixed pixel size, the same for any dataset, so a
 report reads the same for CIFAR-10 at 32 px and Imagenette at 128 px; the
-sizes are module constants that the tests check. `moco_jax.report` gathers
+sizes are module constants that the tests check. `moco_jax.evaluation.report` gathers
 the arrays and writes the HTML page around these pictures.
 """
 

@@ -16,8 +16,8 @@ import os
 from absl import logging
 import jax
 
-from moco_jax import files
-from moco_jax import metrics_writer
+from moco_jax.core import files
+from moco_jax.run import metrics_writer
 
 RESULTS_FILE = 'eval.json'
 

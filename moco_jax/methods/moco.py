@@ -4,7 +4,7 @@ What a reader looks for when they open MoCo: the L2-normalised query and key
 embeddings, the logits [q.k+, q.queue^T] / T and InfoNCE, the FIFO queue of
 negatives (created and enqueued), the key encoder run under Shuffle BN, and
 the momentum (EMA) update of the key encoder. Everything here is written for
-one device with `'data'` collectives (`moco_jax.parallel.AXIS`); the loop,
+one device with `'data'` collectives (`moco_jax.core.parallel.AXIS`); the loop,
 the optimiser and the data live elsewhere.
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moco_jax import parallel
+from moco_jax.core import parallel
 
 
 @dataclasses.dataclass(frozen=True)

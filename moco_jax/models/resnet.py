@@ -1,7 +1,7 @@
 """ResNet encoders with a MoCo projection head (Flax Linen).
 
 The layout follows torchvision's ResNet so that exported weights map one to one
-onto `torchvision.models.resnet18/50` (see `moco_jax.export`). BatchNorm is our
+onto `torchvision.models.resnet18/50` (see `moco_jax.evaluation.export`). BatchNorm is our
 own module because MoCo needs three kinds of batch statistics: per device,
 synchronised across devices (`axis_name`) and split into groups within one
 device (`num_splits`, the official single-GPU emulation of Shuffle BN).
@@ -228,7 +228,7 @@ class MoCoEncoder(nn.Module):
     return self.head(features)
 
 
-_ARCHS = {
+ARCHS = {
     'resnet18': ((2, 2, 2, 2), BasicBlock),
     'resnet34': ((3, 4, 6, 3), BasicBlock),
     'resnet50': ((3, 4, 6, 3), Bottleneck),
@@ -240,9 +240,9 @@ _ARCHS = {
 def create_backbone(model_config, *, bn_splits: int = 1,
                     bn_axis_name: Optional[str] = None) -> ResNet:
   """Builds the ResNet named by `model_config.name`."""
-  if model_config.name not in _ARCHS:
-    raise ValueError(f'model.name={model_config.name!r}: expected one of {sorted(_ARCHS)}.')
-  stage_sizes, block_cls = _ARCHS[model_config.name]
+  if model_config.name not in ARCHS:
+    raise ValueError(f'model.name={model_config.name!r}: expected one of {sorted(ARCHS)}.')
+  stage_sizes, block_cls = ARCHS[model_config.name]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=model_config.width,
                 stem=model_config.stem, dtype=jnp.dtype(model_config.dtype),
                 bn_splits=bn_splits, bn_axis_name=bn_axis_name)

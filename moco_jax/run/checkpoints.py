@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 
 from absl import logging
 
-from moco_jax import errors
 from moco_jax import models
+from moco_jax.core import errors
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -186,7 +186,7 @@ def describe_backbone(param_shapes: dict) -> str:
   stage_sizes = tuple(blocks[s] for s in sorted(blocks))
   bottleneck = 'layer1_0/conv3/kernel' in param_shapes
   name = 'custom resnet'
-  for arch, (sizes, block_cls) in models._ARCHS.items():  # pylint: disable=protected-access
+  for arch, (sizes, block_cls) in models.ARCHS.items():
     if tuple(sizes) == stage_sizes and (block_cls is models.Bottleneck) == bottleneck:
       name = arch
   last = f'layer{len(stage_sizes)}_{stage_sizes[-1] - 1}/' if stage_sizes else ''

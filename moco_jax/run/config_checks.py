@@ -9,8 +9,8 @@ import numbers
 
 import ml_collections
 
-from moco_jax import errors
-from moco_jax import moco
+from moco_jax.core import errors
+from moco_jax.methods import moco
 
 _CHOICES = {
     ('model', 'name'): ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny'),

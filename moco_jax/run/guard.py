@@ -23,8 +23,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from moco_jax import checkpoints
-from moco_jax import errors
+from moco_jax.core import errors
+from moco_jax.run import checkpoints
 
 # Fields whose change makes an existing checkpoint (or the data order after it)
 # mean something else. Optimiser, augmentation, logging and evaluation fields may

@@ -13,7 +13,7 @@ import time
 from absl import logging
 import numpy as np
 
-from moco_jax import files
+from moco_jax.core import files
 
 
 def average(rows):

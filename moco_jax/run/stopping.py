@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from moco_jax import parallel
+from moco_jax.core import parallel
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 EXIT_INTERRUPTED = 130  # 128 + SIGINT

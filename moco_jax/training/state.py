@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moco_jax import moco
+from moco_jax.methods import moco
 
 
 @flax.struct.dataclass

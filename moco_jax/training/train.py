@@ -18,22 +18,22 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import augment
-from moco_jax import checkpoints
-from moco_jax import config_checks
-from moco_jax import guard
-from moco_jax import knn
-from moco_jax import metrics_writer
 from moco_jax import models
-from moco_jax import moco as moco_lib
-from moco_jax import optim
-from moco_jax import parallel
-from moco_jax import state as state_lib
-from moco_jax import stopping
+from moco_jax.augmentation import augment
+from moco_jax.core import parallel
 from moco_jax.data import batching
-from moco_jax.data import sources
 from moco_jax.data import host_crops
+from moco_jax.data import sources
 from moco_jax.data import streaming
+from moco_jax.evaluation import knn
+from moco_jax.methods import moco as moco_lib
+from moco_jax.run import checkpoints
+from moco_jax.run import config_checks
+from moco_jax.run import guard
+from moco_jax.run import metrics_writer
+from moco_jax.run import stopping
+from moco_jax.training import optim
+from moco_jax.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)

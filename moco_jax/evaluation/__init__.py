@@ -1,0 +1,1 @@
+"""Frozen-backbone evaluation: features, kNN, linear probes, export and the report."""

@@ -1,0 +1,1 @@
+"""The train state, the optimisers and schedules, the sharded step and the pretraining loop."""
