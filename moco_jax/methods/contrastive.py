@@ -1,47 +1,18 @@
-"""The MoCo algorithm in one place, as the official `moco/builder.py`.
+"""The pieces contrastive methods share: embeddings, InfoNCE, the queue, Shuffle BN, EMA.
 
-What a reader looks for when they open MoCo: the L2-normalised query and key
-embeddings, the logits [q.k+, q.queue^T] / T and InfoNCE, the FIFO queue of
-negatives (created and enqueued), the key encoder run under Shuffle BN, and
-the momentum (EMA) update of the key encoder. Everything here is written for
-one device with `'data'` collectives (`moco_jax.core.parallel.AXIS`); the loop,
-the optimiser and the data live elsewhere.
+The L2-normalised embeddings, the logits [q.k+, q.negatives^T] / T and
+InfoNCE as cross-entropy, the FIFO queue of negatives (created and enqueued
+with the all-gathered keys), an encoder run under Shuffle BN, and the
+momentum (EMA) update. MoCo (`methods/moco.py`) is made of them; the other
+methods take the ones they need. Everything here is written for one device
+with `'data'` collectives (`moco_jax.core.parallel.AXIS`).
 """
-
-import dataclasses
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from moco_jax.core import parallel
-
-
-@dataclasses.dataclass(frozen=True)
-class MoCo:
-  """Static pieces of the algorithm (hashable: closed over, never traced).
-
-  Attributes:
-    encoder: the Flax encoder (backbone + head), used for queries and keys:
-      the two differ only by their parameters.
-    temperature: T of InfoNCE.
-    momentum: m of the key-encoder EMA.
-    shuffle_keys: Shuffle BN: permute the global key batch across devices
-      before the key encoder and restore the order after.
-  """
-  encoder: Any
-  temperature: float
-  momentum: float
-  shuffle_keys: bool
-
-
-class MocoAux(NamedTuple):
-  """What `moco_loss` returns beside the loss."""
-  keys: jax.Array  # [local_batch, dim] L2-normalised, no gradient.
-  query_batch_stats: Any
-  key_batch_stats: Any
-  accuracy: jax.Array
 
 
 # --------------------------------------------------------------------------
@@ -68,17 +39,29 @@ def moco_logits(queries: jax.Array, keys: jax.Array, queue: jax.Array,
   return jnp.concatenate([positive, negative], axis=1) / temperature
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array):
+  """(mean cross-entropy, accuracy) of float32 `logits` [N, C] against int `labels` [N].
+
+  InfoNCE is this with the positive's column as the label; accuracy is the
+  fraction of rows whose positive scores above every negative (a cheap health
+  signal: it rises from ~0).
+  """
+  positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive)
+  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+  return loss, accuracy
+
+
 def infonce_loss(queries, keys, queue, temperature):
-  """Mean InfoNCE: cross-entropy with label 0 over `moco_logits`.
+  """Mean InfoNCE over `moco_logits`: cross-entropy with label 0.
 
   Returns:
-    (loss, accuracy), accuracy being the fraction of queries whose positive key
-    scores above every negative (a cheap health signal: it rises from ~0).
+    (loss, accuracy), see `cross_entropy`.
   """
   logits = moco_logits(queries, keys, queue, temperature)
+  # `cross_entropy` with labels 0, written with a slice: the positive is column 0.
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
-  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == 0)
-  return loss, accuracy
+  return loss, jnp.mean(jnp.argmax(logits, axis=1) == 0)
 
 
 # --------------------------------------------------------------------------
@@ -128,8 +111,8 @@ def bn_groups_per_device(bn_mode: str, bn_splits: int, num_devices: int) -> int:
   return max(1, 8 // num_devices)
 
 
-def encode_keys(moco: MoCo, key_params, key_batch_stats, images, rng):
-  """Runs the key encoder; with Shuffle BN, on a permutation of the global batch.
+def encode_keys(encoder, key_params, key_batch_stats, images, rng, shuffle: bool):
+  """Runs the key encoder; with Shuffle BN (`shuffle`), on a permutation of the global batch.
 
   Every device draws the same permutation of the all-gathered batch, encodes
   its slice of it, and then takes back, from the all-gathered outputs, the rows
@@ -142,41 +125,18 @@ def encode_keys(moco: MoCo, key_params, key_batch_stats, images, rng):
   axis = parallel.AXIS
   variables = {'params': key_params, 'batch_stats': key_batch_stats}
   local = images.shape[0]
-  if moco.shuffle_keys:
+  if shuffle:
     device = jax.lax.axis_index(axis)
     everyone = jax.lax.all_gather(images, axis, tiled=True)
     perm = jax.random.permutation(rng, everyone.shape[0])
     mine = jax.lax.dynamic_slice_in_dim(everyone[perm], device * local, local)
-    keys, updates = moco.encoder.apply(variables, mine, train=True, mutable=['batch_stats'])
+    keys, updates = encoder.apply(variables, mine, train=True, mutable=['batch_stats'])
     all_keys = jax.lax.all_gather(keys, axis, tiled=True)
     unshuffled = all_keys[jnp.argsort(perm)]
     keys = jax.lax.dynamic_slice_in_dim(unshuffled, device * local, local)
   else:
-    keys, updates = moco.encoder.apply(variables, images, train=True, mutable=['batch_stats'])
+    keys, updates = encoder.apply(variables, images, train=True, mutable=['batch_stats'])
   return l2_normalize(keys), updates['batch_stats']
-
-
-def moco_loss(query_params, key_params, state, query_view, key_view, shuffle_rng, moco: MoCo):
-  """InfoNCE of this device's queries against its keys and the queue.
-
-  Both parameter trees are arguments so that tests can differentiate with
-  respect to each: the keys pass through `stop_gradient`, so the key encoder
-  gets no gradient and only moves by the momentum update.
-
-  Args:
-    state: the TrainState (its batch stats and queue are read).
-
-  Returns:
-    (loss, MocoAux).
-  """
-  keys, key_batch_stats = encode_keys(moco, key_params, state.key_batch_stats, key_view,
-                                      shuffle_rng)
-  keys = jax.lax.stop_gradient(keys)
-  variables = {'params': query_params, 'batch_stats': state.query_batch_stats}
-  queries, updates = moco.encoder.apply(variables, query_view, train=True,
-                                        mutable=['batch_stats'])
-  loss, accuracy = infonce_loss(l2_normalize(queries), keys, state.queue, moco.temperature)
-  return loss, MocoAux(keys, updates['batch_stats'], key_batch_stats, accuracy)
 
 
 def momentum_update(query_params, key_params, momentum: float):
