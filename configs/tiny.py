@@ -1,6 +1,7 @@
 """Tiny MoCo v2 for tests and smoke runs: a 4-block ResNet on 32 px synthetic images.
 
   python main.py --config=configs/tiny.py --workdir=/tmp/moco_tiny
+  python main.py --config=configs/tiny.py:mocov3_vit --workdir=/tmp/mocov3_tiny
 
 Runs in well under a minute on a 2-core CPU. Expected result: none (random
 data); it proves the whole path (step, checkpoints, metrics) works.
@@ -9,8 +10,14 @@ data); it proves the whole path (step, checkpoints, metrics) works.
 from configs import default
 
 
-def get_config():
-  """Tiny model, tiny queue, synthetic data, a few steps."""
+def get_config(variant: str = ''):
+  """Tiny model, tiny queue, synthetic data, a few steps; `variant` 'mocov3_resnet' |
+  'mocov3_vit' (`--config=configs/tiny.py:mocov3_vit`) gives tiny MoCo v3 instead."""
+  if variant:
+    variants = {'mocov3_resnet': mocov3_resnet, 'mocov3_vit': mocov3_vit}
+    if variant not in variants:
+      raise ValueError(f'configs/tiny.py:{variant}: expected one of {sorted(variants)}.')
+    return variants[variant]()
   config = default.get_config()
   config.model.name = 'resnet_tiny'
   config.model.stem = 'cifar'
@@ -26,3 +33,35 @@ def get_config():
   config.checkpoint_every_steps = 4
   config.eval.knn_every_epochs = -1
   return config
+
+
+def _mocov3(config, name: str):
+  """Tiny MoCo v3 on the tiny data: a narrow MLP, the v3 recipe's optimiser of `name`'s family."""
+  config.method = 'mocov3'
+  config.model.embed_dim = 16
+  config.model.mlp_dim = 32
+  config.mocov3.momentum = 0.99
+  if name == 'vit':
+    config.model.name = 'vit_tiny'  # patch 4 on 32 px: 64 tokens.
+    config.mocov3.temperature = 0.2
+    config.optim.name = 'adamw'
+    config.optim.base_lr = 1.5e-4
+    config.optim.weight_decay = 0.1
+  else:
+    config.model.zero_init_residual = True
+    config.mocov3.temperature = 1.0
+    config.optim.name = 'lars_mocov3'
+    config.optim.base_lr = 0.6
+    config.optim.weight_decay = 1e-6
+  config.optim.warmup_epochs = 1.0
+  return config
+
+
+def mocov3_resnet():
+  """`--config=configs/tiny.py:mocov3_resnet`: MoCo v3 with the tiny ResNet, LARS, T 1."""
+  return _mocov3(get_config(), 'resnet')
+
+
+def mocov3_vit():
+  """`--config=configs/tiny.py:mocov3_vit`: MoCo v3 with a 2-block ViT (patch 4), AdamW, T 0.2."""
+  return _mocov3(get_config(), 'vit')

@@ -62,7 +62,7 @@ def _feature_fn(backbone, image_size: int, mean: tuple, std: tuple, dtype: str, 
 
 def backbone_variables(params, batch_stats) -> dict:
   """The backbone's variables out of an encoder's (query) params and batch stats."""
-  return {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}
+  return {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
 
 
 def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,

@@ -15,7 +15,7 @@ from moco_jax.methods import registry
 from moco_jax.training import optim
 
 _CHOICES = {
-    ('model', 'name'): tuple(models.ARCHS),
+    ('model', 'name'): models.NAMES,
     ('model', 'stem'): ('imagenet', 'cifar'),
     ('model', 'head'): ('mlp', 'linear'),
     ('model', 'dtype'): ('float32', 'bfloat16'),
