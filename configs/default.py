@@ -87,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug.jitter_prob = 0.8  # Probability of colour jitter (v1: 1.0).
   config.aug.grayscale_prob = 0.2  # Probability of grayscale.
   config.aug.blur_prob = 0.5  # Probability of Gaussian blur (v1: 0.0).
+  # Second (key) view's own probabilities; -1: the same as the first view's (MoCo v2).
+  # MoCo v3 (BYOL): blur 1.0 / 0.1, solarize 0.0 / 0.2.
+  config.aug.second_view_blur_prob = -1.0
+  config.aug.solarize_prob = 0.0  # Probability of solarize (pixels >= 128/255 -> 1 - x).
+  config.aug.second_view_solarize_prob = -1.0
   config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range (kernel ~10% of image_size).
   config.aug.flip = True  # Random horizontal flip.
   config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).

@@ -8,6 +8,7 @@ data); it proves the whole path (step, checkpoints, metrics) works.
 """
 
 from configs import default
+from configs import mocov3_base
 
 
 def get_config(variant: str = ''):
@@ -35,25 +36,16 @@ def get_config(variant: str = ''):
   return config
 
 
-def _mocov3(config, name: str):
-  """Tiny MoCo v3 on the tiny data: a narrow MLP, the v3 recipe's optimiser of `name`'s family."""
-  config.method = 'mocov3'
+def _mocov3(config, family: str):
+  """Tiny MoCo v3: the recipe of `family` (configs/mocov3_base.py) on the tiny model and data."""
+  mocov3_base.apply(config, family)
+  config.batch_size = 64
+  config.num_epochs = 2
   config.model.embed_dim = 16
   config.model.mlp_dim = 32
-  config.mocov3.momentum = 0.99
-  if name == 'vit':
-    config.model.name = 'vit_tiny'  # patch 4 on 32 px: 64 tokens.
-    config.mocov3.temperature = 0.2
-    config.optim.name = 'adamw'
-    config.optim.base_lr = 1.5e-4
-    config.optim.weight_decay = 0.1
-  else:
-    config.model.zero_init_residual = True
-    config.mocov3.temperature = 1.0
-    config.optim.name = 'lars_mocov3'
-    config.optim.base_lr = 0.6
-    config.optim.weight_decay = 1e-6
   config.optim.warmup_epochs = 1.0
+  if family == 'vit':
+    config.model.name = 'vit_tiny'  # Patch 4 on 32 px: 64 tokens of width 16.
   return config
 
 

@@ -386,3 +386,75 @@ def test_mocov3_config_checks_name_the_field():
   config.method, config.mocov3.temperature = 'mocov3', 0.0
   with pytest.raises(Exception, match='config.mocov3.temperature'):
     mocov3.MoCoV3.check_config(config, 1)
+
+
+# --------------------------------------------------------------------------
+# BYOL's asymmetric augmentation.
+
+
+def test_mocov3_solarize_and_per_view_probabilities():
+  """Identity crop, no jitter/gray/blur/flip: view 1 = x, view 2 = solarize(x) (p 0 / 1)."""
+  from moco_jax.augmentation import augment  # pylint: disable=g-import-not-at-top
+  from moco_jax.augmentation import image_ops  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  aug = config.aug
+  aug.crop_scale, aug.crop_ratio = (1.0, 1.0), (1.0, 1.0)
+  aug.jitter_prob, aug.grayscale_prob, aug.blur_prob, aug.flip = 0.0, 0.0, 0.0, False
+  aug.mean, aug.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  aug.solarize_prob, aug.second_view_solarize_prob = 0.0, 1.0
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+  first, second = augment.two_views(jax.random.PRNGKey(0), jnp.asarray(images), jnp.arange(3),
+                                    aug, 8)
+  x = images.astype(np.float32) / 255.0
+  np.testing.assert_allclose(first, x, atol=1e-6)
+  # PIL's ImageOps.solarize on uint8: 255 - v for v >= 128, as floats.
+  expected = np.where(images >= 128, 255 - images.astype(np.int32), images) / 255.0
+  np.testing.assert_allclose(second, expected, atol=1e-6)
+  np.testing.assert_array_equal(image_ops.solarize(jnp.asarray([0.5, 0.502, 1.0])),
+                                np.float32([0.5, 1 - np.float32(0.502), 0.0]))
+  assert augment.view_probs(aug, 'blur') == (0.0, 0.0)
+  aug.blur_prob, aug.second_view_blur_prob = 1.0, 0.1
+  assert augment.view_probs(aug, 'blur') == (1.0, 0.1)
+
+
+# --------------------------------------------------------------------------
+# Resume and evaluation.
+
+
+def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
+  """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
+  import time  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import batching  # pylint: disable=g-import-not-at-top
+  from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config('mocov3_vit')
+  config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
+  straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
+  workdir = tmp_path / 'resumed'
+  real_batches = batching.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == 3:
+        deadline = time.time() + 60
+        while not (workdir / 'checkpoints' / '2').is_dir() and time.time() < deadline:
+          time.sleep(0.1)
+        raise KeyboardInterrupt('simulated kill')
+      yield batch
+
+  monkeypatch.setattr(batching, 'train_batches', crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.setattr(batching, 'train_batches', real_batches)
+  resumed = jax.device_get(train.train_and_evaluate(config, str(workdir)))
+  leaves_a, tree_a = jax.tree.flatten(straight)
+  leaves_b, tree_b = jax.tree.flatten(resumed)
+  assert tree_a == tree_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(resumed.method_state.step) == 4
+  # Every evaluation reads the ViT backbone from the checkpoint: class-token features.
+  backbone, variables, step, _ = features.load_backbone(config, str(workdir))
+  assert step == 4
+  out = backbone.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
+  assert out.shape == (2, models.VIT_ARCHS['vit_tiny'][1])
