@@ -6,7 +6,7 @@ configs/tiny.py:mocov3_* call `apply` and then set their model and data.
 The recipe table, with the paper's numbers, is in docs/mocov3.md.
 """
 
-from configs import default
+from configs import imagenet
 
 
 def apply(config, family: str):
@@ -57,22 +57,13 @@ def apply(config, family: str):
   return config
 
 
-def imagenet(config):
-  """ImageNet-1k data at 224 px, as configs/imagenet.py."""
-  config.model.stem = 'imagenet'
-  config.data.source = 'tfds'
-  config.data.name = 'imagenet2012'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.image_size = 224
-  config.data.cache_ratio = 256 / 224
-  config.eval.knn_every_epochs = 10
-  config.checkpoint_every_steps = 1000
-  return config
-
-
 def get_config():
   """The R50 recipe on ImageNet (same as configs/mocov3_r50.py)."""
-  config = apply(default.get_config(), 'resnet')
-  config.model.name = 'resnet50'
-  return imagenet(config)
+  return on_imagenet('resnet50')
+
+
+def on_imagenet(model_name: str):
+  """The recipe of `model_name`'s family on configs/imagenet.py's data (224 px ImageNet-1k)."""
+  config = apply(imagenet.get_config(), 'vit' if model_name.startswith('vit') else 'resnet')
+  config.model.name = model_name
+  return config

@@ -9,7 +9,7 @@ at 32 px (its kernel would be 3 taps), solarize kept on view 2. No published
 reference numbers: docs/mocov3.md has our short-run kNN beside the floor.
 """
 
-from configs import default
+from configs import cifar10
 from configs import mocov3_base
 
 
@@ -17,22 +17,13 @@ def get_config(variant: str = 'resnet18'):
   if variant not in ('resnet18', 'vit_small'):
     raise ValueError(f"configs/mocov3_cifar10.py:{variant}: expected 'resnet18' or 'vit_small'.")
   vit = variant.startswith('vit')
-  config = mocov3_base.apply(default.get_config(), 'vit' if vit else 'resnet')
+  # configs/cifar10.py's data, normalisation and logging; the v3 recipe on top.
+  config = mocov3_base.apply(cifar10.get_config(), 'vit' if vit else 'resnet')
   config.model.name = variant
-  config.model.stem = 'cifar'
   if vit:
     config.model.patch_size = 4
-  config.data.source = 'tfds'
-  config.data.name = 'cifar10'
-  config.data.train_split, config.data.eval_split = 'train', 'test'
-  config.data.image_size = 32
   config.batch_size = 512
   config.num_epochs = 200
   config.optim.warmup_epochs = 10.0
   config.aug.blur_prob, config.aug.second_view_blur_prob = 0.0, -1.0
-  config.aug.mean = (0.4914, 0.4822, 0.4465)
-  config.aug.std = (0.2023, 0.1994, 0.2010)
-  config.eval.knn_every_epochs = 10
-  config.log_every_steps = 20
-  config.checkpoint_every_steps = 500
   return config

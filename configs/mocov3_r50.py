@@ -11,11 +11,8 @@ also --config.optim.weight_decay=1.5e-6 --config.mocov3.momentum=0.996).
 Paper linear top-1: 68.9 / 72.8 / 74.6 (100 / 300 / 1000 epochs), on 16 V100.
 """
 
-from configs import default
 from configs import mocov3_base
 
 
 def get_config():
-  config = mocov3_base.apply(default.get_config(), 'resnet')
-  config.model.name = 'resnet50'
-  return mocov3_base.imagenet(config)
+  return mocov3_base.on_imagenet('resnet50')

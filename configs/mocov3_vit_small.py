@@ -9,11 +9,8 @@ projection (stop_grad_conv1), fixed 2-D sin-cos position embedding; projector
 3 layers, predictor 2 (4096 hidden, 256 out). Paper linear top-1: 73.2.
 """
 
-from configs import default
 from configs import mocov3_base
 
 
 def get_config():
-  config = mocov3_base.apply(default.get_config(), 'vit')
-  config.model.name = 'vit_small'
-  return mocov3_base.imagenet(config)
+  return mocov3_base.on_imagenet('vit_small')
