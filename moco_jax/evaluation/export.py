@@ -26,6 +26,8 @@ import re
 import jax
 import numpy as np
 
+from moco_jax import models
+from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.evaluation import results
 from moco_jax.run import checkpoints
@@ -172,6 +174,10 @@ def run_export(config, workdir: str) -> str:
 
   With several processes, every one restores and process 0 alone writes.
   """
+  if models.is_vit(config.model):
+    raise errors.ConfigError(
+        f'--mode=export writes a torchvision ResNet; config.model.name={config.model.name!r} is '
+        'a ViT: read params["backbone"] from the checkpoint instead (docs/mocov3.md).')
   params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
   path = os.path.join(workdir, 'backbone_torchvision.npz')
   if jax.process_index() == 0:
