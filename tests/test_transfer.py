@@ -7,9 +7,13 @@ run unedited, made of them. Renaming and transposing do no arithmetic, so the
 values must match exactly.
 """
 
+import copy
+import functools
 import io
 import os
 import pickle
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,14 @@ import pytest
 from configs import tiny
 from moco_jax import models
 from moco_jax.core import errors
+from moco_jax.core import parallel
 from moco_jax.evaluation import export
+from moco_jax.evaluation import features
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import official_weights
+from moco_jax.training import optim
+from moco_jax.training import state as state_lib
+from moco_jax.training import train
 
 _DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 _GOLDEN_WIDTH = {'resnet18': 4, 'resnet50': 2}  # The golden checkpoints' model.width.
@@ -89,3 +100,182 @@ def test_unknown_export_format_is_one_config_error(tmp_path):
   config.export.format = 'onnx'
   with pytest.raises(errors.ConfigError, match=r'export\.format=.onnx.*torchvision.*detectron2'):
     export.run_export(config, str(tmp_path))
+
+
+# --------------------------------------------------------------------------
+# Official MoCo checkpoints in (config.init_from).
+
+# The official v2 head is nn.Sequential(Linear, ReLU, Linear) (builder.py): fc.0 and fc.2.
+_OFFICIAL_HEAD = {'fc1': 'fc.0', 'fc2': 'fc.2', 'fc': 'fc'}
+
+
+def _official_state_dict(state, prefix='module.'):
+  """What main_moco.py's state_dict holds for `state`, as NumPy: names, layouts, queue [dim, K]."""
+  out = {}
+  for side, params, stats in (('encoder_q', state.query_params, state.query_batch_stats),
+                              ('encoder_k', state.key_params, state.key_batch_stats)):
+    names = export.torchvision_state_dict(params['backbone'], stats['backbone'])
+    for name, layer in jax.device_get(params['head']).items():
+      names[f'{_OFFICIAL_HEAD[name]}.weight'] = np.asarray(layer['kernel']).T  # [out, in].
+      names[f'{_OFFICIAL_HEAD[name]}.bias'] = np.asarray(layer['bias'])
+    out.update({f'{prefix}{side}.{k}': v for k, v in names.items()})
+  out[f'{prefix}queue'] = np.asarray(state.queue).T
+  out[f'{prefix}queue_ptr'] = np.asarray([state.queue_ptr], np.int64)
+  return out
+
+
+def _init_state(config):
+  """train.init_state's state, replicated on the 8-device test mesh."""
+  lr = optim.create_learning_rate_fn(config, 4, 8)
+  setup = train.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
+  return train.init_state(config, setup, parallel.make_mesh())
+
+
+def _abstract_state(config):
+  """Shapes and dtypes of init_state's state, without running (or compiling) it."""
+  lr = optim.create_learning_rate_fn(config, 4, 8)
+  setup = train.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
+  return jax.eval_shape(functools.partial(
+      state_lib.create_train_state, encoder=setup.moco.encoder, tx=setup.tx,
+      image_size=config.data.image_size, queue_size=config.moco.queue_size,
+      embed_dim=config.model.embed_dim), jax.random.PRNGKey(0))
+
+
+def _pretrained(fresh):
+  """A state unlike `fresh` in every loaded field (key != query, queue pointer mid-way)."""
+  return fresh.replace(
+      query_params=jax.tree.map(lambda x: 1.5 * x - 0.01, fresh.query_params),
+      query_batch_stats=jax.tree.map(lambda x: x + 0.5, fresh.query_batch_stats),
+      key_params=jax.tree.map(lambda x: 0.5 * x + 0.01, fresh.key_params),
+      key_batch_stats=jax.tree.map(lambda x: x + 0.25, fresh.key_batch_stats),
+      queue=-fresh.queue, queue_ptr=jnp.asarray(37, jnp.int32))
+
+
+@pytest.fixture(scope='module')
+def tiny_state():
+  """(config, fresh init_state state): compiled once for the module."""
+  config = tiny.get_config()
+  return config, _init_state(config)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+_FIELDS = ('query_params', 'query_batch_stats', 'key_params', 'key_batch_stats', 'queue',
+           'queue_ptr')
+
+
+def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny_state):
+  config, fresh = tiny_state
+  source = _pretrained(fresh)
+  parts = official_weights.split_state_dict(_official_state_dict(source))
+  loaded = official_weights.state_from_official(fresh, parts, config.model)
+  for field in _FIELDS:
+    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
+    for x, y in zip(jax.tree.leaves(getattr(loaded, field)), jax.tree.leaves(getattr(fresh, field))):
+      assert x.sharding == y.sharding and x.dtype == y.dtype  # Laid out as init_state made it.
+  for field in ('step', 'rng', 'opt_state'):  # A new run's: the optimiser starts fresh.
+    _assert_trees_equal(getattr(loaded, field), getattr(fresh, field))
+  # Without DDP's 'module.' prefix, and without a queue (it stays the fresh one).
+  bare = {k: v for k, v in _official_state_dict(source, prefix='').items() if 'queue' not in k}
+  loaded = official_weights.state_from_official(
+      fresh, official_weights.split_state_dict(bare), config.model)
+  _assert_trees_equal(loaded.key_params, source.key_params)
+  _assert_trees_equal((loaded.queue, loaded.queue_ptr), (fresh.queue, fresh.queue_ptr))
+
+
+def test_official_v1_linear_head_loads_into_a_linear_config():
+  config = tiny.get_config()
+  config.model.head = 'linear'
+  rng = np.random.default_rng(0)  # Random values of init_state's shapes: no network compiled.
+  fresh = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)),
+                       _abstract_state(config))
+  source = _pretrained(fresh)
+  assert set(source.query_params['head']) == {'fc'}
+  parts = official_weights.split_state_dict(_official_state_dict(source))
+  assert set(parts['encoder_q']) >= {'fc.weight', 'fc.bias'} and parts['queue'].shape == (200, 16)
+  loaded = official_weights.state_from_official(fresh, parts, config.model)
+  for field in _FIELDS:
+    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
+
+
+@pytest.mark.parametrize('change,match', [
+    (lambda c: setattr(c.model, 'width', 16),
+     r'encoder_q\): bn1\.bias: torchvision shape \(8,\) does not match \(16,\).*resnet_tiny.*'
+     r'width 8.*width 16.*--config\.model'),
+    (lambda c: setattr(c.model, 'head', 'linear'),
+     r'fc\.weight is missing.*head layers \[.fc\.0., .fc\.2.\]: --config\.model\.head=mlp'),
+    (lambda c: setattr(c.model, 'head_hidden_dim', 32),
+     r'fc\.0\.weight has shape \(64, 64\), the config.s head needs \(32, 64\)'),
+    (lambda c: setattr(c.moco, 'queue_size', 64),
+     r'module\.queue holds 200 keys of dim 16.*--config\.moco\.queue_size=200'),
+])
+def test_official_checkpoint_of_another_architecture_is_one_line_naming_the_key(tiny_state, change,
+                                                                               match):
+  config, fresh = tiny_state
+  parts = official_weights.split_state_dict(_official_state_dict(fresh), 'f.pth')
+  config = copy.deepcopy(config)
+  change(config)
+  with pytest.raises(errors.CheckpointError, match=match) as info:
+    official_weights.state_from_official(_abstract_state(config), parts, config.model, 'f.pth')
+  assert "config.init_from='f.pth'" in str(info.value) and '\n' not in str(info.value)
+
+
+def test_not_a_moco_checkpoint_and_missing_torch_are_one_line(tmp_path):
+  with pytest.raises(errors.CheckpointError, match=r'no module\.encoder_q.*main_lincls'):
+    official_weights.split_state_dict({'module.conv1.weight': np.zeros((4, 3, 7, 7))}, 'l.pth')
+  with pytest.raises(errors.CheckpointNotFoundError, match=r'init_from=.*no such file'):
+    official_weights.read_checkpoint(str(tmp_path / 'absent.pth.tar'))
+  path = tmp_path / 'moco.pth.tar'
+  path.write_bytes(b'not read')
+  with mock.patch.dict(sys.modules, {'torch': None}):  # `import torch` raises ImportError.
+    with pytest.raises(errors.ConfigError, match=r'needs torch.*pip install torch'):
+      official_weights.read_checkpoint(str(path))
+
+
+def test_a_checkpoint_in_the_workdir_wins_over_init_from(tmp_path):
+  config = tiny.get_config()
+  config.init_from = str(tmp_path / 'never_read.pth.tar')  # Reading it would fail.
+  os.makedirs(tmp_path / 'w' / 'checkpoints' / '4')
+  state = object()
+  assert official_weights.maybe_init_state(state, config, str(tmp_path / 'w')) is state
+
+
+class _Unsafe:
+  """Not a tensor nor a container: torch's weights-only loader must refuse to build it."""
+
+
+def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tiny_state):
+  torch = pytest.importorskip('torch')
+  config, fresh = tiny_state
+  config = copy.deepcopy(config)
+  config.eval.batch_size = 64
+  source = _pretrained(fresh)
+  path = str(tmp_path / 'checkpoint_0199.pth.tar')
+  state_dict = {k: torch.from_numpy(np.array(v))  # A writable copy.
+                for k, v in _official_state_dict(source).items()}
+  torch.save({'epoch': 200, 'arch': 'resnet_tiny', 'state_dict': state_dict,
+              'optimizer': {'state': {}, 'param_groups': [{'lr': 0.03, 'momentum': 0.9}]}}, path)
+  config.init_from = path
+  workdir = str(tmp_path / 'w')
+  os.makedirs(workdir)
+  # Continue pretraining: the new run's state holds the file's encoders and queue.
+  loaded = official_weights.maybe_init_state(fresh, config, workdir)
+  for field in _FIELDS:
+    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
+  # Evaluate: no checkpoint in the workdir, so kNN runs on the file's query backbone and
+  # gives what the same evaluator gives on the source state's.
+  _, variables, step, prefix = features.load_backbone(config, workdir)
+  _assert_trees_equal(variables, features.backbone_variables(source.query_params,
+                                                             source.query_batch_stats))
+  assert (step, prefix) == (0, '')
+  scores = knn.run_knn(config, workdir)
+  expected = knn.KnnEvaluator(config, parallel.make_mesh())(jax.device_get(variables))
+  assert scores == {'knn_top1': expected, 'knn_step': 0}
+  # A file that would run code when unpickled is refused, in one line.
+  torch.save({'state_dict': state_dict, 'extra': _Unsafe()}, path)
+  with pytest.raises(errors.CheckpointError, match=r'weights_only=True.*never pickled code'):
+    official_weights.read_checkpoint(path)

@@ -37,7 +37,6 @@ import numpy as np
 from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.evaluation import results
-from moco_jax.run import checkpoints
 
 # Flax BatchNorm variable -> torchvision BatchNorm2d buffer/parameter.
 _BN_PARAMS = {'scale': 'weight', 'bias': 'bias'}
@@ -142,16 +141,16 @@ def backbone_from_torchvision(state: dict, params: dict, batch_stats: dict):
         out[name] = fill(leaf, prefix + (name,), stats)
         continue
       module = _torch_module_name(prefix)
-      if stats:
-        value = state[f'{module}.{_BN_STATS[name]}']
-      elif name == 'kernel':
-        value = np.asarray(state[f'{module}.weight']).transpose(2, 3, 1, 0)
-      else:
-        value = state[f'{module}.{_BN_PARAMS[name]}']
-      value = np.asarray(value, np.float32)
-      if value.shape != tuple(leaf.shape):
-        raise ValueError(f'{module} ({name}): torchvision shape {value.shape} does not match '
-                         f'{tuple(leaf.shape)}: another architecture or width.')
+      names = _BN_STATS if stats else {'kernel': 'weight', **_BN_PARAMS}
+      key = f'{module}.{names[name]}'
+      value = np.asarray(state[key], np.float32)
+      expected = tuple(leaf.shape)  # Kernels: ours HWIO, torchvision's OIHW.
+      expected = tuple(expected[i] for i in (3, 2, 0, 1)) if name == 'kernel' else expected
+      if value.shape != expected:
+        raise ValueError(f'{key}: torchvision shape {value.shape} does not match {expected}: '
+                         'another architecture or width.')
+      if name == 'kernel':
+        value = value.transpose(2, 3, 1, 0)
       out[name] = value
     return out
 
@@ -226,12 +225,16 @@ def check_format(export_format: str):
 def run_export(config, workdir: str) -> str:
   """Exports the latest checkpoint's query backbone to WORKDIR/backbone_<format>.<ext>.
 
+  With no checkpoint in WORKDIR and config.init_from set, the official
+  checkpoint's query backbone is exported (a converter for released weights).
+
   config.export.format picks the format (`FORMATS`). With several processes,
   every one restores and process 0 alone writes.
   """
   export_format = config.get('export', {}).get('format', 'torchvision')
   check_format(export_format)  # Before the restore: a typo costs no time.
-  params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+  from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top (a cycle)
+  params, batch_stats, step = features.query_encoder(config, workdir)
   path = os.path.join(workdir, FORMATS[export_format][0])
   if jax.process_index() == 0:
     export_backbone(params, batch_stats, path, config.model, export_format)

@@ -26,6 +26,7 @@ from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
+from moco_jax.evaluation import official_weights
 from moco_jax.methods import moco as moco_lib
 from moco_jax.run import checkpoints
 from moco_jax.run import config_checks
@@ -206,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   setup = make_step_setup(config, num_devices, tx, host_crops=plan.stream)
 
   state = init_state(config, setup, mesh)
+  state = official_weights.maybe_init_state(state, config, workdir)  # config.init_from
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
