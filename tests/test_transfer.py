@@ -279,3 +279,17 @@ def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tin
   torch.save({'state_dict': state_dict, 'extra': _Unsafe()}, path)
   with pytest.raises(errors.CheckpointError, match=r'weights_only=True.*never pickled code'):
     official_weights.read_checkpoint(path)
+
+
+def test_docs_detectron2_snippet_parses_and_normalises_as_our_config():
+  yaml = pytest.importorskip('yaml')
+  with open(os.path.join(os.path.dirname(_DATA), '..', 'docs', 'transfer.md')) as f:
+    text = f.read()
+  snippet = yaml.safe_load(text.split('```yaml\n', 1)[1].split('```', 1)[0])
+  config = tiny.get_config()
+  model = snippet['MODEL']
+  np.testing.assert_allclose(model['PIXEL_MEAN'], 255 * np.asarray(config.aug.mean), atol=1e-9)
+  np.testing.assert_allclose(model['PIXEL_STD'], 255 * np.asarray(config.aug.std), atol=1e-9)
+  assert snippet['INPUT']['FORMAT'] == 'RGB' and model['RESNETS']['STRIDE_IN_1X1'] is False
+  assert model['RESNETS']['NORM'] == 'naiveSyncBN' and model['WEIGHTS'].endswith(
+      export.FORMATS['detectron2'][0])

@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -236,6 +237,9 @@ def run_export(config, workdir: str) -> str:
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top (a cycle)
   params, batch_stats, step = features.query_encoder(config, workdir)
   path = os.path.join(workdir, FORMATS[export_format][0])
+  if export_format == 'detectron2' and config.model.stem != 'imagenet':
+    logging.warning('model.stem=%r: detectron2\'s ResNet has the 7x7 ImageNet stem, so this '
+                    'conv1 will not load there (docs/transfer.md).', config.model.stem)
   if jax.process_index() == 0:
     export_backbone(params, batch_stats, path, config.model, export_format)
   results.write_results(workdir, {'export_step': step})
