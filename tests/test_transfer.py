@@ -175,7 +175,8 @@ def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny
   loaded = official_weights.state_from_official(fresh, parts, config.model)
   for field in _FIELDS:
     _assert_trees_equal(getattr(loaded, field), getattr(source, field))
-    for x, y in zip(jax.tree.leaves(getattr(loaded, field)), jax.tree.leaves(getattr(fresh, field))):
+    for x, y in zip(jax.tree.leaves(getattr(loaded, field)),
+                    jax.tree.leaves(getattr(fresh, field))):
       assert x.sharding == y.sharding and x.dtype == y.dtype  # Laid out as init_state made it.
   for field in ('step', 'rng', 'opt_state'):  # A new run's: the optimiser starts fresh.
     _assert_trees_equal(getattr(loaded, field), getattr(fresh, field))

@@ -32,7 +32,8 @@ bn3; the width keeps the file small):
         --config.batch_size=16 --config.moco.queue_size=32
     .venv/bin/python main.py --mode=export --workdir=$W; done
   /work/venvs/torch/bin/python tools/make_goldens.py --only=detectron2 \
-      --moco_repo=.peer/moco --detectron2_exports=/tmp/transfer_goldens/resnet18,/tmp/transfer_goldens/resnet50
+      --moco_repo=.peer/moco \
+      --detectron2_exports=/tmp/transfer_goldens/resnet18,/tmp/transfer_goldens/resnet50
   # .peer/moco: `git archive 7397dfe` of facebookresearch/moco (the converter is unchanged
   # since 3b42c2a).
 
@@ -368,7 +369,8 @@ def detectron2_golden(moco_repo: str, export_dirs: list) -> dict:
     exported = dict(np.load(os.path.join(directory, 'backbone_torchvision.npz')))
     state = {}
     for side in ('encoder_q', 'encoder_k'):
-      state.update({f'module.{side}.{k}': torch.from_numpy(np.array(v)) for k, v in exported.items()})
+      state.update({f'module.{side}.{k}': torch.from_numpy(np.array(v))
+                    for k, v in exported.items()})
     state['module.queue'] = torch.zeros(16, 32)
     state['module.queue_ptr'] = torch.zeros(1, dtype=torch.long)
     with tempfile.TemporaryDirectory() as tmp:

@@ -123,6 +123,10 @@ def query_encoder(config, workdir: str):
     logging.info('No checkpoint in %s: using the query encoder of config.init_from=%s.',
                  checkpoints.checkpoint_dir(workdir), path)
     return (*official_weights.query_encoder(path, config), 0)
+  if path:
+    logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
+                 'new run, or is evaluated while WORKDIR has no checkpoint).',
+                 checkpoints.checkpoint_dir(workdir), path)
   return checkpoints.restore_query_encoder(workdir, config.model)
 
 

@@ -61,7 +61,9 @@ def read_checkpoint(path: str) -> dict:
   if not isinstance(state, dict):
     raise errors.CheckpointError(f'{_where(path)} holds a {type(obj).__name__}, not a '
                                  'checkpoint dict with a state_dict.')
-  return {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+  # float32 NumPy whatever the stored float type (NumPy has no bfloat16).
+  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
+          for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _first_line(error, limit: int = 200) -> str:
@@ -99,7 +101,7 @@ def split_state_dict(state: dict, path: str = '?') -> dict:
 
 
 def _conv_shapes(tv_state: dict) -> dict:
-  """Flat Flax kernel shapes ('layer1_0/conv1/kernel': HWIO) of a torchvision state, to describe it."""
+  """Flat Flax kernel shapes ('layer1_0/conv1/kernel': HWIO) of a torchvision state."""
   out = {}
   for name, value in tv_state.items():
     if name.endswith('.weight') and np.ndim(value) == 4:
