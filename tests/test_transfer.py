@@ -30,7 +30,7 @@ from moco_jax.evaluation import knn
 from moco_jax.evaluation import official_weights
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
-from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 _DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 _GOLDEN_WIDTH = {'resnet18': 4, 'resnet50': 2}  # The golden checkpoints' model.width.
@@ -112,43 +112,54 @@ _OFFICIAL_HEAD = {'fc1': 'fc.0', 'fc2': 'fc.2', 'fc': 'fc'}
 def _official_state_dict(state, prefix='module.'):
   """What main_moco.py's state_dict holds for `state`, as NumPy: names, layouts, queue [dim, K]."""
   out = {}
-  for side, params, stats in (('encoder_q', state.query_params, state.query_batch_stats),
-                              ('encoder_k', state.key_params, state.key_batch_stats)):
+  moco = state.method_state
+  for side, params, stats in (('encoder_q', state.params, state.batch_stats),
+                              ('encoder_k', moco.key_params, moco.key_batch_stats)):
     names = export.torchvision_state_dict(params['backbone'], stats['backbone'])
     for name, layer in jax.device_get(params['head']).items():
       names[f'{_OFFICIAL_HEAD[name]}.weight'] = np.asarray(layer['kernel']).T  # [out, in].
       names[f'{_OFFICIAL_HEAD[name]}.bias'] = np.asarray(layer['bias'])
     out.update({f'{prefix}{side}.{k}': v for k, v in names.items()})
-  out[f'{prefix}queue'] = np.asarray(state.queue).T
-  out[f'{prefix}queue_ptr'] = np.asarray([state.queue_ptr], np.int64)
+  out[f'{prefix}queue'] = np.asarray(moco.queue).T
+  out[f'{prefix}queue_ptr'] = np.asarray([moco.queue_ptr], np.int64)
   return out
 
 
-def _init_state(config):
-  """train.init_state's state, replicated on the 8-device test mesh."""
+def _setup(config):
   lr = optim.create_learning_rate_fn(config, 4, 8)
-  setup = train.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
-  return train.init_state(config, setup, parallel.make_mesh())
+  return step_lib.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
+
+
+def _init_state(config):
+  """step.init_state's state, replicated on the 8-device test mesh."""
+  return step_lib.init_state(config, _setup(config), parallel.make_mesh())
 
 
 def _abstract_state(config):
   """Shapes and dtypes of init_state's state, without running (or compiling) it."""
-  lr = optim.create_learning_rate_fn(config, 4, 8)
-  setup = train.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
+  setup = _setup(config)
   return jax.eval_shape(functools.partial(
-      state_lib.create_train_state, encoder=setup.moco.encoder, tx=setup.tx,
-      image_size=config.data.image_size, queue_size=config.moco.queue_size,
-      embed_dim=config.model.embed_dim), jax.random.PRNGKey(0))
+      state_lib.create_train_state, method=setup.method, tx=setup.tx,
+      image_size=config.data.image_size), jax.random.PRNGKey(0))
+
+
+def _random_state(config):
+  """Random values of init_state's shapes: no network compiled."""
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)),
+                      _abstract_state(config))
 
 
 def _pretrained(fresh):
   """A state unlike `fresh` in every loaded field (key != query, queue pointer mid-way)."""
+  moco = fresh.method_state
   return fresh.replace(
-      query_params=jax.tree.map(lambda x: 1.5 * x - 0.01, fresh.query_params),
-      query_batch_stats=jax.tree.map(lambda x: x + 0.5, fresh.query_batch_stats),
-      key_params=jax.tree.map(lambda x: 0.5 * x + 0.01, fresh.key_params),
-      key_batch_stats=jax.tree.map(lambda x: x + 0.25, fresh.key_batch_stats),
-      queue=-fresh.queue, queue_ptr=jnp.asarray(37, jnp.int32))
+      params=jax.tree.map(lambda x: 1.5 * x - 0.01, fresh.params),
+      batch_stats=jax.tree.map(lambda x: x + 0.5, fresh.batch_stats),
+      method_state=moco.replace(
+          key_params=jax.tree.map(lambda x: 0.5 * x + 0.01, moco.key_params),
+          key_batch_stats=jax.tree.map(lambda x: x + 0.25, moco.key_batch_stats),
+          queue=-moco.queue, queue_ptr=jnp.asarray(37, jnp.int32)))
 
 
 @pytest.fixture(scope='module')
@@ -164,8 +175,12 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-_FIELDS = ('query_params', 'query_batch_stats', 'key_params', 'key_batch_stats', 'queue',
-           'queue_ptr')
+_FIELDS = ('params', 'batch_stats', 'method_state.key_params', 'method_state.key_batch_stats',
+           'method_state.queue', 'method_state.queue_ptr')
+
+
+def _field(state, dotted):
+  return functools.reduce(getattr, dotted.split('.'), state)
 
 
 def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny_state):
@@ -174,33 +189,32 @@ def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny
   parts = official_weights.split_state_dict(_official_state_dict(source))
   loaded = official_weights.state_from_official(fresh, parts, config.model)
   for field in _FIELDS:
-    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
-    for x, y in zip(jax.tree.leaves(getattr(loaded, field)),
-                    jax.tree.leaves(getattr(fresh, field))):
+    _assert_trees_equal(_field(loaded, field), _field(source, field))
+    for x, y in zip(jax.tree.leaves(_field(loaded, field)),
+                    jax.tree.leaves(_field(fresh, field))):
       assert x.sharding == y.sharding and x.dtype == y.dtype  # Laid out as init_state made it.
   for field in ('step', 'rng', 'opt_state'):  # A new run's: the optimiser starts fresh.
-    _assert_trees_equal(getattr(loaded, field), getattr(fresh, field))
+    _assert_trees_equal(_field(loaded, field), _field(fresh, field))
   # Without DDP's 'module.' prefix, and without a queue (it stays the fresh one).
   bare = {k: v for k, v in _official_state_dict(source, prefix='').items() if 'queue' not in k}
   loaded = official_weights.state_from_official(
       fresh, official_weights.split_state_dict(bare), config.model)
-  _assert_trees_equal(loaded.key_params, source.key_params)
-  _assert_trees_equal((loaded.queue, loaded.queue_ptr), (fresh.queue, fresh.queue_ptr))
+  _assert_trees_equal(loaded.method_state.key_params, source.method_state.key_params)
+  for field in ('queue', 'queue_ptr'):
+    _assert_trees_equal(getattr(loaded.method_state, field), getattr(fresh.method_state, field))
 
 
 def test_official_v1_linear_head_loads_into_a_linear_config():
   config = tiny.get_config()
   config.model.head = 'linear'
-  rng = np.random.default_rng(0)  # Random values of init_state's shapes: no network compiled.
-  fresh = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(s.dtype)),
-                       _abstract_state(config))
+  fresh = _random_state(config)
   source = _pretrained(fresh)
-  assert set(source.query_params['head']) == {'fc'}
+  assert set(source.params['head']) == {'fc'}
   parts = official_weights.split_state_dict(_official_state_dict(source))
   assert set(parts['encoder_q']) >= {'fc.weight', 'fc.bias'} and parts['queue'].shape == (200, 16)
   loaded = official_weights.state_from_official(fresh, parts, config.model)
   for field in _FIELDS:
-    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
+    _assert_trees_equal(_field(loaded, field), _field(source, field))
 
 
 @pytest.mark.parametrize('change,match', [
@@ -266,12 +280,11 @@ def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tin
   # Continue pretraining: the new run's state holds the file's encoders and queue.
   loaded = official_weights.maybe_init_state(fresh, config, workdir)
   for field in _FIELDS:
-    _assert_trees_equal(getattr(loaded, field), getattr(source, field))
+    _assert_trees_equal(_field(loaded, field), _field(source, field))
   # Evaluate: no checkpoint in the workdir, so kNN runs on the file's query backbone and
   # gives what the same evaluator gives on the source state's.
   _, variables, step, prefix = features.load_backbone(config, workdir)
-  _assert_trees_equal(variables, features.backbone_variables(source.query_params,
-                                                             source.query_batch_stats))
+  _assert_trees_equal(variables, features.backbone_variables(source.params, source.batch_stats))
   assert (step, prefix) == (0, '')
   scores = knn.run_knn(config, workdir)
   expected = knn.KnnEvaluator(config, parallel.make_mesh())(jax.device_get(variables))
@@ -294,3 +307,12 @@ def test_docs_detectron2_snippet_parses_and_normalises_as_our_config():
   assert snippet['INPUT']['FORMAT'] == 'RGB' and model['RESNETS']['STRIDE_IN_1X1'] is False
   assert model['RESNETS']['NORM'] == 'naiveSyncBN' and model['WEIGHTS'].endswith(
       export.FORMATS['detectron2'][0])
+
+
+def test_init_from_refuses_a_method_without_momentum_encoder_and_queue():
+  config = tiny.get_config()
+  fresh = _random_state(config)
+  parts = official_weights.split_state_dict(_official_state_dict(fresh), 'f.pth')
+  other = fresh.replace(method_state=())  # e.g. a method with no momentum encoder nor queue.
+  with pytest.raises(errors.ConfigError, match=r'MoCo v1/v2 checkpoint.*--config\.method=moco'):
+    official_weights.state_from_official(other, parts, config.model, 'f.pth')

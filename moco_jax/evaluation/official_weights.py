@@ -188,31 +188,43 @@ def load_into_state(state, path: str, model_config):
                              model_config, path)
 
 
+_MOCO_FIELDS = ('key_params', 'key_batch_stats', 'queue', 'queue_ptr')  # methods.moco.MocoState
+
+
 def state_from_official(state, parts: dict, model_config, path: str = '?'):
   """`state` with the encoders and queue of `parts` (`split_state_dict`); no torch.
 
-  Every replaced leaf keeps the dtype and sharding of the leaf it replaces, so
-  the result is laid out exactly as `train.init_state` made it (replicated on
-  every device of every process). The optimiser state and step stay fresh.
+  The query encoder goes to `state.params` / `batch_stats`, the key encoder
+  and the queue to MoCo's `method_state`. Every replaced leaf keeps the dtype
+  and sharding of the leaf it replaces, so the result is laid out exactly as
+  `step.init_state` made it (replicated on every device of every process). The
+  optimiser state, step and RNG stay fresh.
   """
   host = jax.eval_shape(lambda s: s, state)  # Shapes only: nothing copied to the host.
-  query = encoder_from_official(parts['encoder_q'], host.query_params, host.query_batch_stats,
+  if not all(hasattr(host.method_state, f) for f in _MOCO_FIELDS):
+    raise errors.ConfigError(
+        f'{_where(path)} is a MoCo v1/v2 checkpoint (momentum encoder and queue), but this '
+        'run\'s method keeps no such state: use it with --config.method=moco, or evaluate it '
+        '(--mode=knn|linear_eval) without pretraining.')
+  query = encoder_from_official(parts['encoder_q'], host.params, host.batch_stats,
                                 model_config, f'{_where(path)} (module.encoder_q)')
-  key = encoder_from_official(parts['encoder_k'], host.key_params, host.key_batch_stats,
-                              model_config, f'{_where(path)} (module.encoder_k)')
-  replace = dict(query_params=query[0], query_batch_stats=query[1], key_params=key[0],
-                 key_batch_stats=key[1])
-  queue = queue_from_official(parts['queue'], parts['queue_ptr'], host.queue, path)
+  key = encoder_from_official(parts['encoder_k'], host.method_state.key_params,
+                              host.method_state.key_batch_stats, model_config,
+                              f'{_where(path)} (module.encoder_k)')
+  moco = dict(key_params=key[0], key_batch_stats=key[1])
+  queue = queue_from_official(parts['queue'], parts['queue_ptr'], host.method_state.queue, path)
   if queue is not None:
-    replace['queue'], replace['queue_ptr'] = queue[0], np.asarray(queue[1], np.int32)
+    moco['queue'], moco['queue_ptr'] = queue[0], np.asarray(queue[1], np.int32)
   else:
     logging.warning('%s has no module.queue: the queue starts random, as in a new run.',
                     _where(path))
-  placed = {name: jax.tree.map(_like, value, getattr(state, name))
-            for name, value in replace.items()}
+  place = lambda value, like: jax.tree.map(_like, value, like)
+  method_state = state.method_state.replace(
+      **{name: place(value, getattr(state.method_state, name)) for name, value in moco.items()})
   logging.info('Initialised the query and key encoders%s from %s.',
                ' and the queue' if queue is not None else '', path)
-  return state.replace(**placed)
+  return state.replace(params=place(query[0], state.params),
+                       batch_stats=place(query[1], state.batch_stats), method_state=method_state)
 
 
 def _like(value: np.ndarray, like: jax.Array) -> jax.Array:
