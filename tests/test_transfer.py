@@ -255,8 +255,9 @@ def test_a_checkpoint_in_the_workdir_wins_over_init_from(tmp_path):
   config = tiny.get_config()
   config.init_from = str(tmp_path / 'never_read.pth.tar')  # Reading it would fail.
   os.makedirs(tmp_path / 'w' / 'checkpoints' / '4')
+  assert official_weights.weights_for_new_run(config, str(tmp_path / 'w')) is None
   state = object()
-  assert official_weights.maybe_init_state(state, config, str(tmp_path / 'w')) is state
+  assert official_weights.init_state(state, None, config) is state
 
 
 class _Unsafe:
@@ -278,7 +279,8 @@ def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tin
   workdir = str(tmp_path / 'w')
   os.makedirs(workdir)
   # Continue pretraining: the new run's state holds the file's encoders and queue.
-  loaded = official_weights.maybe_init_state(fresh, config, workdir)
+  loaded = official_weights.init_state(
+      fresh, official_weights.weights_for_new_run(config, workdir), config)
   for field in _FIELDS:
     _assert_trees_equal(_field(loaded, field), _field(source, field))
   # Evaluate: no checkpoint in the workdir, so kNN runs on the file's query backbone and
@@ -316,3 +318,12 @@ def test_init_from_refuses_a_method_without_momentum_encoder_and_queue():
   other = fresh.replace(method_state=())  # e.g. a method with no momentum encoder nor queue.
   with pytest.raises(errors.ConfigError, match=r'MoCo v1/v2 checkpoint.*--config\.method=moco'):
     official_weights.state_from_official(other, parts, config.model, 'f.pth')
+
+
+def test_a_missing_init_from_file_fails_before_the_state_is_built(tmp_path):
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.init_from = str(tmp_path / 'moco_v2_800ep_pretrain.pth.tar')
+  with mock.patch.object(step_lib, 'init_state', side_effect=AssertionError('compiled first')), \
+      pytest.raises(errors.CheckpointNotFoundError, match=r'init_from=.*no such file'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))

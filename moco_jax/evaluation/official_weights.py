@@ -182,12 +182,6 @@ def queue_from_official(queue, queue_ptr, template_queue, path: str):
   return np.asarray(queue, np.float32), ptr
 
 
-def load_into_state(state, path: str, model_config):
-  """`state` (a fresh TrainState) with the encoders and queue of the checkpoint at `path`."""
-  return state_from_official(state, split_state_dict(read_checkpoint(path), path),
-                             model_config, path)
-
-
 _MOCO_FIELDS = ('key_params', 'key_batch_stats', 'queue', 'queue_ptr')  # methods.moco.MocoState
 
 
@@ -250,13 +244,21 @@ def query_encoder(path: str, config):
   return {'backbone': params}, {'backbone': batch_stats}
 
 
-def maybe_init_state(state, config, workdir: str):
-  """The train state to start from: config.init_from's weights for a new run, else `state`.
+def weights_for_new_run(config, workdir: str):
+  """`split_state_dict` of config.init_from for a new run; None without it or when resuming.
 
-  A run with a checkpoint in WORKDIR resumes from it (restore_latest), so the
-  file is not even read then.
+  Called before the train state is built, so a missing or unreadable file
+  fails in seconds, not after compiling. A run with a checkpoint in WORKDIR
+  resumes from it (restore_latest), so the file is not even read then.
   """
   path = config.get('init_from', '')
   if not path or checkpoints.checkpoint_steps(workdir):
+    return None
+  return split_state_dict(read_checkpoint(path), path)
+
+
+def init_state(state, parts, config):
+  """`state`, or `state` with `parts` (`weights_for_new_run`) in it when not None."""
+  if parts is None:
     return state
-  return load_into_state(state, path, config.model)
+  return state_from_official(state, parts, config.model, config.init_from)

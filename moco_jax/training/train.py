@@ -57,8 +57,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tx = optim.create_optimizer(config, learning_rate_fn)
   setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream)
 
-  state = step_lib.init_state(config, setup, mesh)
-  state = official_weights.maybe_init_state(state, config, workdir)  # config.init_from
+  official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
+  state = official_weights.init_state(step_lib.init_state(config, setup, mesh), official, config)
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
