@@ -291,6 +291,15 @@ def test_tfds_download_on_a_host_without_dns_fails_in_seconds_without_trying(tmp
   assert time.time() - start < 20
 
 
+def test_tfds_manual_download_dataset_is_refused_without_trying(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds', name='imagenet2012', data_dir=str(tmp_path))
+  with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                         side_effect=AssertionError('must not try')), \
+      pytest.raises(FileNotFoundError, match=r'imagenet2012.*by hand.*--config\.data\.path'):
+    sources.load_split(config, 'train')
+
+
 def test_tfds_unprepared_dataset_is_downloaded_and_read(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = _config(source='tfds', name='cifar10', image_size=16, cache_dir=str(tmp_path / 'c'),

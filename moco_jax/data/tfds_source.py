@@ -94,6 +94,10 @@ def prepared_builder(data_config):
            'tfds directory.')
   if not data_config.get('download', True):
     raise errors.DataNotFoundError(f'{where} and data.download=False: {local}')
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):  # imagenet2012 and the like.
+    raise errors.DataNotFoundError(
+        f'{where}, and tfds cannot download it (its files must be downloaded by hand first; see '
+        f'the tfds catalog page of {data_config.name!r}): {local}')
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:  # Every process would write the same directory at once.
     raise errors.DataNotFoundError(
