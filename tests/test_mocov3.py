@@ -458,3 +458,11 @@ def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch)
   assert step == 4
   out = backbone.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
   assert out.shape == (2, models.VIT_ARCHS['vit_tiny'][1])
+
+
+def test_vit_checkpoint_mismatch_names_the_vit():
+  from moco_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config('mocov3_vit')
+  shapes = checkpoints.expected_backbone_shapes(config.model)
+  patch, dim, depth, _ = models.VIT_ARCHS['vit_tiny']
+  assert checkpoints.describe_backbone(shapes) == f'ViT (patch {patch}, width {dim}, depth {depth})'
