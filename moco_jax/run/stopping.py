@@ -119,3 +119,45 @@ def _preemption_service_running() -> bool:
   """True when jax.distributed runs its preemption sync manager (the default)."""
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return getattr(jax_distributed.global_state, 'preemption_sync_manager', None) is not None
+
+
+class EvaluationStopped(Interrupted):
+  """An evaluation (knn, linear_eval, export, report) stopped by a signal: nothing written."""
+
+  def __init__(self, signum: int, mode: str):  # pylint: disable=super-init-not-called
+    Exception.__init__(  # pylint: disable=non-parent-init-called
+        self, f'Stopped by {signal.Signals(signum).name} during --mode={mode}: nothing was '
+        'written (results are written only when the evaluation completes).')
+    self.signum, self.step, self.saved = signum, 0, False
+    self.exit_code = _EXIT_CODES.get(signum, EXIT_PREEMPTED)
+
+
+class StopOnSignal:
+  """For the modes without a step loop: SIGTERM / SIGINT raise `EvaluationStopped` at once.
+
+  An evaluation has nothing to save halfway (its results are written at the
+  end, atomically), so it stops where it is, with training's exit codes (75 /
+  130): a wrapper that reruns preempted jobs reruns it, where the default
+  SIGTERM death (-15) would read as a failure. A second Ctrl-C kills at once.
+  """
+
+  def __init__(self, mode: str):
+    self._mode = mode
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    raise EvaluationStopped(signum, self._mode)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+    return False
