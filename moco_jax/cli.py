@@ -112,10 +112,22 @@ def report_config():
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every array transfer at INFO; keep its warnings only."""
+  """Orbax logs every array transfer at INFO; keep its warnings, without tracebacks.
+
+  A failed save or restore is reported by the project's own line (guard,
+  checkpoints); Orbax's logged tracebacks of the same failure (from its
+  background threads) are left out unless --verbose.
+  """
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+    if 'orbax' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    if record.exc_info and not FLAGS.verbose:
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = ' '.join(record.getMessage().split())[:300], ()
+    return True
 
 
 def start_up():
