@@ -13,6 +13,7 @@ every mode shares lives here, where tests import it by public name:
 import difflib
 import logging as std_logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -25,6 +26,7 @@ import jax
 from ml_collections import config_flags
 
 from moco_jax.core import errors
+from moco_jax.evaluation import results
 from moco_jax.run import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import run_config
@@ -146,7 +148,7 @@ def start_up():
 
 
 def validate_for_mode(config, mode: str):
-  """config_checks.validate before any work, in every mode.
+  """config_checks.validate before any work, in every mode (and eval.json / workdir checks).
 
   Training checks against this job's devices and processes; an evaluation may
   run on another machine than the pretraining did, so it checks the values
@@ -158,6 +160,7 @@ def validate_for_mode(config, mode: str):
                            process_count=jax.process_count())
   else:
     config_checks.validate(config, num_devices=1, process_count=1)
+    results.check_before_evaluation(FLAGS.workdir, mode)
 
 
 def run(argv, modes: dict[str, Callable]):
@@ -224,7 +227,23 @@ def parse_flags(argv):
       FLAGS.config.get('seed')  # Loads the config file now: a missing one fails here.
     return rest
   except Exception as e:  # pylint: disable=broad-except
+    user_error = _user_error_in(e)
+    if user_error is not None:  # E.g. a broken WORKDIR/config.json: its own message.
+      # config_flags re-raises it with the traceback in its text: keep the message.
+      message = re.sub(r'^[\w.]+Error: ', '', first_line(user_error))
+      fail(user_error.kind, message, argv)
     fail('flags', flag_error_message(argv, e), argv)
+
+
+def _user_error_in(error):
+  """The project's UserError that caused `error` (config_flags wraps it), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, errors.UserError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def flag_error_message(argv, error) -> str:

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
+from moco_jax.core import errors
+
 from moco_jax.data import dataset
 
 CONFIG_FILE = 'config.json'
@@ -70,8 +72,17 @@ def load_run_config(workdir: str,
         f'that workdir. Pass --config=configs/<name>.py (and the same overrides as the '
         'pretraining run) instead.')
   with open(path) as f:
-    values = _tuples(json.load(f))
-  config = ml_collections.ConfigDict(values)
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise errors.ConfigError(
+          f'{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): it was edited '
+          'or cut short. Fix that line, or pass --config=configs/<name>.py with the pretraining '
+          "run's overrides instead.") from e
+  if not isinstance(values, dict):
+    raise errors.ConfigError(f'{path} holds a {type(values).__name__}, not a config (a JSON '
+                             'object): restore it, or pass --config=configs/<name>.py.')
+  config = ml_collections.ConfigDict(_tuples(values))
   from configs import default  # pylint: disable=g-import-not-at-top
   _fill_missing(config, default.get_config())
   for dotted, value in (overrides or {}).items():
