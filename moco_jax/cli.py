@@ -147,7 +147,7 @@ def start_up():
                jax.device_count(), jax.devices()[:8])
 
 
-def validate_for_mode(config, mode: str):
+def validate_for_mode(config, mode: str, workdir: str):
   """config_checks.validate before any work, in every mode (and eval.json / workdir checks).
 
   Training checks against this job's devices and processes; an evaluation may
@@ -160,7 +160,7 @@ def validate_for_mode(config, mode: str):
                            process_count=jax.process_count())
   else:
     config_checks.validate(config, num_devices=1, process_count=1)
-    results.check_before_evaluation(FLAGS.workdir, mode)
+    results.check_before_evaluation(workdir, mode)
 
 
 def run(argv, modes: dict[str, Callable]):
@@ -175,7 +175,7 @@ def run(argv, modes: dict[str, Callable]):
           'Start a run with --config=configs/<name>.py (e.g. configs/cifar10_cpu.py), or point '
           '--workdir at an existing run.')
     report_config()
-    validate_for_mode(FLAGS.config, FLAGS.mode)
+    validate_for_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir)
     try:
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
