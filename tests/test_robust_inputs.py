@@ -102,7 +102,7 @@ def test_a_broken_config_json_names_the_file_and_line(tmp_path):
   with pytest.raises(errors.ConfigError, match=r'config\.json is not valid JSON \(line 4, column 1'):
     run_config.load_run_config(str(tmp_path))
   (tmp_path / 'config.json').write_text('[1, 2]')
-  with pytest.raises(errors.ConfigError, match='holds a list, not a config'):
+  with pytest.raises(errors.ConfigError, match='holds a JSON list, not a config'):
     run_config.load_run_config(str(tmp_path))
 
 
