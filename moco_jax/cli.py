@@ -180,13 +180,28 @@ def run(argv, modes: dict[str, Callable]):
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
       else:
-        with stopping.StopOnSignal(FLAGS.mode):
+        with stopping.StopOnSignal(FLAGS.mode, on_stop=_exit_stopped):
+          logging.info('--mode=%s: Ctrl-C or SIGTERM stops it (exit 130 / 75, nothing written: '
+                       'results are written when it completes).', FLAGS.mode)
           modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except stopping.Interrupted as e:
       logging.warning('%s To resume, run the same command:\n  %s', e, resume_command())
       sys.stdout.flush()
       sys.stderr.flush()
       sys.exit(e.exit_code)
+
+
+def _exit_stopped(stopped: stopping.Interrupted):
+  """Ends an evaluation stopped by a signal: one warning, training's exit code (75 / 130).
+
+  os._exit, from the signal handler: its results are written only at the end,
+  atomically, so nothing is half-written, and no library code gets the chance
+  to catch the stop (or to wait on its threads).
+  """
+  print(f'{stopped} To rerun it, run the same command:\n  {resume_command()}', file=sys.stderr,
+        flush=True)
+  sys.stdout.flush()
+  os._exit(stopped.exit_code)  # pylint: disable=protected-access
 
 
 # --------------------------------------------------------------------------

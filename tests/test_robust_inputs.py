@@ -154,6 +154,27 @@ def test_an_evaluation_stops_on_a_signal_with_training_s_exit_codes(signum, code
   assert signal.getsignal(signum) == before  # Handlers restored.
 
 
+def test_sigterm_stops_an_evaluation_process_with_exit_75(tmp_path):
+  """`--mode=knn` of the random-init encoder (no checkpoint needed), SIGTERM once it runs."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  proc = subprocess.Popen(
+      [sys.executable, 'main.py', '--mode=knn', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.eval.random_init=True'],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stderr:  # Until the handler is installed (the CLI says so).
+    seen.append(line)
+    if 'SIGTERM stops it' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.communicate(timeout=120)[1]
+  stderr = ''.join(seen) + rest
+  assert proc.returncode == stopping.EXIT_PREEMPTED, stderr[-2000:]
+  assert 'Traceback' not in stderr
+  assert 'Stopped by SIGTERM during --mode=knn: nothing was written' in stderr
+  assert not (tmp_path / 'eval.json').exists()
+
+
 def test_loader_processes_are_capped_to_the_usable_cores(monkeypatch, caplog):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
   data = default.get_config().data

@@ -22,6 +22,7 @@ last periodic checkpoint).
 
 import signal
 import threading
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -141,14 +142,22 @@ class StopOnSignal:
   SIGTERM death (-15) would read as a failure. A second Ctrl-C kills at once.
   """
 
-  def __init__(self, mode: str):
+  def __init__(self, mode: str, on_stop: Optional[Callable] = None):
+    """`on_stop(EvaluationStopped)` ends the process (the CLI: one warning, then the exit
+    code); without it the handler raises the exception where the main thread is. The CLI
+    must not raise: library code that catches broad exceptions (logging's handlers do)
+    would swallow the stop and the evaluation would run on."""
     self._mode = mode
+    self._on_stop = on_stop
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    raise EvaluationStopped(signum, self._mode)
+    stopped = EvaluationStopped(signum, self._mode)
+    if self._on_stop is not None:
+      self._on_stop(stopped)
+    raise stopped
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
