@@ -378,9 +378,9 @@ def second_catalogue():
     return setup
 
   def broken_json(name):
-    return lambda workdir: (f'path = {os.path.join(workdir, name)!r}; '
-                            'text = open(path).read() if __import__("os").path.exists(path) '
-                            'else "{\"x\": 1}"; open(path, "w").write(text[:len(text) // 2])')
+    """Writes a JSON object cut short over WORKDIR/name (as a hand edit or a full disk leaves it)."""
+    return lambda workdir: (f'open({os.path.join(workdir, name)!r}, "w").write('
+                            + repr('{"knn_top1": 3,') + ')')
 
   def knn_with(extra_prepare, extra_args=()):
     def setup(t):
