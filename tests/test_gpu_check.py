@@ -35,7 +35,7 @@ def test_plan_covers_the_issue_and_rehearsal_runs_the_same_stages(tmp_path):
   for stage in gpu:  # Every script a stage runs is in the repository.
     assert os.path.exists(stage.cmd[1]), stage.cmd
   tta = by_name['time_to_accuracy']
-  assert tta.soft_stop_s == 150 and tta.budget_s > tta.soft_stop_s
+  assert tta.soft_stop_s == 120 and tta.budget_s > tta.soft_stop_s
   assert any(a.endswith(gpu_check.ARCHIVE) for a in tta.cmd)
   rehearse = gpu_check.plan(gpu_check.parse_args(['--rehearse']), str(tmp_path))
   assert [s.name for s in rehearse] == names[:len(rehearse)]
