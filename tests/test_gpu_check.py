@@ -131,3 +131,36 @@ def test_size_check_measures_what_travels(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(gpu_check, 'CARRY_LIMIT', 1024)
   assert gpu_check.size_check(str(repo), carry=('.whl',)) == 1
   assert 'over the' in capsys.readouterr().out
+
+
+def test_render_makes_the_docs_tables(tmp_path):
+  ours = dict(preset='r50_224', model='resnet50', image_size=224, batch=256, queue=65536,
+              dtype='bfloat16', num_devices=1, device_kind='NVIDIA H200', feed='device',
+              steps=20, step_seconds=0.05, images_per_second=5120.0, flops_per_image=32.5e9,
+              achieved_tflops=166.4, peak_tflops=989.0, mfu=0.168, peak_memory_bytes=30 * 2**30,
+              compile_seconds=60.0, epoch_images=1281167, final_loss=9.0,
+              host_peak_rss_bytes=2**30)
+  official = dict(system='official', commit='7397dfe', arch='resnet50', image_size=224,
+                  batch=256, queue=65536, amp='bf16', device='NVIDIA H200', torch='2.11.0',
+                  steps=10, first_step_seconds=5.0, step_seconds=0.128,
+                  images_per_second=2000.0, peak_memory_bytes=20 * 2**30,
+                  host_peak_rss_bytes=2**31)
+  tta = gpu_check.tta_summary([{'epoch': 1.0, 'knn_top1': 21.5, 'wall_s': 60.0, 'step': 36},
+                               {'epoch': 2.0, 'knn_top1': 30.0, 'wall_s': 62.0, 'step': 72},
+                               {'epoch': 2.0, 'images_per_sec': 9469.0, 'wall_s': 62.0}])
+  summary = dict(mode='gpu', started_utc='2026-12-01 10:00:00', finished_s=500.0,
+                 stages={'ours_bf16': {'status': 'ok', 'seconds': 80.0},
+                         'official_bf16': {'status': 'ok', 'seconds': 30.0},
+                         'time_to_accuracy': {'status': 'ok', 'seconds': 130.0},
+                         'xla_autotune_off': {'status': 'skipped'}},
+                 results={'ours_bf16': ours, 'official_bf16': official, 'time_to_accuracy': tta},
+                 derived=gpu_check.derive({'ours_bf16': ours, 'official_bf16': official}))
+  path = tmp_path / 'summary.json'
+  path.write_text(json.dumps(summary))
+  text = gpu_check.render(str(path))
+  assert '| xla_autotune_off | skipped |  |' in text
+  assert '| ours_bf16 | r50_224 | resnet50 | 224 | 256 |' in text and '30.00 GiB' in text
+  assert '| official_bf16 | resnet50 | 224 | 256 | 65536 | bf16 | NVIDIA H200 | 128.0 | 2000.0 | 20.00 GiB |' in text
+  assert 'ep 1: 21.5% at 60 s, ep 2: 30.0% at 62 s' in text
+  assert 'Projected 200 epochs: 3.3 min of train steps (9469 img/s)' in text
+  assert '"ours_bf16_over_official_bf16": 2.56' in text
