@@ -153,7 +153,7 @@ def write_json_atomic(path: str, value) -> None:
   """Write-then-rename: a kill mid-write leaves the previous summary, never half of one."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
+    json.dump(value, f, indent=1)  # Insertion order: stages in the order they ran.
   os.replace(tmp, path)
 
 
