@@ -163,7 +163,7 @@ def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: in
   def hook(step: int, state):
     if step not in steps:
       return
-    top1 = evaluator(features.backbone_variables(state.query_params, state.query_batch_stats))
+    top1 = evaluator(features.backbone_variables(state.params, state.batch_stats))
     writer.write(step, {'knn_top1': top1, 'epoch': step / max(steps_per_epoch, 1)})
 
   return [hook]
