@@ -60,7 +60,6 @@ from moco_jax.run import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
-from moco_jax.training import train
 
 DOCS_PATH = report.DOCS_PATH
 SECTION = '## Training throughput'
@@ -392,10 +391,8 @@ def abstract_step_inputs(config, setup, mesh):
   `jax.eval_shape` traces the state's initialisation without running it, so
   even R50 at batch 256 costs no memory here.
   """
-  create = functools.partial(
-      state_lib.create_train_state, encoder=setup.moco.encoder, tx=setup.tx,
-      image_size=config.data.image_size, queue_size=config.moco.queue_size,
-      embed_dim=config.model.embed_dim)
+  create = functools.partial(state_lib.create_train_state, method=setup.method, tx=setup.tx,
+                             image_size=config.data.image_size)
   state = jax.eval_shape(create, jax.random.PRNGKey(config.seed))
   replicated = NamedSharding(mesh, P())
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -421,10 +418,11 @@ def compile_only(config, *, preset: str = 'custom', devices=None) -> CompileResu
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000,
                                                    total_steps=1000)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = train.make_step_setup(config, num_devices, tx)
+  setup = step_lib.make_step_setup(config, num_devices, tx)
   state, images = abstract_step_inputs(config, setup, mesh)
   start = time.perf_counter()
-  compiled = train.make_sharded_step(setup, learning_rate_fn, mesh).lower(state, images).compile()
+  compiled = step_lib.make_sharded_step(setup, learning_rate_fn, mesh).lower(state,
+                                                                            images).compile()
   seconds = time.perf_counter() - start
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per module.
