@@ -12,257 +12,45 @@ A new run (no DIR/config.json yet) needs --config.
 --mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
-DIR/backbone_torchvision.npz; report writes DIR/report/index.html (curves,
-t-SNE, nearest neighbours, augmentations, confusion matrix) for the latest
-checkpoint. This file only parses flags; the work is in `moco_jax.training.train`,
-`moco_jax.evaluation.knn`, `moco_jax.evaluation.linear_probe`, `moco_jax.evaluation.export` and
-`moco_jax.evaluation.report`, which tests call too.
+DIR/backbone_torchvision.npz; report writes DIR/report/index.html for the
+latest checkpoint.
+
+This file is intentionally kept short, as flax's examples: it maps each mode to
+the function that does the work (which tests call too). Flags, the config's
+source, `config_checks.validate` (every mode, before any work), many-process
+start-up and the one-line errors are `moco_jax/cli.py`'s.
 
 Ctrl-C or SIGTERM stops training at the next step, saves it and exits with
-130 (Ctrl-C) or 75 (SIGTERM, EX_TEMPFAIL: rerun until it succeeds); a second
-Ctrl-C aborts at once (`moco_jax/run/stopping.py`).
+130 (Ctrl-C) or 75 (SIGTERM, EX_TEMPFAIL: rerun until it succeeds); an
+evaluation stops at once with the same codes; a second Ctrl-C aborts at once
+(`moco_jax/run/stopping.py`).
 """
 
-import difflib
-import logging as std_logging
-import os
-import shlex
-import sys
-import traceback
-
 from absl import app
-from absl import flags
 from absl import logging
-import jax
-from ml_collections import config_flags
 
-from moco_jax.core import errors
+from moco_jax import cli
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import report
-from moco_jax.run import distributed
-from moco_jax.run import run_config
-from moco_jax.run import stopping
 from moco_jax.training import train
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'knn', 'linear_eval', 'export', 'report'], 'What to run.')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() first (many processes/hosts). Without the '
-                  'three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU pods).')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0\'s coordination service (implies --distributed).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (implies --distributed).')
-flags.DEFINE_integer('process_id', None, 'Index of this process, 0..num_processes-1 '
-                     '(implies --distributed).')
-flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
-                     'A process that sends no heartbeat for this long is declared dead and every '
-                     'other process exits (jax.distributed).')
-flags.DEFINE_integer('cpu_devices', None,
-                     'Simulated CPU devices of this process (jax_num_cpu_devices; tests and '
-                     'laptops: --cpu_devices=4 with 2 processes is an 8-device mesh).')
-flags.DEFINE_integer('initialization_timeout', 300,
-                     'Seconds to wait for all processes to connect (jax.distributed).')
-config_flags.DEFINE_config_file(
-    'config', None, 'Experiment configuration file; default: the run\'s own WORKDIR/config.json '
-    '(configs/from_workdir.py:WORKDIR) when it exists.', lock_config=True)
-flags.DEFINE_bool('verbose', False,
-                  'On an error, print the Python traceback as well as the one-line message.')
-flags.mark_flags_as_required(['workdir'])
-
-_FROM_WORKDIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
-                             'from_workdir.py')
-
-
-def _flag_value(argv, name):
-  """The value of --name=V or --name V in raw argv, else None."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(f'--{name}='):
-      return arg.split('=', 1)[1]
-    if arg == f'--{name}' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def with_default_config(argv):
-  """argv plus --config=configs/from_workdir.py:WORKDIR when --config is absent and
-  WORKDIR/config.json exists (so `--config.a.b=v` overrides apply to the run's own config)."""
-  has_config = any(a == '--config' or a.startswith('--config=') for a in argv)
-  workdir = _flag_value(argv, 'workdir')
-  if has_config or not run_config.has_run_config(workdir):
-    return argv
-  return argv[:1] + [f'--config={_FROM_WORKDIR}:{workdir}'] + argv[1:]
-
-
-def resume_command() -> str:
-  """The command line this process was started with (the command that resumes it)."""
-  return shlex.join(getattr(sys, 'orig_argv', [sys.executable] + sys.argv))
-
-
-def _report_config():
-  """Says where the config came from and what was overridden; warns on a mismatch."""
-  overrides = config_flags.get_override_values(FLAGS['config'])
-  source = FLAGS['config'].config_filename
-  if source.startswith(_FROM_WORKDIR):
-    source = run_config.config_path(FLAGS.workdir) + ' (the run\'s own config)'
-  logging.info('Config: %s%s', source, ''.join(f'\n  override {k} = {v!r}'
-                                               for k, v in sorted(overrides.items())))
-  if FLAGS.mode != 'train' and not FLAGS['config'].config_filename.startswith(_FROM_WORKDIR):
-    try:
-      diffs = run_config.differences(FLAGS.config, FLAGS.workdir)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # An unreadable config.json.
-      logging.warning('Could not compare with %s: %s', run_config.config_path(FLAGS.workdir), e)
-      diffs = {}
-    if diffs:
-      logging.warning(
-          'The config differs from the pretraining run\'s %s in %s; the evaluation measures '
-          'another setting. Leave out --config to use the run\'s own config.',
-          run_config.config_path(FLAGS.workdir),
-          '; '.join(f'{k}: run {a!r}, now {b!r}' for k, (a, b) in diffs.items()))
-
-
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every array transfer at INFO; keep its warnings only."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+MODES = {
+    'train': train.train_and_evaluate,
+    'knn': lambda config, workdir: logging.info('Results: %s', knn.run_knn(config, workdir)),
+    'linear_eval': lambda config, workdir: logging.info(
+        'Results: %s', linear_probe.run_linear_eval(config, workdir)),
+    'export': lambda config, workdir: logging.info(
+        'Wrote %s.', export.run_export(config, workdir)),
+    'report': lambda config, workdir: logging.info(
+        'Wrote %s.', report.run_report(config, workdir)),
+}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError('Too many command-line arguments.')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  if FLAGS.cpu_devices is not None:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
-  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.distributed or any(v is not None for v in explicit):
-    distributed.initialize(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
-        initialization_timeout=FLAGS.initialization_timeout)
-  logging.info('JAX process %d / %d, %d devices: %s', jax.process_index(), jax.process_count(),
-               jax.device_count(), jax.devices()[:8])
-  if FLAGS.config is None:
-    raise app.UsageError(
-        f'--config is required: {run_config.config_path(FLAGS.workdir)} does not exist yet. '
-        'Start a run with --config=configs/<name>.py (e.g. configs/cifar10_cpu.py).')
-  _report_config()
-  try:
-    with _one_message_on_user_errors():
-      _run_mode()
-  except stopping.Interrupted as e:
-    logging.warning('%s To resume, run the same command:\n  %s', e, resume_command())
-    sys.exit(e.exit_code)
-
-
-def _run_mode():
-  """Runs what --mode names."""
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == 'knn':
-    logging.info('Results: %s', knn.run_knn(FLAGS.config, FLAGS.workdir))
-  elif FLAGS.mode == 'linear_eval':
-    logging.info('Results: %s', linear_probe.run_linear_eval(FLAGS.config, FLAGS.workdir))
-  elif FLAGS.mode == 'export':
-    logging.info('Wrote %s.', export.run_export(FLAGS.config, FLAGS.workdir))
-  elif FLAGS.mode == 'report':
-    logging.info('Wrote %s.', report.run_report(FLAGS.config, FLAGS.workdir))
-
-
-# --------------------------------------------------------------------------
-# Errors a user can cause end in one message and a non-zero exit (no traceback
-# unless --verbose).
-
-
-def _verbose(argv=None) -> bool:
-  argv = sys.argv if argv is None else argv
-  return any(a in ('--verbose', '--verbose=true', '--verbose=True') for a in argv)
-
-
-def _fail(kind: str, message: str, argv=None):
-  """Prints 'Error (<kind>): <message>' (+ the traceback with --verbose) and exits."""
-  if _verbose(argv):
-    traceback.print_exc()
-  message = ' '.join(str(message).split())  # One line, however the message was built.
-  print(f'Error ({kind}): {message}', file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  # Not sys.exit: interpreter teardown with Orbax/TensorStore objects still alive can
-  # print a stray 'Event loop is closed' traceback after the message. Pending saves of
-  # good checkpoints were waited for before the error was raised (guard.Guard).
-  os._exit(errors.EXIT_CODE)  # pylint: disable=protected-access
-
-
-class _one_message_on_user_errors:  # pylint: disable=invalid-name
-  """Turns the project's UserError types into one message; anything else is a bug."""
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is not None and issubclass(exc_type, errors.UserError):
-      kind = {errors.ConfigError: 'config', errors.DataError: 'data',
-              errors.CheckpointError: 'checkpoint', errors.NonFiniteError: 'diverged'}
-      name = next((v for k, v in kind.items() if issubclass(exc_type, k)), 'input')
-      _fail(name, f'{exc} (rerun with --verbose for the traceback)')
-    return False
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, but a bad flag, override or config file is one line."""
-  try:
-    argv = with_default_config(argv)
-    rest = FLAGS(argv)
-    if FLAGS.config is not None:
-      FLAGS.config.get('seed')  # Loads the config file now: a missing one fails here.
-    return rest
-  except Exception as e:  # pylint: disable=broad-except
-    _fail('flags', _flag_error_message(argv, e), argv)
-
-
-def _flag_error_message(argv, error) -> str:
-  """'--config.moco.queue=4: config.moco has no field 'queue'; did you mean ...' or the error."""
-  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  config = None
-  if config_arg:
-    try:
-      config = config_flags.config_flags.ConfigFileFlagParser(name="config").parse(config_arg)
-      config.get('seed')
-    except Exception:  # pylint: disable=broad-except
-      config = None
-  if config_arg and config is None:
-    file = config_arg.split(':', 1)[0]
-    why = 'no such file' if not os.path.isfile(file) else _first_line(error)
-    return (f'--config={config_arg}: could not load it ({why}); pass a config file such as '
-            '--config=configs/imagenette.py.')
-  for arg in argv[1:]:
-    if not arg.startswith('--config.') or config is None:
-      continue
-    path = arg[len('--config.'):].split('=', 1)[0].split('.')
-    node, where = config, 'config'
-    for part in path:
-      keys = list(node.keys()) if hasattr(node, 'keys') else []
-      if part not in keys:
-        close = difflib.get_close_matches(part, keys, n=3)
-        hint = (f'did you mean {" or ".join(f"--{where}.{c}" for c in close)}?' if close
-                else f'its fields: {", ".join(sorted(keys))}.' if keys
-                else f'{where} is a value, not a section.')
-        return f'{arg}: {where} has no field {part!r}; {hint}'
-      node, where = node[part], f'{where}.{part}'
-  return _first_line(error)
-
-
-def _first_line(error) -> str:
-  """The telling line of an error: its first, or the last of an embedded traceback."""
-  text = str(error).strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':
-    text = text[1:-1]
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    lines = lines[-1:]
-  return lines[0] if lines else type(error).__name__
+  cli.run(argv, MODES)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

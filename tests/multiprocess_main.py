@@ -19,6 +19,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 import main  # pylint: disable=g-bad-import-order
+from moco_jax import cli
 from moco_jax.data import batching
 
 _GATE_TIMEOUT = 300
@@ -84,4 +85,4 @@ if __name__ == '__main__':
     parts = gate.split(':')
     batching.train_batches = _gated(batching.train_batches, int(parts[0]), parts[1],
                                     int(parts[2]) if len(parts) > 2 else None)
-  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  app.run(main.main, flags_parser=cli.parse_flags)

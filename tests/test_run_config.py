@@ -7,6 +7,7 @@ import pytest
 from configs import default
 from configs import imagenette
 from configs import tiny
+from moco_jax import cli
 from moco_jax.core import errors
 from moco_jax.data import dataset
 from moco_jax.run import metrics_writer
@@ -74,16 +75,15 @@ def test_differences_name_the_fields_that_change_the_measurement(tmp_path):
 
 
 def test_main_defaults_to_the_run_s_config_json(tmp_path):
-  import main  # pylint: disable=g-import-not-at-top
   argv = ['main.py', '--mode=knn', f'--workdir={tmp_path}', '--config.eval.knn_k=5']
-  assert main.with_default_config(argv) == argv  # No config.json yet: left as is.
+  assert cli.with_default_config(argv) == argv  # No config.json yet: left as is.
   _saved_run(tmp_path)
-  assert main.with_default_config(argv) == [
-      'main.py', f'--config={main._FROM_WORKDIR}:{tmp_path}'] + argv[1:]
-  assert main.with_default_config(['main.py', '--workdir', str(tmp_path)])[1].startswith(
+  assert cli.with_default_config(argv) == [
+      'main.py', f'--config={cli.FROM_WORKDIR}:{tmp_path}'] + argv[1:]
+  assert cli.with_default_config(['main.py', '--workdir', str(tmp_path)])[1].startswith(
       '--config=')
   explicit = argv + ['--config=configs/tiny.py']
-  assert main.with_default_config(explicit) == explicit
+  assert cli.with_default_config(explicit) == explicit
 
 
 def test_the_decoded_size_follows_image_size_unless_pinned():

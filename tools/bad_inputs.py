@@ -1,6 +1,6 @@
 """Runs realistic bad inputs through `python main.py` and prints a table of the outcomes.
 
-  python tools/bad_inputs.py [--only SUBSTRING] [--devices 8] > table.md   # ~10-20 min on 2 cores
+  python tools/bad_inputs.py [--only SUBSTRING] [--second] [--devices 8] > table.md   # ~10-20 min on 2 cores
 
 Each case builds its files (image trees, archives, checkpoints) in a temporary
 directory, runs main.py as a user would, and classifies what happened:
@@ -19,7 +19,9 @@ user's view, used for the table in docs/reliability.md.
 import argparse
 import io
 import os
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -83,13 +85,24 @@ def _tgz(tmp, src, name='data.tgz'):
   return path
 
 
+_FSIZE = 'RLIMIT_FSIZE='  # An argv item 'RLIMIT_FSIZE=<bytes>': run main.py under that limit.
+_HELD = []  # Sockets a case keeps bound while it runs (a busy port).
+
+
+def _limit_file_size(limit):
+  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def _main(args, timeout, devices):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  limits = [int(a[len(_FSIZE):]) for a in args if a.startswith(_FSIZE)]
+  args = [a for a in args if not a.startswith(_FSIZE)]
   start = time.time()
   try:
     proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_limit_file_size(limits[0]) if limits else None)
   except subprocess.TimeoutExpired:
     return None, '', time.time() - start
   return proc.returncode, proc.stderr, time.time() - start
@@ -285,6 +298,106 @@ def cases():
   add('config', '--config.data.image_size=0',
       lambda t: ([], [*TINY, wd(t), '--config.data.image_size=0']))
   _transfer_cases(add, wd)
+  c.extend(second_catalogue())
+  return c
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _busy_port() -> int:
+  s = socket.socket()
+  s.bind(('127.0.0.1', 0))
+  s.listen()
+  _HELD.append(s)
+  return s.getsockname()[1]
+
+
+def second_catalogue():
+  """Issue 18: streaming, many processes, evaluation modes, disk, config values."""
+  c = []
+  add = lambda group, what, setup, expect='error': c.append((group, what, setup, expect))
+  wd = lambda tmp: f'--workdir={os.path.join(tmp, "w")}'
+  stream = ['--config.data.max_in_memory_gb=0']
+
+  def streamed_odd_images(t):
+    src = _tree(t, extras={'train/a/ramp16.png': _png16(), 'train/b/ramp.tif': _tiff_float()})
+    return [], [*TINY, wd(t), f'--config.data.path={src}', *FOLDER_RUN, *stream]
+  add('streaming', '16-bit PNG and float TIFF in a streamed folder', streamed_odd_images,
+      'step 2')
+
+  def files_added_before_resume(t):
+    src = _tree(t)
+    workdir = os.path.join(t, 'run')
+    first = [*TINY, f'--workdir={workdir}', f'--config.data.path={src}', *FOLDER_RUN, *stream]
+    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
+              f'import bad_inputs, os; open(os.path.join({src!r}, "train", "a", "new.png"), '
+              '"wb").write(bad_inputs._png(99))')
+    return [first, ['-c', script]], [*first, '--config.num_train_steps=4']
+  add('streaming', 'files added to a streamed folder between a run and its resume',
+      files_added_before_resume)
+
+  def report_streamed(t):
+    src = _tree(t)
+    workdir = os.path.join(t, 'run')
+    first = [*TINY, f'--workdir={workdir}', f'--config.data.path={src}', *FOLDER_RUN, *stream]
+    return [first], ['--mode=report', f'--workdir={workdir}']
+  add('streaming', '--mode=report on a streamed run', report_streamed)
+
+  def many_loader_processes(t):
+    return [], [*TINY, wd(t), f'--config.data.path={_tree(t)}', *FOLDER_RUN, *stream,
+                '--config.data.stream_processes=32']
+  add('streaming', 'data.stream_processes=32 on a small machine (capped)', many_loader_processes,
+      'loader processes')
+  # Many processes (each case starts one process; timeouts short).
+  dist = ['--num_processes=2', '--initialization_timeout=5']
+  add('distributed', '--process_id=2 --num_processes=2',
+      lambda t: ([], [*TINY, wd(t), *dist, '--process_id=2',
+                      f'--coordinator_address=127.0.0.1:{_free_port()}']))
+  add('distributed', 'process 0 started, process 1 never',
+      lambda t: ([], [*TINY, wd(t), *dist, '--process_id=0',
+                      f'--coordinator_address=127.0.0.1:{_free_port()}']))
+  add('distributed', 'coordinator port already in use',
+      lambda t: ([], [*TINY, wd(t), *dist, '--process_id=0',
+                      f'--coordinator_address=127.0.0.1:{_busy_port()}']))
+  add('distributed', 'process 1 with no coordinator running',
+      lambda t: ([], [*TINY, wd(t), *dist, '--process_id=1',
+                      f'--coordinator_address=127.0.0.1:{_free_port()}']))
+  add('distributed', '--coordinator_address without a port',
+      lambda t: ([], [*TINY, wd(t), *dist, '--process_id=1', '--coordinator_address=localhost']))
+  # Evaluation modes.
+
+  def trained(extra_prepare=None):
+    def setup(t, extra_prepare=extra_prepare):
+      workdir, first = _train(t, 'run')
+      prepare = [first] + ([['-c', extra_prepare(workdir)]] if extra_prepare else [])
+      return prepare, workdir
+    return setup
+
+  def broken_json(name):
+    """Writes a JSON object cut short over WORKDIR/name (as a hand edit or a full disk leaves it)."""
+    return lambda workdir: (f'open({os.path.join(workdir, name)!r}, "w").write('
+                            + repr('{"knn_top1": 3,') + ')')
+
+  def knn_with(extra_prepare, extra_args=()):
+    def setup(t):
+      prepare, workdir = trained(extra_prepare)(t)
+      return prepare, ['--mode=knn', f'--workdir={workdir}', *extra_args]
+    return setup
+  add('evaluation', '--mode=knn with a hand-broken config.json', knn_with(broken_json('config.json')))
+  add('evaluation', '--mode=knn with a broken eval.json', knn_with(broken_json('eval.json')))
+  add('evaluation', '--mode=knn with knn_k=5000 on a 256-image split',
+      knn_with(None, ['--config.eval.knn_k=5000']), 'using k=256')
+  add('evaluation', '--mode=knn on an empty directory', lambda t: ([], ['--mode=knn', wd(t)]))
+  add('evaluation', '--mode=linear_eval with --config.eval.knn_k=0 (validated first)',
+      lambda t: ([], ['--mode=linear_eval', *TINY, wd(t), '--config.eval.knn_k=0']))
+  # Disk and config values.
+  add('checkpoints', 'checkpoint save over a file-size limit (ulimit -f)',
+      lambda t: ([], [*TINY, wd(t), *SMALL_RUN, f'{_FSIZE}{200 * 1024}']))
+  add('config', '--config.seed=-1', lambda t: ([], [*TINY, wd(t), '--config.seed=-1']))
   return c
 
 
@@ -335,10 +448,13 @@ def main():
   parser.add_argument('--only', default='', help='run only cases whose text contains this')
   parser.add_argument('--timeout', type=int, default=300)
   parser.add_argument('--devices', type=int, default=8)
+  parser.add_argument('--second', action='store_true',
+                      help="only issue 18's second catalogue (streaming, many processes, ...)")
   args = parser.parse_args()
   rows, counts = [], {}
+  first_of_second = len(cases()) - len(second_catalogue()) + 1
   for n, (group, what, setup, expect) in enumerate(cases(), 1):
-    if args.only and args.only not in what:
+    if (args.only and args.only not in what) or (args.second and n < first_of_second):
       continue
     tmp = tempfile.mkdtemp(prefix='bad_inputs_')
     try:
@@ -356,6 +472,8 @@ def main():
       outcome, line = classify(rc, stderr, expect)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
+      while _HELD:
+        _HELD.pop().close()
     counts[outcome] = counts.get(outcome, 0) + 1
     row = f'| {n} | {group} | {what} | {outcome} | {rc} | {seconds:.0f} s | {_shorten(line)} |'
     rows.append(row)

@@ -50,6 +50,38 @@ def to_8bit(image: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), 'L')
 
 
+def load_rgb(encoded, reduce_to: Optional[Callable] = None):
+  """The one decoder of both input paths: (8-bit RGB Pillow image, original (width, height)).
+
+  In-memory (`decode_image`) and streamed (`host_crops.two_crops`) examples
+  both come through here, so an odd file (16-bit or float, CMYK, grayscale,
+  palette, RGBA) decodes the same way in both: high bit-depth and float
+  images are scaled to 8 bits (`to_8bit`), every other mode is converted to
+  RGB (alpha dropped, like torchvision's ImageFolder loader).
+
+  Args:
+    encoded: the file's bytes, or a decoded uint8 array [H, W, C] (mocked tfds).
+    reduce_to: (width, height) -> the smallest size to keep, or None: a JPEG is
+      then decoded at the reduced DCT scale that still covers it (`draft`).
+  Raises:
+    One of DECODE_ERRORS for an unreadable file.
+  """
+  if isinstance(encoded, np.ndarray) and encoded.dtype == np.uint8 and encoded.ndim == 3:
+    image = Image.fromarray(encoded if encoded.shape[-1] == 3 else encoded[..., 0])
+  else:
+    image = Image.open(io.BytesIO(bytes(encoded)))
+  size = image.size
+  if reduce_to is not None and image.format == 'JPEG':
+    target = reduce_to(*size)
+    if target:
+      image.draft('RGB', target)
+  image.load()
+  image = to_8bit(image)
+  if image.mode != 'RGB':
+    image = image.convert('RGB')
+  return image, size
+
+
 def fit_square(image: Image.Image, side: int) -> np.ndarray:
   """Resizes the shorter side to `side` and keeps the centre square, as uint8 RGB.
 
@@ -71,16 +103,13 @@ def fit_square(image: Image.Image, side: int) -> np.ndarray:
 def decode_image(data: bytes, side: int) -> Optional[np.ndarray]:
   """Decodes encoded image bytes to uint8 [side, side, 3], or None if unreadable.
 
-  Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is
-  dropped, like torchvision's ImageFolder loader). JPEGs much larger than
-  `side` are decoded at a reduced DCT scale (`draft`), which is several times
-  faster and still leaves the shorter side >= `side`.
+  `load_rgb` decodes (the streaming loader's decoder too); JPEGs much larger
+  than `side` are decoded at a reduced DCT scale (`draft`), which is several
+  times faster and still leaves the shorter side >= `side`.
   """
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.draft('RGB', (side, side))
-      image.load()
-      return fit_square(image, side)
+    image, _ = load_rgb(data, reduce_to=lambda w, h: (side, side))
+    return fit_square(image, side)
   except DECODE_ERRORS:
     return None
 

@@ -71,12 +71,14 @@ def _modules(tree: dict, prefix: tuple = ()):
       yield from _modules(sub, prefix + (name,))
 
 
-def torchvision_state_dict(params: dict, batch_stats: dict) -> dict:
+def torchvision_state_dict(params: dict, batch_stats: dict, dtype=np.float32) -> dict:
   """{torchvision key: np.ndarray} of a Flax backbone's params and batch stats.
 
   Args:
     params: the backbone's params (the 'backbone' subtree of an encoder).
     batch_stats: the backbone's BatchNorm running statistics.
+    dtype: of the arrays (torchvision's float32; the equivalence test reads a
+      float64 run in float64).
   """
   params = jax.device_get(params)
   batch_stats = jax.device_get(batch_stats)
@@ -84,18 +86,18 @@ def torchvision_state_dict(params: dict, batch_stats: dict) -> dict:
   for path, leaves in _modules(params):
     name = _torch_module_name(path)
     if 'kernel' in leaves:  # Convolution, HWIO -> OIHW.
-      kernel = np.asarray(leaves['kernel'], np.float32)
+      kernel = np.asarray(leaves['kernel'], dtype)
       if kernel.ndim != 4:
         raise ValueError(f'{"/".join(path)}/kernel has shape {kernel.shape}: expected a 4-D '
                          'convolution kernel; pass the backbone, not the head.')
       state[f'{name}.weight'] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
     else:  # BatchNorm affine parameters.
       for flax_name, torch_name in _BN_PARAMS.items():
-        state[f'{name}.{torch_name}'] = np.asarray(leaves[flax_name], np.float32)
+        state[f'{name}.{torch_name}'] = np.asarray(leaves[flax_name], dtype)
   for path, leaves in _modules(batch_stats):
     name = _torch_module_name(path)
     for flax_name, torch_name in _BN_STATS.items():
-      state[f'{name}.{torch_name}'] = np.asarray(leaves[flax_name], np.float32)
+      state[f'{name}.{torch_name}'] = np.asarray(leaves[flax_name], dtype)
     state[f'{name}.num_batches_tracked'] = np.asarray(0, np.int64)
   return state
 

@@ -119,13 +119,24 @@ class KnnEvaluator:
                                       self.mesh)
     eval_features = features.extract_features(self.config, self.backbone, variables, self.eval_ds,
                                      self.mesh)
+    k = used_k(self.config.eval.knn_k, len(self.train_ds))
     top1 = knn_top1(train_features, self.train_ds.labels, eval_features, self.eval_ds.labels,
                     max(self.train_ds.num_classes, self.eval_ds.num_classes),
-                    k=self.config.eval.knn_k, temperature=self.config.eval.knn_temperature)
+                    k=k, temperature=self.config.eval.knn_temperature)
     logging.info('kNN top-1 %.2f%% (k=%d, t=%g, %d train / %d eval images) in %.1f s.', top1,
-                 self.config.eval.knn_k, self.config.eval.knn_temperature, len(self.train_ds),
+                 k, self.config.eval.knn_temperature, len(self.train_ds),
                  len(self.eval_ds), time.perf_counter() - start)
     return top1
+
+
+def used_k(knn_k: int, train_size: int) -> int:
+  """The k the vote uses: config.eval.knn_k, or the whole train split if that is smaller (said once)."""
+  if knn_k > train_size:
+    logging.log_first_n(
+        logging.WARNING, 'config.eval.knn_k=%d is larger than the train split (%d images): '
+        'using k=%d (every train image votes); lower --config.eval.knn_k to silence this.', 1,
+        knn_k, train_size, train_size)
+  return min(int(knn_k), int(train_size))
 
 
 def monitor_steps(every_epochs: float, steps_per_epoch: int, total_steps: int) -> set:

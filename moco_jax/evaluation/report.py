@@ -39,6 +39,7 @@ from sklearn.metrics import confusion_matrix
 
 from moco_jax import models
 from moco_jax.augmentation import augment
+from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
@@ -160,7 +161,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   start = time.perf_counter()
   plan = streaming.plan_train_input(config.data)
   if plan.stream:
-    raise ValueError(
+    raise errors.ConfigError(
         f'--mode=report holds the train split in memory (every train image is a kNN neighbour '
         f'candidate, and the preview redraws the in-memory step\'s views), but {plan.reason}. '
         'Raise --config.data.max_in_memory_gb if this host has the memory.')

@@ -16,6 +16,7 @@ import os
 from absl import logging
 import jax
 
+from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.run import metrics_writer
 
@@ -40,4 +41,36 @@ def read_results(workdir: str) -> dict:
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    return json.load(f)
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise errors.CheckpointError(
+          f'{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): it holds the '
+          'earlier evaluations\' figures, merged with each new one. Fix that line, or move the '
+          'file aside and rerun.') from e
+  if not isinstance(values, dict):
+    raise errors.CheckpointError(f'{path} holds a {type(values).__name__}, not a JSON object '
+                                 'of figures: move it aside and rerun.')
+  return values
+
+
+def check_before_evaluation(workdir: str, mode: str):
+  """Finds what would fail at the end of an evaluation before its work starts.
+
+  A broken eval.json (merged into at the end) and a workdir the results cannot
+  be written to used to end in a traceback after the whole evaluation had run.
+  """
+  read_results(workdir)
+  directory = os.path.abspath(workdir)
+  if not os.path.isdir(directory):
+    return  # Nothing to evaluate there: the mode says so (no checkpoint, no config).
+  probe = os.path.join(directory, f'.write_test.{os.getpid()}')
+  try:
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise errors.CheckpointError(
+        f'{directory} is not writable ({e.strerror or e}): --mode={mode} writes its results '
+        'there. Fix its permissions or free space (or copy the run to a writable --workdir).'
+    ) from e

@@ -21,7 +21,7 @@ from moco_jax.core import parallel
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / ||x||, as torch.nn.functional.normalize (eps guards the zero vector)."""
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64.
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
@@ -32,9 +32,10 @@ def moco_logits(queries: jax.Array, keys: jax.Array, queue: jax.Array,
   Computed in float32 whatever the network's dtype: with T = 0.07 and K = 65536
   bfloat16 logits would lose the small differences the loss is made of.
   """
-  queries = queries.astype(jnp.float32)
-  positive = jnp.sum(queries * keys.astype(jnp.float32), axis=-1, keepdims=True)
-  negative = jnp.dot(queries, queue.astype(jnp.float32).T,
+  dtype = jnp.promote_types(queries.dtype, jnp.float32)  # float64 stays float64.
+  queries = queries.astype(dtype)
+  positive = jnp.sum(queries * keys.astype(dtype), axis=-1, keepdims=True)
+  negative = jnp.dot(queries, queue.astype(dtype).T,
                      precision=jax.lax.Precision.HIGHEST)
   return jnp.concatenate([positive, negative], axis=1) / temperature
 

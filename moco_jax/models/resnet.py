@@ -29,7 +29,8 @@ class BatchNorm(nn.Module):
     axis_name: if set, statistics are averaged over this mapped axis (SyncBN).
     momentum: decay of the running statistics (torch's 0.1 is 0.9 here).
     epsilon: added to the variance.
-    dtype: output dtype; statistics are always computed in float32.
+    dtype: output dtype; statistics are computed in float32 (float64 for a
+      float64 input: the equivalence test's float64 run).
     scale_init: initialiser of the scale (gamma).
     affine: learn scale and bias; False is torch's `affine=False` (MoCo v3's
       projector ends in one), with no params at all.
@@ -54,7 +55,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
 
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.use_running_average:
       y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
     else:
@@ -197,7 +198,7 @@ class ResNet(nn.Module):
         x = self.block_cls(self.width * 2 ** i, conv=conv, norm=norm, strides=strides,
                            zero_init_last=self.zero_init_residual,
                            name=f'layer{i + 1}_{j}')(x)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
 
 
 class ProjectionHead(nn.Module):
@@ -230,7 +231,7 @@ class ProjectionHead(nn.Module):
       x = dense(self.embed_dim, name='fc')(x)
     else:
       raise ValueError(f"model.head={self.kind!r}: expected 'mlp' or 'linear'.")
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays.
 
 
 class MoCoEncoder(nn.Module):

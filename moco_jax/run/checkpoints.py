@@ -44,6 +44,9 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   """
   if config.keep_checkpoints < 1:  # max_to_keep=0 would keep nothing.
     raise errors.ConfigError(f'config.keep_checkpoints={config.keep_checkpoints} must be >= 1.')
+  # A failed save (disk full, file-size limit) leaves the same late callbacks as
+  # a failed restore: hundreds of 'Event loop is closed' tracebacks otherwise.
+  _quiet_closed_event_loop_errors()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True,
       async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
@@ -87,9 +90,9 @@ def restore_latest(manager: ocp.CheckpointManager, target):
 
 
 def _quiet_closed_event_loop_errors():
-  """Silences the 'Event loop is closed' tracebacks a failed restore leaves behind.
+  """Silences the 'Event loop is closed' tracebacks a failed restore or save leaves behind.
 
-  After a restore fails, TensorStore reads still in flight complete and post
+  After a restore or save fails, TensorStore operations still in flight complete and post
   to Orbax's already closed asyncio loop, from other threads; the resulting
   RuntimeError tracebacks are printed after the clear message and mean nothing.
   """

@@ -106,6 +106,9 @@ def _validate_ranges(config):
   if config.num_train_steps == -1:
     _check(config, 'num_epochs', lambda v: _number(v) and v > 0,
            'must be > 0 when config.num_train_steps=-1')
+  _check(config, 'seed', lambda v: isinstance(v, int) and not isinstance(v, bool)
+         and 0 <= v < 2**32, 'must be an integer in [0, 2^32)',
+         'NumPy and grain seed their generators with it')
   _check(config, 'keep_checkpoints', positive_int,
          'must be >= 1: with 0 the run keeps no checkpoint and cannot resume or be evaluated')
   _check(config, 'model.head_hidden_dim', lambda v: v == -1 or v > 0,

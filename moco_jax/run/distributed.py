@@ -15,13 +15,22 @@ sending heartbeats): <process ids>" (or, when process 0 is the one that died,
 preempted/died"). The rerun resumes from the last checkpoint.
 """
 
+import errno
 import os
+import socket
+import threading
 from typing import Optional
 
 from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moco_jax.core import errors
+
+# jax.distributed's own start-up timeout, beyond ours: its expiry is a C++
+# abort ("another task died", rc -6), so our watchdog must always come first.
+_JAX_TIMEOUT_BACKSTOP_S = 60
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -38,15 +47,102 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     # default from JAX 0.5 on (older versions default to none and then fail
     # at the first collective across processes). GPUs and TPUs ignore it.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=initialization_timeout,
-                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  check_cluster_flags(coordinator_address, num_processes, process_id)
+  watchdog = _start_watchdog(coordinator_address, num_processes, process_id,
+                             initialization_timeout)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=initialization_timeout + _JAX_TIMEOUT_BACKSTOP_S,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  finally:
+    watchdog.set()
   warm_up_collectives(initialization_timeout)
   logging.info('jax.distributed: process %d of %d (coordinator %s); a process silent for %d s '
                'is declared dead and the others exit.', jax.process_index(),
                jax.process_count(), coordinator_address or 'auto-detected',
                heartbeat_timeout_seconds)
+
+
+def check_cluster_flags(coordinator_address: Optional[str], num_processes: Optional[int],
+                        process_id: Optional[int]):
+  """Refuses, naming the flag, a cluster start that cannot work; before jax.distributed runs.
+
+  jax.distributed reports these as a traceback (an id out of range), a
+  segmentation fault (process 0's port already in use) or, after the whole
+  timeout, a C++ abort.
+  """
+  if num_processes is not None and num_processes < 1:
+    raise errors.DistributedError(f'--num_processes={num_processes} must be >= 1.')
+  if process_id is not None:
+    if process_id < 0 or (num_processes is not None and process_id >= num_processes):
+      top = f'0..{num_processes - 1}' if num_processes else '>= 0'
+      raise errors.DistributedError(
+          f'--process_id={process_id} is out of range for --num_processes={num_processes}: '
+          f'give each process an id in {top}, process 0 on the --coordinator_address host.')
+  if coordinator_address is None:
+    return
+  host, _, port = coordinator_address.rpartition(':')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise errors.DistributedError(
+        f'--coordinator_address={coordinator_address!r} is not host:port (e.g. '
+        '10.0.0.1:12355, a free port on the host of process 0).')
+  if process_id == 0:
+    _check_port_free(coordinator_address, int(port))
+
+
+def _check_port_free(coordinator_address: str, port: int):
+  """Process 0 serves the coordination service on `port` of this host: it must be free."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    try:
+      probe.bind(('', port))
+    except OSError as e:
+      if e.errno != errno.EADDRINUSE:
+        return  # Not ours to judge (e.g. a privileged port): jax.distributed will say.
+      raise errors.DistributedError(
+          f'--coordinator_address={coordinator_address}: port {port} is already in use on this '
+          'host (another run\'s coordinator?). Process 0 serves the coordination service there: '
+          'pick a free port for every process, or stop the other run.') from e
+
+
+def _reachable(coordinator_address: str, timeout_s: float = 2.0) -> bool:
+  host, _, port = coordinator_address.rpartition(':')
+  try:
+    with socket.create_connection((host.strip('[]'), int(port)), timeout=timeout_s):
+      return True
+  except (OSError, ValueError):
+    return False
+
+
+def _start_watchdog(coordinator_address, num_processes, process_id,
+                    timeout_s: int) -> threading.Event:
+  """Ends the process with one line if the cluster has not formed within `timeout_s`.
+
+  jax.distributed releases the GIL while it waits, so this thread runs; it
+  fires before jax's own (longer) timeout, whose expiry is a C++ abort.
+  Returns the event that disarms it.
+  """
+  done = threading.Event()
+
+  def watch():
+    if done.wait(timeout_s):
+      return
+    flags = (f'--coordinator_address={coordinator_address} --num_processes={num_processes} '
+             f'--process_id={process_id}')
+    if process_id not in (None, 0) and coordinator_address and not _reachable(coordinator_address):
+      message = (f'nothing answers at --coordinator_address={coordinator_address} after '
+                 f'{timeout_s} s ({flags}): start process 0 there first, and check the host, '
+                 'the port and the firewall.')
+    else:
+      message = (f'the cluster did not form within --initialization_timeout={timeout_s} s '
+                 f'({flags}): not every process connected. Start all {num_processes or "N"} '
+                 'processes (ids 0..N-1, the same --coordinator_address and --num_processes), or '
+                 'raise --initialization_timeout.')
+    errors.exit_with_message('distributed', message)
+
+  threading.Thread(target=watch, name='moco-jax-distributed-watchdog', daemon=True).start()
+  return done
 
 
 def barrier(name: str, timeout_seconds: int):

@@ -14,8 +14,10 @@ stays short):
     a CheckpointError, not at the next save (or never).
 """
 
+import json
 import math
 import os
+import re
 from typing import Optional
 
 from absl import logging
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.methods import registry
 from moco_jax.run import checkpoints
 from moco_jax.run import run_config
@@ -97,6 +100,52 @@ def check_resume_config(workdir: str, config):
       '--config.allow_config_change=True to resume anyway.')
 
 
+FILE_LIST = 'stream_file_list.json'
+
+
+def check_file_list(workdir: str, file_list: dict, start_step: int, config):
+  """A streamed resume must read the file list the run started with.
+
+  The data order of step s is a permutation of the indexed list, so files
+  added to or removed from a streamed folder between a run and its resume
+  would silently continue on another order (issue 18). WORKDIR/stream_file_list.json
+  records the list's fingerprint (`streaming.file_list_fingerprint`) when the
+  run starts; a resume with another list is refused naming the change, or,
+  with `config.allow_config_change=True`, continues on the new list with a
+  warning (and records it).
+  """
+  path = os.path.join(workdir, FILE_LIST)
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+  except FileNotFoundError:
+    previous = None
+  except (OSError, ValueError) as e:
+    logging.warning('Cannot read %s (%s): resuming without checking the streamed file list.',
+                    path, e)
+    previous = None
+  same = previous is not None and all(previous.get(k) == file_list[k] for k in ('count', 'sha256'))
+  if start_step and previous is not None and not same:
+    count_then, count_now = previous.get('count'), file_list.get('count')
+    change = (f'{count_then} files when the run started, {count_now} now' if count_then != count_now
+              else f'the same count ({count_now}) but other files or labels')
+    where = file_list.get('where', 'the train split')
+    if not config.get('allow_config_change', False):
+      raise errors.CheckpointError(
+          f'Refusing to resume from step {start_step}: the streamed file list of {where} changed '
+          f'({change}; recorded in {path}), so the run would continue on another data order. '
+          'Restore the folder, use a new --workdir, or pass --config.allow_config_change=True '
+          'to resume on the new list.')
+    logging.warning('Resuming from step %d on a changed file list of %s (%s), as allowed by '
+                    'config.allow_config_change: the data order from here on differs.',
+                    start_step, where, change)
+  if not same and jax.process_index() == 0:
+    try:
+      files.atomic_write(path, lambda f: json.dump(file_list, f))
+    except OSError as e:
+      raise errors.CheckpointError(f'Cannot write {path} ({e}): make --workdir writable.') from e
+
+
 def check_resume_step(start_step: int, total_steps: int, config, directory: str):
   """A checkpoint beyond the configured length is a mistake, not a finished run."""
   if start_step > total_steps:
@@ -163,6 +212,15 @@ class Guard:
     """Saves `state` at `step` (asynchronously) if it is finite; else stops the run."""
     self.check_finite(step, state)
     self.poll(step)
+    if self._pending is not None:
+      # Orbax's save() first waits for the previous one and raises its error:
+      # wait here, so that a failure names the step whose save failed (the
+      # previous save has almost always finished long before).
+      try:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+      except Exception as e:  # pylint: disable=broad-except
+        self._save_failed(self._pending, e, step)
     try:
       checkpoints.save(self.manager, step, state)
     except Exception as e:  # pylint: disable=broad-except
@@ -190,15 +248,35 @@ class Guard:
             'resumes from it')
 
   def _save_failed(self, step, error, now):
-    reason = ' '.join(str(error).split())[:300] or type(error).__name__
     at = f' (noticed at step {now})' if now is not None and now != step else ''
     raise errors.CheckpointError(
         f'Saving the checkpoint of step {step} to {self.manager.directory} failed{at}: '
-        f'{type(error).__name__}: {reason}. {self._last_good()}; make the directory writable '
-        '(permissions, free space) and rerun the same command.') from error
+        f'{save_failure_reason(error)}. {self._last_good()}; make the directory writable '
+        '(permissions, free space, file-size limit: ulimit -f) and rerun the same command.'
+    ) from error
 
   def _diverged(self, step: int, what: str):
     raise errors.NonFiniteError(
         f'{what} at step {step}: training diverged, and no such state was saved. '
         f'{self._last_good()}; lower --config.optim.base_lr (now {self.config.optim.base_lr}) '
         'or check the data before rerunning.')
+
+
+_OS_ERROR = re.compile(r"([A-Za-z][^:\[\]\"]*?) \[os_error_code='?(\d+)'?\]")
+
+
+def save_failure_reason(error) -> str:
+  """The OS reason of a failed save first ('File too large (errno 27)'), then Orbax's text.
+
+  TensorStore's message starts with long temporary paths and ends with the
+  reason; cut at a fixed length, the reason was lost.
+  """
+  text = ' '.join(str(error).split())
+  if isinstance(error, OSError) and error.strerror:
+    reason = f'{error.strerror} (errno {error.errno})'
+  else:
+    match = _OS_ERROR.search(text)
+    reason = f'{match.group(1).strip()} (errno {match.group(2)})' if match else ''
+  detail = text[:200] + ('...' if len(text) > 200 else '')
+  return f'{reason}; {type(error).__name__}: {detail}' if reason else (
+      f'{type(error).__name__}: {detail}' if text else type(error).__name__)

@@ -22,6 +22,7 @@ last periodic checkpoint).
 
 import signal
 import threading
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -119,3 +120,53 @@ def _preemption_service_running() -> bool:
   """True when jax.distributed runs its preemption sync manager (the default)."""
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return getattr(jax_distributed.global_state, 'preemption_sync_manager', None) is not None
+
+
+class EvaluationStopped(Interrupted):
+  """An evaluation (knn, linear_eval, export, report) stopped by a signal: nothing written."""
+
+  def __init__(self, signum: int, mode: str):  # pylint: disable=super-init-not-called
+    Exception.__init__(  # pylint: disable=non-parent-init-called
+        self, f'Stopped by {signal.Signals(signum).name} during --mode={mode}: nothing was '
+        'written (results are written only when the evaluation completes).')
+    self.signum, self.step, self.saved = signum, 0, False
+    self.exit_code = _EXIT_CODES.get(signum, EXIT_PREEMPTED)
+
+
+class StopOnSignal:
+  """For the modes without a step loop: SIGTERM / SIGINT raise `EvaluationStopped` at once.
+
+  An evaluation has nothing to save halfway (its results are written at the
+  end, atomically), so it stops where it is, with training's exit codes (75 /
+  130): a wrapper that reruns preempted jobs reruns it, where the default
+  SIGTERM death (-15) would read as a failure. A second Ctrl-C kills at once.
+  """
+
+  def __init__(self, mode: str, on_stop: Optional[Callable] = None):
+    """`on_stop(EvaluationStopped)` ends the process (the CLI: one warning, then the exit
+    code); without it the handler raises the exception where the main thread is. The CLI
+    must not raise: library code that catches broad exceptions (logging's handlers do)
+    would swallow the stop and the evaluation would run on."""
+    self._mode = mode
+    self._on_stop = on_stop
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    stopped = EvaluationStopped(signum, self._mode)
+    if self._on_stop is not None:
+      self._on_stop(stopped)
+    raise stopped
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+    return False

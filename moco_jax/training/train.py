@@ -64,6 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
   guard.check_resume_step(start_step, total_steps, config, manager.directory)
+  if plan.stream:  # A resume must read the file list the run started with.
+    guard.check_file_list(workdir, streaming.file_list_fingerprint(train_ds), start_step, config)
   writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
   saver = guard.Guard(manager, config)
   if start_step:
