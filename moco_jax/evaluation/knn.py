@@ -130,12 +130,15 @@ class KnnEvaluator:
 
 
 def used_k(knn_k: int, train_size: int) -> int:
-  """The k the vote uses: config.eval.knn_k, or the whole train split if that is smaller (said once)."""
+  """The k the vote uses: config.eval.knn_k, or the whole train split if that is smaller (said).
+
+  Said at every evaluation, not once per process: a per-process "first time
+  only" would stay silent for a second run in the same process (a notebook).
+  """
   if knn_k > train_size:
-    logging.log_first_n(
-        logging.WARNING, 'config.eval.knn_k=%d is larger than the train split (%d images): '
-        'using k=%d (every train image votes); lower --config.eval.knn_k to silence this.', 1,
-        knn_k, train_size, train_size)
+    logging.warning('config.eval.knn_k=%d is larger than the train split (%d images): using '
+                    'k=%d (every train image votes); lower --config.eval.knn_k to silence this.',
+                    knn_k, train_size, train_size)
   return min(int(knn_k), int(train_size))
 
 
