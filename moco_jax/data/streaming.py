@@ -87,7 +87,12 @@ class Plan:
 
 
 def plan_train_input(data_config) -> Plan:
-  """Decides between the in-memory and the streaming path for the train split, and logs why.
+  """Decides between the in-memory and the streaming path for the train split, and logs why."""
+  return plan_split(data_config, 'train')
+
+
+def plan_split(data_config, split: str = 'train', log: bool = True) -> Plan:
+  """Decides between the in-memory and the streaming path for `split` ('train' or 'eval').
 
   The decoded size is N x S x S x 3 bytes (S = `image_side`, what the
   in-memory path would hold). Synthetic data always stays in memory.
@@ -98,29 +103,30 @@ def plan_train_input(data_config) -> Plan:
   side = dataset.image_side(data_config)
   budget, budget_text = memory_budget_bytes(data_config)
   if source == 'folder' and _is_archive(data_config.path):
-    return _plan_archive(data_config, side, budget, budget_text)
+    return _plan_archive(data_config, side, budget, budget_text, split)
   if source == 'tfds':  # Only open the data source (array_record files) to stream.
-    builder, split = _tfds_builder(data_config)
+    builder, name = _tfds_builder(data_config, split)
     splits = builder.info.splits
-    count = splits[split].num_examples if split in splits.keys() else 0
-    where = f'tfds {data_config.name}:{split}'
+    count = splits[name].num_examples if name in splits.keys() else 0
+    where = f'tfds {data_config.name}:{name}'
     stream_source = None
     if not count:  # A mocked builder (tfds.testing.mock_data) lists no splits.
-      stream_source = open_source(data_config)
+      stream_source = open_source(data_config, split)
       count = len(stream_source)
   else:
-    stream_source = open_source(data_config)
+    stream_source = open_source(data_config, split)
     count, where = len(stream_source), stream_source.where
   size = count * side * side * 3
-  what = (f'the train split ({count:,} images of {where}) decodes to {size / 2**30:.2f} GiB '
+  what = (f'the {split} split ({count:,} images of {where}) decodes to {size / 2**30:.2f} GiB '
           f'at {side} px')
   if size > budget:
     plan = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it',
-                stream_source or open_source(data_config))
+                stream_source or open_source(data_config, split))
   else:
     plan = Plan(False, f'{what} <= {budget / 2**30:.2f} GiB = {budget_text}: decoding it into '
                 'memory once')
-  logging.info('Input: %s.', plan.reason)
+  if log:
+    logging.info('Input: %s.', plan.reason)
   return plan
 
 
@@ -129,7 +135,8 @@ def _is_archive(path: str) -> bool:
   return os.path.isfile(path) and path.lower().endswith(folder.ARCHIVE_SUFFIXES)
 
 
-def _plan_archive(data_config, side: int, budget: int, budget_text: str) -> Plan:
+def _plan_archive(data_config, side: int, budget: int, budget_text: str,
+                  split: str = 'train') -> Plan:
   """Archives stay on the in-memory path; one too large for memory is refused, clearly.
 
   The number of train images is counted by one listing pass over the archive
@@ -138,6 +145,9 @@ def _plan_archive(data_config, side: int, budget: int, budget_text: str) -> Plan
   """
   count = _archive_train_count(data_config)
   size = count * side * side * 3
+  if split != 'train':  # Eval splits of archives are small (Imagenette, CIFAR): never streamed.
+    return Plan(False, f'data.path={data_config.path!r} is an archive: its {split} split is '
+                'decoded into memory')
   what = (f'data.path={data_config.path!r} is an archive whose {count:,} train images decode to '
           f'{size / 2**30:.2f} GiB at {side} px')
   if size > budget:
@@ -243,16 +253,16 @@ class TfdsSource(StreamSource):
     return self.data_source[index]['image']
 
 
-def open_source(data_config) -> StreamSource:
-  """The train split of `data_config` as a StreamSource (folder directory or tfds)."""
+def open_source(data_config, split: str = 'train') -> StreamSource:
+  """`split` ('train' or 'eval') of `data_config` as a StreamSource (folder directory or tfds)."""
   source = sources.resolve_source(data_config)
   if source == 'folder':
     if _is_archive(data_config.path):
       raise errors.DataError(f'data.path={data_config.path!r} is an archive: archives cannot be '
                        'streamed; unpack it into a directory and point data.path at it.')
-    return _folder_source(data_config)
+    return _folder_source(data_config, split)
   if source == 'tfds':
-    return _tfds_source(data_config)
+    return _tfds_source(data_config, split)
   raise errors.ConfigError(f'data.source={source!r} cannot be streamed (only folder and tfds).')
 
 
@@ -272,18 +282,23 @@ def _split_dirs_key(root: str, split_dir: str) -> list:
   return key
 
 
-def _folder_source(data_config) -> FolderSource:
-  """Lists the train split once (same checks and errors as the in-memory path), then caches it."""
+def _folder_source(data_config, which: str = 'train') -> FolderSource:
+  """Lists a split once (same checks and errors as the in-memory path), then caches it."""
   path = os.path.abspath(os.path.expanduser(data_config.path))
-  split = data_config.train_split
+  split = data_config[dataset.split_field(which)]
   stem = os.path.basename(path)
   base = {'kind': 'folder-index', 'path': path, 'train_split': split, 'version': _INDEX_VERSION}
+  if which != 'train':
+    base['split'] = which
   # The split usually sits at the top or inside one top-level directory:
   # key the index on their directory mtimes, so a warm run lists nothing.
   for top in ('', _single_subdir(path)):
     if top is None or not os.path.isdir(os.path.join(path, top, split)):
       continue
     key = {**base, 'top': top, 'dirs': _split_dirs_key(os.path.join(path, top), split)}
+    train_dir = os.path.join(path, top, data_config.train_split)
+    if which != 'train' and os.path.isdir(train_dir):  # Labels index train + eval classes.
+      key['train_dirs'] = _split_dirs_key(os.path.join(path, top), data_config.train_split)
     index_path = cache.cache_path(data_config, key, f'{stem}-{split}-index')
     meta = _read_json(index_path + '.json')
     if meta is not None and os.path.exists(index_path + '.names.npy'):
@@ -296,7 +311,7 @@ def _folder_source(data_config) -> FolderSource:
   logging.info('Listing %s once (the list is cached under data.cache_dir).', path)
   tree = folder.Tree(path)
   split_dir, class_names, by_class = folder._folder_split(  # pylint: disable=protected-access
-      tree, data_config, 'train')
+      tree, data_config, which)
   names, labels = [], []
   for name in by_class:
     names.extend(by_class[name])
@@ -330,8 +345,8 @@ def _single_subdir(path: str) -> Optional[str]:
   return subdirs[0] if len(subdirs) == 1 else None
 
 
-def _tfds_builder(data_config):
-  """(prepared builder, train split name); the in-memory path's errors otherwise."""
+def _tfds_builder(data_config, which: str = 'train'):
+  """(prepared builder, split name of `which`); the in-memory path's errors otherwise."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_config.get('data_dir', '') or None
   try:
@@ -345,15 +360,16 @@ def _tfds_builder(data_config):
         '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
         'directory, or read a local ImageFolder directory with --config.data.path=DIR.')
   available = list(builder.info.splits.keys())
-  wanted = data_config.train_split
+  field = dataset.split_field(which)
+  wanted = data_config[field]
   split = wanted if not available else dataset.pick_split(
-      wanted, available, 'train_split', f'tfds {data_config.name!r}', allow_fallback=False)
+      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(which == 'eval'))
   return builder, split
 
 
-def _tfds_source(data_config) -> TfdsSource:
+def _tfds_source(data_config, which: str = 'train') -> TfdsSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder, split = _tfds_builder(data_config)
+  builder, split = _tfds_builder(data_config, which)
   try:
     source = builder.as_data_source(split=split,
                                     decoders={'image': tfds.decode.SkipDecoding()})

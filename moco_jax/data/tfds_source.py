@@ -5,11 +5,8 @@ user reading a local folder) need none. Nothing is downloaded: an unprepared
 dataset is a clear error naming `data.data_dir` and `data.path`.
 """
 
-from typing import Optional
-
 from absl import logging
 import numpy as np
-from PIL import Image
 
 from moco_jax.core import errors
 from moco_jax.data import cache
@@ -59,17 +56,9 @@ def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
 
   logging.info('Decoding tfds %s:%s at %dx%d with %d threads.', data_config.name, split_name,
                side, side, data_config.num_workers)
-  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), _decode_tfds_image)
+  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), decode.decode_value)
   return dataset.decoded_split(decoded, list(range(len(labels))), labels, class_names, side,
                                f'tfds {data_config.name}:{split_name}', path, split_name)
-
-
-def _decode_tfds_image(value, side: int) -> Optional[np.ndarray]:
-  """tfds yields encoded bytes (SkipDecoding) or, when mocked, decoded arrays."""
-  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-    image = value if value.shape[-1] == 3 else np.repeat(value[..., :1], 3, axis=-1)
-    return decode.fit_square(Image.fromarray(image), side)
-  return decode.decode_image(bytes(value), side)
 
 
 def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
