@@ -1,4 +1,8 @@
-"""The tfds source: a prepared TensorFlow Datasets split, decoded once.
+"""The tfds source: a prepared TensorFlow Datasets split, decoded once or read at random.
+
+`load_tfds` decodes a split into memory (cached); `open_tfds_source` is the
+same split's random-access reader (`tfds.data_source` over array_record
+files) for the streaming loader and streamed evaluation.
 
 TensorFlow is imported only inside these functions: the GPU machines (and any
 user reading a local folder) need none. Nothing is downloaded: an unprepared
@@ -12,29 +16,14 @@ from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
+from moco_jax.data.dataset import StreamSource
 
 
 def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
   """The decoded `split` of the prepared tfds dataset `data.name` (cached)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = data_config.get('data_dir', '') or None
-  try:
-    builder = tfds.builder(data_config.name, data_dir=data_dir)
-  except ValueError as e:  # DatasetNotFoundError and friends list every dataset: one line here.
-    raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
-  if not builder.is_prepared():
-    raise errors.DataNotFoundError(
-        f'tfds dataset data.name={data_config.name!r} is not prepared in '
-        f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
-        '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
-        'directory, or read a local ImageFolder tree/archive with --config.data.path=... '
-        '(e.g. ../shared/data/imagenette2-128sq.tgz).')
-  field = dataset.split_field(split)
-  available = list(builder.info.splits.keys())
-  wanted = data_config[field]
-  # A mocked builder (tfds.testing.mock_data) lists no splits: take the name as is.
-  split_name = wanted if not available else dataset.pick_split(
-      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(split == 'eval'))
+  # A mocked builder (tfds.testing.mock_data) lists no splits: the name is taken as is.
+  builder, split_name = prepared_builder(data_config, split)
   label_feature = builder.info.features['label']
   class_names = list(label_feature.names)
   key = {'kind': 'tfds', 'name': data_config.name, 'dir': str(builder.data_dir),
@@ -81,3 +70,59 @@ def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
   hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ''
   return (f'data.name={name!r} is not a tfds dataset ({first}). {hint}Fix --config.data.name, '
           'or read a local ImageFolder tree/archive with --config.data.path=...')
+
+
+class TfdsSource(StreamSource):
+  """A prepared tfds split through `tfds.data_source` (random access; array_record files)."""
+
+  def __init__(self, data_source, class_names: list, where: str):
+    self.data_source, self.class_names, self.where = data_source, class_names, where
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def label(self, index: int) -> int:
+    return int(self.data_source[index]['label'])
+
+  def read(self, index: int):
+    return self.data_source[index]['image']
+
+
+def prepared_builder(data_config, which: str = 'train'):
+  """(prepared builder, split name of `which`); the in-memory path's errors otherwise."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = data_config.get('data_dir', '') or None
+  try:
+    builder = tfds.builder(data_config.name, data_dir=data_dir)
+  except ValueError as e:  # One line, not the list of every tfds dataset.
+    raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
+  if not builder.is_prepared():
+    raise errors.DataNotFoundError(
+        f'tfds dataset data.name={data_config.name!r} is not prepared in '
+        f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
+        '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
+        'directory, or read a local ImageFolder tree/archive with --config.data.path=... '
+        '(e.g. ../shared/data/imagenette2-128sq.tgz; a directory for a split too large for '
+        'memory).')
+  available = list(builder.info.splits.keys())
+  field = dataset.split_field(which)
+  wanted = data_config[field]
+  split = wanted if not available else dataset.pick_split(
+      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(which == 'eval'))
+  return builder, split
+
+
+def open_tfds_source(data_config, which: str = 'train') -> TfdsSource:
+  """`which` split's random-access reader; one line when it has no array_record files."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, split = prepared_builder(data_config, which)
+  try:
+    source = builder.as_data_source(split=split,
+                                    decoders={'image': tfds.decode.SkipDecoding()})
+  except (NotImplementedError, ValueError, FileNotFoundError) as e:
+    raise errors.DataError(
+        f'tfds {data_config.name}:{split} has no random-access files ({e}). Streaming needs '
+        'it prepared as array_record (tfds build --file_format=array_record), or an '
+        'ImageFolder directory via --config.data.path=DIR.') from e
+  class_names = list(builder.info.features['label'].names)
+  return TfdsSource(source, class_names, f'tfds {data_config.name}:{split}')
