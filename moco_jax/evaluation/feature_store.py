@@ -22,6 +22,7 @@ gathered) and writes its own file, so all of them score the same way.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from typing import Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -230,7 +232,20 @@ def _remove(path: str) -> None:
     pass
 
 
-def iter_rows(stored: StoredFeatures, block: int):
-  """Yields (start, float32 rows [<=block, D]) of the stored features, one block at a time."""
-  for start in range(0, len(stored), block):
-    yield start, np.asarray(stored.features[start:start + block], np.float32)
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(out, rows, start):
+  return jax.lax.dynamic_update_slice(out, rows, (start, 0))
+
+
+def to_device(stored: StoredFeatures, block: int = 65536) -> jax.Array:
+  """The valid rows of `stored` as one float32 device array, copied one block at a time.
+
+  The host holds one block (block x D x 4 bytes); the device the whole array
+  (ImageNet x ResNet-50: 10.5 GB, what the probe trains on anyway).
+  """
+  rows = np.flatnonzero(stored.valid)
+  out = jnp.zeros((len(rows), stored.features.shape[1]), jnp.float32)
+  for start in range(0, len(rows), block):
+    chunk = np.asarray(stored.features[rows[start:start + block]], np.float32)
+    out = _put_rows(out, jnp.asarray(chunk), jnp.int32(start))
+  return out

@@ -48,6 +48,7 @@ from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.data import streaming
+from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
@@ -259,15 +260,15 @@ def _split_features(config, backbone, variables, workdir: str):
   """((train features, labels), (eval features, labels), classes): raw float32 features.
 
   A train split larger than `data.max_in_memory_gb` is streamed into
-  WORKDIR/features (`feature_store`, float16, reused by --mode=knn) and read
-  back without its unreadable images; otherwise both splits are decoded into
-  memory as before.
+  WORKDIR/features (`feature_store`, float16, reused by --mode=knn) and copied
+  block by block to the device without its unreadable images (a float32 jax
+  array: the probe trains on the device and the host holds one block);
+  otherwise both splits are decoded into memory as before.
   """
   plan = streaming.plan_split(config.data, 'train')
   if plan.stream:
     train, evals = knn.stored_splits(config, backbone, variables, plan.source, workdir)
-    pairs = [(np.asarray(s.features[s.valid], np.float32), s.labels[s.valid])
-             for s in (train, evals)]
+    pairs = [(feature_store.to_device(s), s.labels[s.valid]) for s in (train, evals)]
     return pairs[0], pairs[1], max(train.num_classes, evals.num_classes)
   mesh = parallel.make_mesh()
   pairs = []
