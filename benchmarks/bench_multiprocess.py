@@ -4,7 +4,7 @@
   python benchmarks/bench_multiprocess.py --image_size=64 --width=16 --batch=128
 
 Both layouts form the same 8-device mesh and run the same step
-(`train.make_sharded_step`, the trainer's function) on the same global batch;
+(`step.make_sharded_step`, the trainer's function) on the same global batch;
 only the path of the collectives differs. With 1 process, the Shuffle-BN
 all-gathers, the gradient/BatchNorm pmeans and the queue's all-gather stay in
 one address space; with 2 processes (`jax.distributed` on 127.0.0.1, gloo over
@@ -49,9 +49,9 @@ def _worker(args):
   from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from moco_jax.core import parallel
-  from moco_jax.training import optim
-  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config()
   config.batch_size = args.batch
@@ -60,9 +60,9 @@ def _worker(args):
   lr = optim.create_learning_rate_fn(config, 100, 100)
   tx = optim.create_optimizer(config, lr)
   mesh = parallel.make_mesh()
-  setup = train.make_step_setup(config, jax.device_count(), tx)
-  state = train.init_state(config, setup, mesh)
-  step = train.make_sharded_step(setup, lr, mesh)
+  setup = step_lib.make_step_setup(config, jax.device_count(), tx)
+  state = step_lib.init_state(config, setup, mesh)
+  step = step_lib.make_sharded_step(setup, lr, mesh)
   local = args.batch // args.num_processes
   rng = np.random.default_rng(args.process_id)
   images = parallel.shard_batch(
@@ -86,7 +86,7 @@ def _worker(args):
 
   step_s = median_time(one_step, args.steps)
 
-  grads = holder['state'].query_params  # Gradient-shaped.
+  grads = holder['state'].params  # Gradient-shaped.
   pmean = jax.jit(jax.shard_map(lambda g: jax.lax.pmean(g, parallel.AXIS), mesh=mesh,
                                 in_specs=P(), out_specs=P(), check_vma=False))
   pmean_s = median_time(lambda: pmean(grads), args.steps)

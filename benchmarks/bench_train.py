@@ -8,7 +8,7 @@
   python benchmarks/bench_train.py --preset=all --append_docs --docs_path=$OUT/bench.md
   python benchmarks/bench_train.py --merge_docs=FETCHED/bench.md
 
-What is timed is `train.make_sharded_step`, the exact function the trainer
+What is timed is `step.make_sharded_step`, the exact function the trainer
 runs (on-device augmentation, both encoders, InfoNCE, SGD, EMA, enqueue), over
 every local device, on synthetic uint8 images. By default the batch is placed
 on the devices once, so the number is the accelerator's speed and not the
@@ -53,6 +53,7 @@ from moco_jax.data import sources
 from moco_jax.run import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
+from moco_jax.training import step as step_lib
 from moco_jax.training import train
 
 DOCS_PATH = report.DOCS_PATH
@@ -224,13 +225,12 @@ class StepBench:
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch=total_steps,
                                                      total_steps=total_steps)
     tx = optim.create_optimizer(config, learning_rate_fn)
-    setup = train.make_step_setup(config, num_devices, tx)
+    setup = step_lib.make_step_setup(config, num_devices, tx)
     # Jitted: op-by-op initialisation of a ResNet-50 costs a compile per op on a GPU.
-    create = jax.jit(state_lib.create_train_state, static_argnums=(1, 2, 3, 4, 5))
-    state = create(jax.random.PRNGKey(config.seed), setup.moco.encoder, tx,
-                   config.data.image_size, config.moco.queue_size, config.model.embed_dim)
+    create = jax.jit(state_lib.create_train_state, static_argnums=(1, 2, 3))
+    state = create(jax.random.PRNGKey(config.seed), setup.method, tx, config.data.image_size)
     self.state = parallel.replicate(state, mesh)
-    self.p_step = train.make_sharded_step(setup, learning_rate_fn, mesh)
+    self.p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh)
     self.metrics = None
     self.flops_per_image = 0.0
 

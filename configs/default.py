@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (loss stays float32).
 
   # --- MoCo ---------------------------------------------------------------------
+  # The self-supervised method (moco_jax/methods/registry.py); its section below.
+  config.method = 'moco'
+
   config.moco = ml_collections.ConfigDict()
   config.moco.queue_size = 16384  # K: negatives kept; any K >= global batch works.
   config.moco.temperature = 0.2  # T of InfoNCE (v2: 0.2, v1: 0.07).

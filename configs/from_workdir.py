@@ -6,8 +6,10 @@
 exists; --config.a.b=v overrides apply on top, as with any config file.
 """
 
+from configs import default
 from moco_jax.run import run_config
 
 
 def get_config(workdir: str):
-  return run_config.load_run_config(workdir)
+  # Fields added to the code after the run was made take their defaults.
+  return run_config.load_run_config(workdir, defaults=default.get_config())

@@ -50,9 +50,8 @@ def test_recompilation_guard_fires_when_the_state_changes_shape():
   # must refuse the timing rather than report compile time as step time.
   def state(queue_size):
     return state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), query_params={'w': jnp.ones(3)},
-        query_batch_stats={}, key_params={'w': jnp.ones(3)}, key_batch_stats={},
-        opt_state=(), queue=jnp.zeros((queue_size, 4)), queue_ptr=jnp.zeros((), jnp.int32),
+        step=jnp.zeros((), jnp.int32), params={'w': jnp.ones(3)}, batch_stats={},
+        opt_state=(), method_state={'queue': jnp.zeros((queue_size, 4))},
         rng=jax.random.PRNGKey(0))
 
   step = jax.jit(lambda s: s.replace(step=s.step + 1))

@@ -21,10 +21,12 @@ from moco_jax import models
 from moco_jax.augmentation import image_ops
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
+from moco_jax.methods import base
+from moco_jax.methods import contrastive
 from moco_jax.methods import moco as moco_lib
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
-from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -86,8 +88,8 @@ def run_ours_on_official():
   tx = optim.create_optimizer(config, optax.constant_schedule(s['lr']))
   moco = moco_lib.MoCo(encoder=encoder, temperature=s['temperature'],
                        momentum=s['moco_momentum'], shuffle_keys=False)
-  setup = train.StepSetup(moco=moco, tx=tx, aug=None, image_size=s['image_size'],
-                          dtype=jnp.float32)
+  setup = step_lib.StepSetup(method=moco, tx=tx, aug=None, image_size=s['image_size'],
+                             dtype=jnp.float32)
 
   template = jax.eval_shape(functools.partial(state_lib.initial_encoder_variables,
                                               encoder=encoder, image_size=s['image_size']),
@@ -95,17 +97,19 @@ def run_ours_on_official():
   init = {k.split('/', 2)[2]: v for k, v in golden.items() if k.startswith('init/query/')}
   params, batch_stats = _from_torch(init, *template)
   state = state_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), query_params=params, query_batch_stats=batch_stats,
-      key_params=params, key_batch_stats=batch_stats, opt_state=tx.init(params),
-      queue=jnp.asarray(golden['init/queue']), queue_ptr=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      method_state=moco_lib.MocoState(
+          key_params=params, key_batch_stats=batch_stats,
+          queue=jnp.asarray(golden['init/queue']), queue_ptr=jnp.zeros((), jnp.int32)),
       rng=jax.random.PRNGKey(0))
   mesh = parallel.make_mesh(jax.devices()[:1])
   # Placed as the step's outputs are, so that steps 2 and 3 reuse step 1's program.
   state = jax.device_put(state, NamedSharding(mesh, P()))
 
   def step_fn(state, query_view, key_view):
-    new_state, loss, _ = train.step_on_views(state, query_view, key_view,
-                                             jax.random.PRNGKey(0), setup)
+    batch = base.StepBatch(query_view, key_view, None, jax.random.PRNGKey(0))
+    new_state, loss, _ = step_lib.step_on_views(state, batch, setup)
     return new_state, loss
 
   step = jax.jit(jax.shard_map(step_fn, mesh=mesh,
@@ -117,10 +121,11 @@ def run_ours_on_official():
     def embed(params, batch_stats, x):
       out, _ = encoder.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                              mutable=['batch_stats'])
-      return moco_lib.l2_normalize(out)
-    queries = embed(state.query_params, state.query_batch_stats, query_view)
-    keys = embed(state.key_params, state.key_batch_stats, key_view)
-    return moco_lib.moco_logits(queries, keys, state.queue, s['temperature'])
+      return contrastive.l2_normalize(out)
+    key = state.method_state
+    queries = embed(state.params, state.batch_stats, query_view)
+    keys = embed(key.key_params, key.key_batch_stats, key_view)
+    return contrastive.moco_logits(queries, keys, key.queue, s['temperature'])
 
   scale, shift = golden['views/scale_shift']
   ours = []
@@ -130,9 +135,11 @@ def run_ours_on_official():
     logits = logits_fn(state, query_view, key_view)
     state, loss = step(state, query_view, key_view)
     ours.append(dict(loss=float(loss), logits=np.asarray(logits),
-                     query=_to_torch(state.query_params, state.query_batch_stats),
-                     key=_to_torch(state.key_params, state.key_batch_stats),
-                     queue=np.asarray(state.queue), queue_ptr=int(state.queue_ptr)))
+                     query=_to_torch(state.params, state.batch_stats),
+                     key=_to_torch(state.method_state.key_params,
+                                   state.method_state.key_batch_stats),
+                     queue=np.asarray(state.method_state.queue),
+                     queue_ptr=int(state.method_state.queue_ptr)))
   return golden, ours
 
 

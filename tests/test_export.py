@@ -177,9 +177,9 @@ def test_export_backbone_writes_npz_and_sidecar_from_a_train_state(tmp_path):
   encoder = models.create_encoder(config.model)
   variables = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
-  class FakeState:  # Anything with query_params / query_batch_stats, like TrainState.
-    query_params = variables['params']
-    query_batch_stats = variables['batch_stats']
+  class FakeState:  # Anything with params / batch_stats, like TrainState.
+    params = variables['params']
+    batch_stats = variables['batch_stats']
 
   path = os.path.join(tmp_path, 'out', 'backbone_torchvision.npz')
   state = export.export_backbone(FakeState(), None, path, config.model)

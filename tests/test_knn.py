@@ -18,6 +18,7 @@ from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
 from moco_jax.training import optim
 from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 
 def _unit(x):
@@ -126,9 +127,9 @@ def test_random_init_floor_is_the_encoder_pretraining_starts_from():
   config = tiny.get_config()
   params, batch_stats = features.random_init_encoder(config)
   lr = optim.create_learning_rate_fn(config, 4, 8)
-  setup = train.make_step_setup(config, 1, optim.create_optimizer(config, lr))
-  start = train.init_state(config, setup, parallel.make_mesh(jax.devices()[:1]))
+  setup = step_lib.make_step_setup(config, 1, optim.create_optimizer(config, lr))
+  start = step_lib.init_state(config, setup, parallel.make_mesh(jax.devices()[:1]))
   # Same random draws; eager and compiled initialisers differ only by float rounding.
-  for got, want in ((params, start.query_params), (batch_stats, start.query_batch_stats)):
+  for got, want in ((params, start.params), (batch_stats, start.batch_stats)):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.run import checkpoints
 from moco_jax.training import optim
-from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 
 def _config(**eval_overrides):
@@ -32,8 +32,8 @@ def _write_checkpoint(config, workdir, step):
   """A real Orbax checkpoint of a fresh TrainState, saved as pretraining does."""
   num_devices = jax.device_count()
   lr = optim.create_learning_rate_fn(config, 1, 1)
-  setup = train.make_step_setup(config, num_devices, optim.create_optimizer(config, lr))
-  state = train.init_state(config, setup, parallel.make_mesh())
+  setup = step_lib.make_step_setup(config, num_devices, optim.create_optimizer(config, lr))
+  state = step_lib.init_state(config, setup, parallel.make_mesh())
   state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
   manager = checkpoints.create_manager(workdir, config)
   checkpoints.save(manager, step, state)

@@ -38,6 +38,7 @@ from moco_jax.run import checkpoints
 from moco_jax.run import stopping
 from moco_jax.training import optim
 from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -204,8 +205,8 @@ def _restore(workdir, step):
   config = _config()
   mesh = parallel.make_mesh()
   tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 4, STEPS))
-  setup = train.make_step_setup(config, jax.device_count(), tx)
-  target = train.init_state(config, setup, mesh)
+  setup = step_lib.make_step_setup(config, jax.device_count(), tx)
+  target = step_lib.init_state(config, setup, mesh)
   manager = checkpoints.create_manager(str(workdir), config)
   try:
     return jax.device_get(checkpoints.restore(manager, step, target))

@@ -20,6 +20,7 @@ from moco_jax.data import sources
 from moco_jax.evaluation import report
 from moco_jax.evaluation import report_plots
 from moco_jax.training import state as state_lib
+from moco_jax.training import step as step_lib
 from moco_jax.training import train
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
@@ -115,8 +116,8 @@ def test_augmentation_preview_redraws_the_train_steps_views(run):
   batch = train_ds.images[batching.train_indices(len(train_ds), config.batch_size,
                                                        config.seed, 3)]
   np.testing.assert_array_equal(images, batch[:4])
-  setup = train.make_step_setup(config, jax.device_count(), tx=None)
-  views = jax.jit(jax.shard_map(lambda s, im: train.augment_views(s, im, setup)[:2],
+  setup = step_lib.make_step_setup(config, jax.device_count(), tx=None)
+  views = jax.jit(jax.shard_map(lambda s, im: step_lib.augment_views(s, im, setup)[:2],
                                 mesh=parallel.make_mesh(), in_specs=(P(), P('data')),
                                 out_specs=(P('data'), P('data')), check_vma=False))
   query_train, key_train = views(state.replace(step=jnp.int32(3)), batch)

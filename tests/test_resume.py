@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
@@ -20,6 +22,7 @@ from moco_jax.run import checkpoints
 from moco_jax.run import stopping
 from moco_jax.training import optim
 from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,14 +131,44 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
   _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
 
 
-def _restore(workdir, config):
+def test_pre_seam_checkpoint_and_old_config_json_resume_exactly(tmp_path, straight):
+  """A run made before the method seam (flat MoCo checkpoint, config.json without the
+  fields added since) resumes and ends in the uninterrupted state."""
+  config = _config(steps=6)
+  train.train_and_evaluate(config, str(tmp_path))
+  directory = checkpoints.checkpoint_dir(str(tmp_path))
+  state = jax.device_get(_restore_step(tmp_path, config, 3))
+  shutil.rmtree(directory)
+  key = state.method_state
+  legacy = {  # The TrainState of before: one flat record.
+      'step': state.step, 'query_params': state.params, 'query_batch_stats': state.batch_stats,
+      'key_params': key.key_params, 'key_batch_stats': key.key_batch_stats,
+      'opt_state': state.opt_state, 'queue': key.queue, 'queue_ptr': key.queue_ptr,
+      'rng': state.rng}
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  manager.save(3, args=ocp.args.StandardSave(legacy))
+  manager.wait_until_finished()
+  manager.close()
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  del saved['method'], saved['model']['head_dims'], saved['optim']['name']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
+
+
+def _restore_step(workdir, config, step):
   mesh = parallel.make_mesh(jax.devices()[:2])
   lr = optim.create_learning_rate_fn(config, 4, config.num_train_steps)
   tx = optim.create_optimizer(config, lr)
-  setup = train.make_step_setup(config, 2, tx)
-  target = train.init_state(config, setup, mesh)
+  setup = step_lib.make_step_setup(config, 2, tx)
+  target = step_lib.init_state(config, setup, mesh)
   manager = checkpoints.create_manager(str(workdir), config)
-  return checkpoints.restore(manager, config.num_train_steps, target)
+  return checkpoints.restore(manager, step, target)
+
+
+def _restore(workdir, config):
+  return _restore_step(workdir, config, config.num_train_steps)
 
 
 def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from configs import default
 from configs import imagenette
 from configs import tiny
+from moco_jax.core import errors
 from moco_jax.data import dataset
 from moco_jax.run import metrics_writer
 from moco_jax.run import run_config
@@ -14,7 +16,7 @@ from moco_jax.run import run_config
 def _saved_run(tmp_path):
   config = tiny.get_config()
   config.data.image_size = 24
-  metrics_writer.MetricsWriter(str(tmp_path), config, tensorboard=False)  # Writes config.json.
+  run_config.write_run_config(str(tmp_path), config)
   return config
 
 
@@ -36,7 +38,21 @@ def test_an_old_config_json_gets_the_new_fields_defaults(tmp_path):
   values = json.loads(path.read_text())
   del values['eval']['linear_protocol']
   path.write_text(json.dumps(values))
-  assert run_config.load_run_config(str(tmp_path)).eval.linear_protocol == 'standardized'
+  assert run_config.load_run_config(
+      str(tmp_path), defaults=default.get_config()).eval.linear_protocol == 'standardized'
+  # The resume check does not compare a field the old run could not have written.
+  config = tiny.get_config()
+  config.data.image_size = 24
+  config.eval.linear_protocol = 'raw'
+  assert run_config.compare(values, config, ('eval.',)) == {}
+  config.eval.knn_k = 3
+  assert run_config.compare(values, config, ('eval.',)) == {'eval.knn_k': (200, 3)}
+
+
+def test_a_broken_config_json_is_one_error_naming_file_and_line(tmp_path):
+  (tmp_path / 'config.json').write_text('{"seed": 0,\n "batch_size": }')
+  with pytest.raises(errors.ConfigError, match=r'config.json is not valid JSON \(line 2'):
+    run_config.load_run_config(str(tmp_path))
 
 
 def test_missing_config_json_is_a_clear_error(tmp_path):

@@ -1,6 +1,5 @@
 """The MoCo step: EMA, gradients, queue, devices and Shuffle BN."""
 
-import dataclasses
 import functools
 
 import jax
@@ -13,9 +12,10 @@ from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
-from moco_jax.methods import moco
+from moco_jax.methods import base
+from moco_jax.methods import contrastive
 from moco_jax.training import optim
-from moco_jax.training import train
+from moco_jax.training import step as step_lib
 
 AXIS = parallel.AXIS
 
@@ -34,9 +34,9 @@ def _config(bn_mode='sync', **overrides):
 def _setup(config, num_devices):
   lr = optim.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
   tx = optim.create_optimizer(config, lr)
-  setup = train.make_step_setup(config, num_devices, tx)
+  setup = step_lib.make_step_setup(config, num_devices, tx)
   # Built by the compiled initialiser, then brought to the host for the tests to share.
-  state = jax.device_get(train.init_state(config, setup, parallel.make_mesh(jax.devices()[:1])))
+  state = jax.device_get(step_lib.init_state(config, setup, parallel.make_mesh(jax.devices()[:1])))
   return setup, lr, state
 
 
@@ -51,7 +51,7 @@ def _run_steps(config, devices, num_steps=2):
   mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
   state = parallel.replicate(state, mesh)
-  step = train.make_sharded_step(setup, lr, mesh)
+  step = step_lib.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
     state, m = step(state, parallel.shard_batch(_images(config, i), mesh))
@@ -79,15 +79,17 @@ def test_ema_update_is_exact_and_key_gets_no_weight_decay(sync_runs):
   config, _, (states, _) = sync_runs
   m = config.moco.momentum
   for before, after in zip(states[:-1], states[1:]):
-    expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, before.key_params,
-                            after.query_params)
-    for got, want in zip(jax.tree.leaves(after.key_params), jax.tree.leaves(expected)):
+    expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, before.method_state.key_params,
+                            after.params)
+    for got, want in zip(jax.tree.leaves(after.method_state.key_params),
+                         jax.tree.leaves(expected)):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   # The key starts as a copy of the query; the query did move.
-  for k, q in zip(jax.tree.leaves(states[0].key_params), jax.tree.leaves(states[0].query_params)):
+  for k, q in zip(jax.tree.leaves(states[0].method_state.key_params),
+                  jax.tree.leaves(states[0].params)):
     np.testing.assert_array_equal(k, q)
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(states[1].query_params),
-                                                 jax.tree.leaves(states[0].query_params))]
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(states[1].params),
+                                                 jax.tree.leaves(states[0].params))]
   assert max(moved) > 0
 
 
@@ -98,10 +100,12 @@ def test_gradient_flows_to_query_only():
   images = _images(config)
 
   def grads(state, images):
-    query_view, key_view, rng = train.augment_views(state, images, setup)
+    query_view, key_view, rng = step_lib.augment_views(state, images, setup)
+    batch = base.StepBatch(query_view, key_view, None, rng)
     def loss(qp, kp):
-      return moco.moco_loss(qp, kp, state, query_view, key_view, rng, setup.moco)[0]
-    return jax.grad(loss, argnums=(0, 1))(state.query_params, state.key_params)
+      method_state = state.method_state.replace(key_params=kp)
+      return setup.method.loss(qp, state.batch_stats, method_state, batch)[0]
+    return jax.grad(loss, argnums=(0, 1))(state.params, state.method_state.key_params)
 
   grad_q, grad_k = _per_device(grads, mesh, (P(), P(AXIS)))(state, images)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_k)) == 0.0
@@ -114,26 +118,27 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
   images = _images(config)
-  step = functools.partial(train.train_step, setup=setup, learning_rate_fn=lr)
+  step = functools.partial(step_lib.train_step, setup=setup, learning_rate_fn=lr)
   new_state, _ = _per_device(step, mesh, (P(), P(AXIS)))(state, images)
-  queues = np.asarray(new_state.queue)
+  queues = np.asarray(new_state.method_state.queue)
   for d in range(1, len(devices)):
     np.testing.assert_array_equal(queues[d], queues[0])
 
   # Reference: each device's keys from its own slice (local BN), concatenated in device order.
   local = config.batch_size // len(devices)
-  query_view, key_view, _ = _per_device(lambda s, x: train.augment_views(s, x, setup), mesh,
+  query_view, key_view, _ = _per_device(lambda s, x: step_lib.augment_views(s, x, setup), mesh,
                                         (P(), P(AXIS)))(state, images)
-  encode = jax.jit(lambda x: moco.l2_normalize(setup.moco.encoder.apply(
-      {'params': state.key_params, 'batch_stats': state.key_batch_stats}, x,
+  key = state.method_state
+  encode = jax.jit(lambda x: contrastive.l2_normalize(setup.method.encoder.apply(
+      {'params': key.key_params, 'batch_stats': key.key_batch_stats}, x,
       train=True, mutable=['batch_stats'])[0]))
   expected = np.concatenate([encode(key_view[d]) for d in range(len(devices))])
   assert expected.shape[0] == local * len(devices)
   np.testing.assert_allclose(queues[0][:config.batch_size], expected, rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(new_state.queue_ptr), config.batch_size)
+  np.testing.assert_array_equal(np.asarray(new_state.method_state.queue_ptr), config.batch_size)
   # The rows not yet overwritten still hold the initial queue.
   np.testing.assert_array_equal(queues[0][config.batch_size:],
-                                np.asarray(state.queue)[config.batch_size:])
+                                np.asarray(state.method_state.queue)[config.batch_size:])
 
 
 def test_one_and_eight_devices_agree_with_sync_bn(sync_runs):
@@ -141,11 +146,14 @@ def test_one_and_eight_devices_agree_with_sync_bn(sync_runs):
   for a, b in zip(one_metrics, eight_metrics):
     np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-4)
   one_state, eight_state = one_states[-1], eight_states[-1]
-  for name in ('query_params', 'key_params', 'query_batch_stats', 'queue'):
-    for a, b in zip(jax.tree.leaves(getattr(one_state, name)),
-                    jax.tree.leaves(getattr(eight_state, name))):
+  for name, get in (('params', lambda s: s.params),
+                    ('key_params', lambda s: s.method_state.key_params),
+                    ('batch_stats', lambda s: s.batch_stats),
+                    ('queue', lambda s: s.method_state.queue)):
+    for a, b in zip(jax.tree.leaves(get(one_state)), jax.tree.leaves(get(eight_state))):
       np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=name)
-  assert int(one_state.queue_ptr) == int(eight_state.queue_ptr) == 2 * config.batch_size
+  assert (int(one_state.method_state.queue_ptr) == int(eight_state.method_state.queue_ptr)
+          == 2 * config.batch_size)
 
 
 def _shuffled_reference_keys(setup, state, key_view, rng, num_devices):
@@ -153,12 +161,13 @@ def _shuffled_reference_keys(setup, state, key_view, rng, num_devices):
   perm = np.asarray(jax.random.permutation(rng, key_view.shape[0]))
   shuffled = key_view[perm]
   chunks = np.split(shuffled, num_devices)
-  variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
-  outs = [setup.moco.encoder.apply(variables, c, train=True, mutable=['batch_stats'])[0]
+  variables = {'params': state.method_state.key_params,
+               'batch_stats': state.method_state.key_batch_stats}
+  outs = [setup.method.encoder.apply(variables, c, train=True, mutable=['batch_stats'])[0]
           for c in chunks]
   keys = np.empty((key_view.shape[0], outs[0].shape[1]), np.float32)
   keys[perm] = np.concatenate(outs)
-  return np.asarray(moco.l2_normalize(keys)), perm
+  return np.asarray(contrastive.l2_normalize(keys)), perm
 
 
 @pytest.mark.parametrize('num_devices', [1, 8])
@@ -170,7 +179,8 @@ def test_shuffle_bn_permutation_is_undone(num_devices):
   key_view = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, 32, 32, 3)))
 
   def encode(x):
-    return moco.encode_keys(setup.moco, state.key_params, state.key_batch_stats, x, rng)[0]
+    return contrastive.encode_keys(setup.method.encoder, state.method_state.key_params,
+                                   state.method_state.key_batch_stats, x, rng, shuffle=True)[0]
 
   keys = jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
                                check_vma=False))(key_view)
@@ -179,20 +189,21 @@ def test_shuffle_bn_permutation_is_undone(num_devices):
   np.testing.assert_allclose(keys, expected, rtol=1e-4, atol=1e-5)
   # Without the shuffle, BN groups hold other examples: the keys would differ.
   unshuffled = jax.jit(jax.shard_map(
-      lambda x: moco.encode_keys(dataclasses.replace(setup.moco, shuffle_keys=False),
-                                  state.key_params, state.key_batch_stats, x, rng)[0],
+      lambda x: contrastive.encode_keys(setup.method.encoder, state.method_state.key_params,
+                                        state.method_state.key_batch_stats, x, rng,
+                                        shuffle=False)[0],
       mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False))(key_view)
   assert np.abs(np.asarray(unshuffled) - expected).max() > 1e-3
 
 
 def test_bn_splits_default_to_eight_groups_in_total():
   config = _config('shuffle')
-  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 8
-  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 1
+  assert contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 8
+  assert contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 1
   config.moco.bn_splits = 4
-  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 4
+  assert contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 8) == 4
   config.moco.bn_mode = 'sync'
-  assert moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 1
+  assert contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, 1) == 1
 
 
 def test_learning_rate_scales_with_batch_and_follows_cosine():
@@ -239,13 +250,13 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
     setup, _, state = _setup(config, 1)
 
     def loss(state, images):
-      query_view, key_view, rng = train.augment_views(state, images, setup)
+      query_view, key_view, rng = step_lib.augment_views(state, images, setup)
       assert query_view.dtype == jnp.dtype(dtype)
-      value, (keys, *_) = moco.moco_loss(state.query_params, state.key_params, state,
-                                         query_view, key_view, rng, setup.moco)
-      assert value.dtype == jnp.float32 and keys.dtype == jnp.float32
+      batch = base.StepBatch(query_view, key_view, None, rng)
+      value, aux = setup.method.loss(state.params, state.batch_stats, state.method_state, batch)
+      assert value.dtype == jnp.float32 and aux.local.dtype == jnp.float32
       return value
 
     losses_by_dtype[dtype] = float(_per_device(loss, mesh, (P(), P(AXIS)))(state, images)[0])
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.query_params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   np.testing.assert_allclose(losses_by_dtype['bfloat16'], losses_by_dtype['float32'], rtol=0.03)

@@ -128,8 +128,8 @@ def backbone_from_torchvision(state: dict, params: dict, batch_stats: dict):
 
 def _backbone_trees(state_or_params, batch_stats):
   """(params, batch_stats) of the backbone from a TrainState or encoder/backbone trees."""
-  if hasattr(state_or_params, 'query_params'):
-    params, batch_stats = state_or_params.query_params, state_or_params.query_batch_stats
+  if hasattr(state_or_params, 'params'):  # A TrainState.
+    params, batch_stats = state_or_params.params, state_or_params.batch_stats
   else:
     params = state_or_params
     if batch_stats is None:

@@ -21,7 +21,8 @@ from moco_jax.augmentation import augment
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data.dataset import ImageDataset
-from moco_jax.methods import moco
+from moco_jax.methods import contrastive
+from moco_jax.methods import registry
 from moco_jax.run import checkpoints
 from moco_jax.training import state as state_lib
 
@@ -51,7 +52,7 @@ def _feature_fn(backbone, image_size: int, mean: tuple, std: tuple, dtype: str, 
   def features(variables, images):
     x = augment.eval_view(images, image_size, aug, jnp.dtype(dtype))
     f = backbone.apply(variables, x, train=False)
-    return moco.l2_normalize(f) if normalize else f
+    return contrastive.l2_normalize(f) if normalize else f
 
   sharded = jax.shard_map(features, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
                           out_specs=P(parallel.AXIS),
@@ -104,12 +105,12 @@ def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,
 
 
 def random_init_encoder(config):
-  """(params, batch_stats) of the step-0 query encoder: the untrained floor.
+  """(params, batch_stats) of the step-0 trained encoder: the untrained floor.
 
   `state.initial_encoder_variables`, which `state.create_train_state` uses
   too: exactly the weights pretraining starts from with this config.seed.
   """
-  encoder = models.create_encoder(config.model)
+  encoder = registry.create(config, num_devices=1).encoder
   return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
                                              config.data.image_size)
 

@@ -33,7 +33,7 @@ from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
 from moco_jax.evaluation import results
-from moco_jax.methods import moco
+from moco_jax.methods import contrastive
 
 # Eval images per kNN chunk: the similarity block is [chunk, num_train] float32,
 # 256 x 50,000 x 4 bytes = 51 MB for CIFAR-10, whatever the eval split's size.
@@ -95,7 +95,7 @@ def _merge_top_k(top_sim, top_idx, queries, block, block_start, block_valid, *, 
   index wins, as a top-k over the whole bank (`lax.top_k` keeps the lower
   position first on ties): the result equals a plain top-k of all rows seen.
   """
-  block = moco.l2_normalize(block)
+  block = contrastive.l2_normalize(block)
   similarity = queries @ block.T  # [chunk, block]
   similarity = jnp.where(block_valid[None, :], similarity, -jnp.inf)
   index = block_start + jnp.arange(block.shape[0], dtype=jnp.int32)
@@ -125,7 +125,7 @@ def blockwise_top_k(blocks, num_train: int, queries: np.ndarray, k: int,
   padded = -(-num_q // chunk) * chunk
   q = np.zeros((padded, queries.shape[1]), np.float32)
   q[:num_q] = queries
-  q_chunks = [moco.l2_normalize(jnp.asarray(q[i:i + chunk])) for i in range(0, padded, chunk)]
+  q_chunks = [contrastive.l2_normalize(jnp.asarray(q[i:i + chunk])) for i in range(0, padded, chunk)]
   state = [(jnp.full((chunk, k), -jnp.inf, jnp.float32), jnp.full((chunk, k), -1, jnp.int32))
            for _ in q_chunks]
   block_size = None
@@ -259,7 +259,7 @@ def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: in
   def hook(step: int, state):
     if step not in steps:
       return
-    top1 = evaluator(features.backbone_variables(state.query_params, state.query_batch_stats))
+    top1 = evaluator(features.backbone_variables(state.params, state.batch_stats))
     writer.write(step, {'knn_top1': top1, 'epoch': step / max(steps_per_epoch, 1)})
 
   return [hook]

@@ -1,26 +1,61 @@
-"""The MoCo algorithm in one place, as the official `moco/builder.py`.
+"""MoCo v1/v2 as the official `moco/builder.py`: a momentum key encoder and a queue.
 
-What a reader looks for when they open MoCo: the L2-normalised query and key
-embeddings, the logits [q.k+, q.queue^T] / T and InfoNCE, the FIFO queue of
-negatives (created and enqueued), the key encoder run under Shuffle BN, and
-the momentum (EMA) update of the key encoder. Everything here is written for
-one device with `'data'` collectives (`moco_jax.core.parallel.AXIS`); the loop,
-the optimiser and the data live elsewhere.
+`loss` is builder.py's forward: keys from the key encoder under Shuffle BN (no
+gradient), queries from the trained encoder, InfoNCE over [q.k+, q.queue^T] / T
+with label 0. `update` is its `_momentum_update_key_encoder` and
+`_dequeue_and_enqueue` (of the keys all-gathered from every device), applied
+after the optimiser step: the official code applies the same EMA at the start
+of the next step, so the two agree step for step (docs/equivalence.md).
 """
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
+from absl import logging
+import flax
 import jax
-import jax.numpy as jnp
-import optax
 
+from moco_jax import models
+from moco_jax.core import errors
 from moco_jax.core import parallel
+from moco_jax.methods import base
+from moco_jax.methods import contrastive
+
+
+@flax.struct.dataclass
+class MocoState:
+  """What MoCo carries beside the trained (query) encoder.
+
+  Attributes:
+    key_params: EMA of the query parameters (the momentum encoder); no gradient.
+    key_batch_stats: BatchNorm running statistics of the key encoder.
+    queue: [K, dim] L2-normalised keys of past batches, the negatives.
+    queue_ptr: index of the oldest queue row (the next to be overwritten).
+  """
+  key_params: Any
+  key_batch_stats: Any
+  queue: jax.Array
+  queue_ptr: jax.Array
+
+
+def create_encoder(config, num_devices: int):
+  """The encoder of `moco.bn_mode` (queries and keys share it; only params differ).
+
+  shuffle: per-device statistics in `bn_splits` groups, keys shuffled across
+    devices (the paper's Shuffle BN; on one device the groups do the job).
+  sync: statistics over the global batch.
+  local: per-device statistics, no shuffling (the ablation that leaks).
+  """
+  if config.moco.bn_mode == 'sync':
+    return models.create_encoder(config.model, bn_axis_name=parallel.AXIS)
+  splits = contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
+                                            num_devices)
+  return models.create_encoder(config.model, bn_splits=splits)
 
 
 @dataclasses.dataclass(frozen=True)
-class MoCo:
-  """Static pieces of the algorithm (hashable: closed over, never traced).
+class MoCo(base.Method):
+  """MoCo's static pieces.
 
   Attributes:
     encoder: the Flax encoder (backbone + head), used for queries and keys:
@@ -29,156 +64,104 @@ class MoCo:
     momentum: m of the key-encoder EMA.
     shuffle_keys: Shuffle BN: permute the global key batch across devices
       before the key encoder and restore the order after.
+    queue_size: K, the number of negatives.
+    embed_dim: the width of the keys.
   """
   encoder: Any
   temperature: float
   momentum: float
   shuffle_keys: bool
+  queue_size: int = 0
+  embed_dim: int = 0
+
+  name = 'moco'
+  resume_fields = ('moco.queue_size', 'moco.bn_mode')
+
+  @classmethod
+  def from_config(cls, config, num_devices: int) -> 'MoCo':
+    return cls(encoder=create_encoder(config, num_devices),
+               temperature=config.moco.temperature, momentum=config.moco.momentum,
+               shuffle_keys=config.moco.bn_mode == 'shuffle',
+               queue_size=config.moco.queue_size, embed_dim=config.model.embed_dim)
+
+  @classmethod
+  def check_config(cls, config, num_devices: int) -> None:
+    moco, batch = config.moco, config.batch_size
+    _require(moco.bn_mode in ('shuffle', 'sync', 'local'),
+             f"config.moco.bn_mode={moco.bn_mode!r} is not one of ['shuffle', 'sync', 'local'].")
+    _require(moco.temperature > 0,
+             f'config.moco.temperature={moco.temperature} must be > 0 (paper: 0.2).')
+    _require(0 <= moco.momentum < 1,
+             f'config.moco.momentum={moco.momentum} must be in [0, 1) (paper: 0.999).')
+    _require(moco.queue_size >= batch,
+             f'config.moco.queue_size={moco.queue_size} must be >= config.batch_size={batch}: '
+             'each step enqueues the whole global batch.')
+    _require(moco.bn_splits == -1 or moco.bn_splits > 0,
+             f'config.moco.bn_splits={moco.bn_splits!r} must be -1 (8 groups) or > 0.')
+    splits = contrastive.bn_groups_per_device(moco.bn_mode, moco.bn_splits, num_devices)
+    local = batch // num_devices
+    _require(local % splits == 0,
+             f'config.moco.bn_splits={moco.bn_splits} ({splits} BatchNorm groups per device) '
+             f'does not divide the per-device batch {local} (batch_size / devices): set '
+             '--config.moco.bn_splits to a divisor of it.')
+
+  @staticmethod
+  def describe_batch_norm(config, num_devices: int) -> str:
+    """How BatchNorm groups the batch, for the run's log (warns on groups too small)."""
+    if config.moco.bn_mode == 'sync':
+      return 'BatchNorm statistics over the global batch'
+    groups = contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
+                                              num_devices)
+    group = config.batch_size // num_devices // max(groups, 1)
+    if group < 16:
+      logging.warning('BatchNorm groups of %d images make noisy statistics: raise batch_size or '
+                      'set --config.moco.bn_splits (groups per device) so that batch_size / '
+                      'devices / bn_splits >= 16.', group)
+    return f'{groups * num_devices} BatchNorm groups of {group} images ({config.moco.bn_mode})'
+
+  def init_state(self, rng, params, batch_stats) -> MocoState:
+    """The key encoder starts as a copy of the query encoder; the queue as random unit rows."""
+    return MocoState(
+        # A copy, not an alias: the two trees evolve separately from step 1.
+        key_params=jax.tree.map(jax.numpy.copy, params),
+        key_batch_stats=jax.tree.map(jax.numpy.copy, batch_stats),
+        queue=contrastive.init_queue(rng, self.queue_size, self.embed_dim),
+        queue_ptr=jax.numpy.zeros((), jax.numpy.int32))
+
+  def loss(self, params, batch_stats, method_state: MocoState, batch: base.StepBatch):
+    """InfoNCE of this device's queries against its keys and the queue.
+
+    The keys pass through `stop_gradient`: the key encoder gets no gradient
+    and only moves by the momentum update.
+    """
+    keys, key_batch_stats = self.keys(method_state.key_params, method_state.key_batch_stats,
+                                      batch.key_view, batch.rng)
+    variables = {'params': params, 'batch_stats': batch_stats}
+    queries, updates = self.encoder.apply(variables, batch.query_view, train=True,
+                                          mutable=['batch_stats'])
+    loss, accuracy = contrastive.infonce_loss(contrastive.l2_normalize(queries), keys,
+                                              method_state.queue, self.temperature)
+    return loss, base.LossAux(batch_stats=updates['batch_stats'], accuracy=accuracy,
+                              synced=key_batch_stats, local=keys)
+
+  def keys(self, key_params, key_batch_stats, key_view, rng):
+    """(L2-normalised keys without gradient, new key batch stats) of this device's key view."""
+    keys, key_batch_stats = contrastive.encode_keys(self.encoder, key_params, key_batch_stats,
+                                                    key_view, rng, self.shuffle_keys)
+    return jax.lax.stop_gradient(keys), key_batch_stats
+
+  def update(self, params, method_state: MocoState, synced, local, step) -> MocoState:
+    """Momentum update of the key encoder, then the global batch of keys enqueued."""
+    del step
+    # The EMA uses the query after this step's update: the official code applies
+    # the same update at the start of the next step.
+    key_params = contrastive.momentum_update(params, method_state.key_params, self.momentum)
+    queue, queue_ptr = contrastive.enqueue_global(method_state.queue, method_state.queue_ptr,
+                                                  local)
+    return MocoState(key_params=key_params, key_batch_stats=synced, queue=queue,
+                     queue_ptr=queue_ptr)
 
 
-class MocoAux(NamedTuple):
-  """What `moco_loss` returns beside the loss."""
-  keys: jax.Array  # [local_batch, dim] L2-normalised, no gradient.
-  query_batch_stats: Any
-  key_batch_stats: Any
-  accuracy: jax.Array
-
-
-# --------------------------------------------------------------------------
-# Embeddings, logits and InfoNCE.
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / ||x||, as torch.nn.functional.normalize (eps guards the zero vector)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
-
-
-def moco_logits(queries: jax.Array, keys: jax.Array, queue: jax.Array,
-                temperature: float) -> jax.Array:
-  """Logits [N, 1 + K]: column 0 is q.k+, the rest q.queue^T, all divided by T.
-
-  Computed in float32 whatever the network's dtype: with T = 0.07 and K = 65536
-  bfloat16 logits would lose the small differences the loss is made of.
-  """
-  queries = queries.astype(jnp.float32)
-  positive = jnp.sum(queries * keys.astype(jnp.float32), axis=-1, keepdims=True)
-  negative = jnp.dot(queries, queue.astype(jnp.float32).T,
-                     precision=jax.lax.Precision.HIGHEST)
-  return jnp.concatenate([positive, negative], axis=1) / temperature
-
-
-def infonce_loss(queries, keys, queue, temperature):
-  """Mean InfoNCE: cross-entropy with label 0 over `moco_logits`.
-
-  Returns:
-    (loss, accuracy), accuracy being the fraction of queries whose positive key
-    scores above every negative (a cheap health signal: it rises from ~0).
-  """
-  logits = moco_logits(queries, keys, queue, temperature)
-  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
-  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == 0)
-  return loss, accuracy
-
-
-# --------------------------------------------------------------------------
-# The queue of negatives.
-
-
-def init_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
-  """Random unit rows, as the official code (randn normalised along dim)."""
-  return l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
-
-
-def enqueue(queue: jax.Array, pointer: jax.Array, keys: jax.Array):
-  """Writes `keys` over the oldest entries of the FIFO `queue`, wrapping around.
-
-  Any K >= len(keys) works (the official code asserts K % batch == 0): row i of
-  `keys` goes to slot (pointer + i) mod K, and the pointer advances by len(keys).
-
-  Returns:
-    (new_queue, new_pointer).
-  """
-  size = queue.shape[0]
-  count = keys.shape[0]
-  slots = (pointer + jnp.arange(count)) % size
-  queue = queue.at[slots].set(keys.astype(queue.dtype), unique_indices=True)
-  return queue, (pointer + count) % size
-
-
-def enqueue_global(queue: jax.Array, pointer: jax.Array, local_keys: jax.Array):
-  """Every device enqueues the same all-gathered global batch of keys, in device order."""
-  return enqueue(queue, pointer, jax.lax.all_gather(local_keys, parallel.AXIS, tiled=True))
-
-
-# --------------------------------------------------------------------------
-# Shuffle BN and the key encoder.
-
-
-def bn_groups_per_device(bn_mode: str, bn_splits: int, num_devices: int) -> int:
-  """BatchNorm groups per device: `bn_splits`, or 8 groups in total if -1.
-
-  Only Shuffle BN splits the batch (on one GPU the official CIFAR demo uses 8
-  groups to emulate 8 GPUs); sync and local modes use one group.
-  """
-  if bn_mode != 'shuffle':
-    return 1
-  if bn_splits > 0:
-    return bn_splits
-  return max(1, 8 // num_devices)
-
-
-def encode_keys(moco: MoCo, key_params, key_batch_stats, images, rng):
-  """Runs the key encoder; with Shuffle BN, on a permutation of the global batch.
-
-  Every device draws the same permutation of the all-gathered batch, encodes
-  its slice of it, and then takes back, from the all-gathered outputs, the rows
-  of its own examples: BatchNorm groups then mix examples of other devices, so
-  a query cannot find its positive key from shared batch statistics.
-
-  Returns:
-    (L2-normalised keys [local, dim], updated key batch stats).
-  """
-  axis = parallel.AXIS
-  variables = {'params': key_params, 'batch_stats': key_batch_stats}
-  local = images.shape[0]
-  if moco.shuffle_keys:
-    device = jax.lax.axis_index(axis)
-    everyone = jax.lax.all_gather(images, axis, tiled=True)
-    perm = jax.random.permutation(rng, everyone.shape[0])
-    mine = jax.lax.dynamic_slice_in_dim(everyone[perm], device * local, local)
-    keys, updates = moco.encoder.apply(variables, mine, train=True, mutable=['batch_stats'])
-    all_keys = jax.lax.all_gather(keys, axis, tiled=True)
-    unshuffled = all_keys[jnp.argsort(perm)]
-    keys = jax.lax.dynamic_slice_in_dim(unshuffled, device * local, local)
-  else:
-    keys, updates = moco.encoder.apply(variables, images, train=True, mutable=['batch_stats'])
-  return l2_normalize(keys), updates['batch_stats']
-
-
-def moco_loss(query_params, key_params, state, query_view, key_view, shuffle_rng, moco: MoCo):
-  """InfoNCE of this device's queries against its keys and the queue.
-
-  Both parameter trees are arguments so that tests can differentiate with
-  respect to each: the keys pass through `stop_gradient`, so the key encoder
-  gets no gradient and only moves by the momentum update.
-
-  Args:
-    state: the TrainState (its batch stats and queue are read).
-
-  Returns:
-    (loss, MocoAux).
-  """
-  keys, key_batch_stats = encode_keys(moco, key_params, state.key_batch_stats, key_view,
-                                      shuffle_rng)
-  keys = jax.lax.stop_gradient(keys)
-  variables = {'params': query_params, 'batch_stats': state.query_batch_stats}
-  queries, updates = moco.encoder.apply(variables, query_view, train=True,
-                                        mutable=['batch_stats'])
-  loss, accuracy = infonce_loss(l2_normalize(queries), keys, state.queue, moco.temperature)
-  return loss, MocoAux(keys, updates['batch_stats'], key_batch_stats, accuracy)
-
-
-def momentum_update(query_params, key_params, momentum: float):
-  """key <- m * key + (1 - m) * query (no gradient, no weight decay)."""
-  return optax.incremental_update(query_params, key_params, 1.0 - momentum)
+def _require(condition: bool, message: str):
+  if not condition:
+    raise errors.ConfigError(message)

@@ -4,6 +4,7 @@ Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -112,6 +113,13 @@ def _quiet_closed_event_loop_errors():
 
 def restore(manager: ocp.CheckpointManager, step: int, target):
   """Checkpoint `step` restored like `target`."""
+  metadata = manager.item_metadata(step)
+  if metadata is not None and _is_legacy(metadata):
+    logging.info('Step %d is a checkpoint of the pre-seam layout: restoring it field by field.',
+                 step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _legacy_tree(target))
+    return _from_legacy_tree(manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+                             target)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -133,14 +141,53 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   found = _shapes(metadata)
   if found == _shapes(target):
     return
-  queue = metadata.get('queue') if hasattr(metadata, 'get') else None
-  backbone = _flat_shapes(metadata.get('query_params', {}).get('backbone', {})) if queue else {}
+  params = _trained_params(metadata) if hasattr(metadata, 'get') else None
+  backbone = _flat_shapes(params.get('backbone', {})) if params is not None else {}
+  described = describe_backbone(backbone) if backbone else 'an unknown backbone'
+  wanted = describe_backbone(_flat_shapes(target.params.get('backbone', {})))
   raise errors.CheckpointError(
-      f'The checkpoint at step {step} in {manager.directory} holds another model\'s train state '
-      f'({describe_backbone(backbone) if backbone else "unknown backbone"}, queue '
-      f'{getattr(queue, "shape", "?")}; this config builds queue {tuple(target.queue.shape)}): '
-      'model, embed_dim or queue_size differ. Rerun with the config that wrote it, or pass a '
-      'new --workdir.')
+      f'The checkpoint at step {step} in {manager.directory} holds another train state '
+      f'({described}, {len(found)} arrays; this config builds {wanted}, '
+      f'{len(_shapes(target))} arrays): the method, model, embed_dim or the method\'s sizes '
+      '(e.g. moco.queue_size) differ. Rerun with the config that wrote it, or pass a new '
+      '--workdir.')
+
+
+# Checkpoints written before the method seam hold MoCo's state flat: the trained
+# encoder as query_params / query_batch_stats and the method's fields (key_params,
+# key_batch_stats, queue, queue_ptr) at the top level. They restore into today's
+# TrainState field by field.
+_LEGACY_NAMES = {'params': 'query_params', 'batch_stats': 'query_batch_stats'}
+
+
+def _trained_params(metadata):
+  """The trained encoder's params in checkpoint metadata (today's or the pre-seam layout)."""
+  return metadata.get('params', metadata.get(_LEGACY_NAMES['params']))
+
+
+def _is_legacy(metadata) -> bool:
+  return hasattr(metadata, 'get') and 'params' not in metadata and 'query_params' in metadata
+
+
+def _legacy_tree(state) -> dict:
+  """`state` (a TrainState) laid out as a pre-seam checkpoint: method fields at the top."""
+  tree = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng,
+          'query_params': state.params, 'query_batch_stats': state.batch_stats}
+  if dataclasses.is_dataclass(state.method_state):
+    tree.update({f.name: getattr(state.method_state, f.name)
+                 for f in dataclasses.fields(state.method_state)})
+  return tree
+
+
+def _from_legacy_tree(tree: dict, target):
+  """The TrainState of a restored pre-seam checkpoint, shaped like `target`."""
+  method_state = target.method_state
+  if dataclasses.is_dataclass(method_state):
+    method_state = method_state.replace(
+        **{f.name: tree[f.name] for f in dataclasses.fields(method_state)})
+  return target.replace(step=tree['step'], params=tree['query_params'],
+                        batch_stats=tree['query_batch_stats'], opt_state=tree['opt_state'],
+                        method_state=method_state, rng=tree['rng'])
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -275,9 +322,10 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
       where = f'The checkpoint at step {step} in {directory}'
       try:
         metadata = manager.item_metadata(step)
-        if metadata is None or 'query_params' not in metadata:
-          raise errors.CheckpointError(f'{where} is not a MoCo train state (no query_params).')
-        found = _flat_shapes(metadata['query_params'].get('backbone', {}))
+        params = _trained_params(metadata) if metadata is not None else None
+        if params is None:
+          raise errors.CheckpointError(f'{where} is not a train state of this code (no params).')
+        found = _flat_shapes(params.get('backbone', {}))
         check_backbone_matches(found, model_config, where, workdir)
         # Onto this process's first device: the checkpoint may come from another topology
         # (pretrained on 8 GPUs, evaluated on 1).
@@ -285,7 +333,9 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return restored['query_params'], restored['query_batch_stats'], int(step)
+        if _is_legacy(restored):
+          restored = {k: restored[v] for k, v in _LEGACY_NAMES.items()}
+        return restored['params'], restored['batch_stats'], int(step)
       except errors.CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except

@@ -9,16 +9,17 @@ import numbers
 
 import ml_collections
 
+from moco_jax import models
 from moco_jax.core import errors
-from moco_jax.methods import moco
+from moco_jax.methods import registry
+from moco_jax.training import optim
 
 _CHOICES = {
-    ('model', 'name'): ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny'),
+    ('model', 'name'): tuple(models.ARCHS),
     ('model', 'stem'): ('imagenet', 'cifar'),
     ('model', 'head'): ('mlp', 'linear'),
     ('model', 'dtype'): ('float32', 'bfloat16'),
-    ('moco', 'bn_mode'): ('shuffle', 'sync', 'local'),
-    ('optim', 'name'): ('sgd', 'adam', 'adamw', 'lars'),
+    ('optim', 'name'): optim.OPTIMIZERS,
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
     ('eval', 'linear_schedule'): ('step', 'cosine'),
@@ -52,13 +53,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
            f'config.optim.momentum={config.optim.momentum} must be in [0, 1).')
   _require(config.optim.warmup_epochs >= 0,
            f'config.optim.warmup_epochs={config.optim.warmup_epochs} must be >= 0.')
-  _require(config.moco.temperature > 0,
-           f'config.moco.temperature={config.moco.temperature} must be > 0 (paper: 0.2).')
-  _require(0 <= config.moco.momentum < 1,
-           f'config.moco.momentum={config.moco.momentum} must be in [0, 1) (paper: 0.999).')
-  _require(config.moco.queue_size >= batch,
-           f'config.moco.queue_size={config.moco.queue_size} must be >= config.batch_size={batch}: '
-           'each step enqueues the whole global batch.')
   _require(config.model.embed_dim > 0, f'config.model.embed_dim={config.model.embed_dim} must be > 0.')
   _check_head_dims(config.model)
   _require(config.model.width > 0, f'config.model.width={config.model.width} must be > 0.')
@@ -70,12 +64,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _require(isinstance(processes, int) and processes >= -1,
            f'config.data.stream_processes={processes!r} must be an int >= 0, or -1 for '
            'one per core but one.')
-  splits = moco.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, num_devices)
-  local = batch // num_devices
-  _require(local % splits == 0,
-           f'config.moco.bn_splits={config.moco.bn_splits} ({splits} BatchNorm groups per device) '
-           f'does not divide the per-device batch {local} (batch_size / devices): set '
-           '--config.moco.bn_splits to a divisor of it.')
+  registry.check_config(config, num_devices)  # The method's own section.
   _require(config.num_epochs > 0 or config.num_train_steps > 0,
            'config.num_epochs or config.num_train_steps must be > 0.')
   _require(config.log_every_steps > 0, f'config.log_every_steps={config.log_every_steps} must be > 0.')
@@ -121,7 +110,6 @@ def _validate_ranges(config):
          'must be >= 1: with 0 the run keeps no checkpoint and cannot resume or be evaluated')
   _check(config, 'model.head_hidden_dim', lambda v: v == -1 or v > 0,
          "must be -1 (the backbone's width) or > 0")
-  _check(config, 'moco.bn_splits', lambda v: v == -1 or v > 0, 'must be -1 (8 groups) or > 0')
   # Data.
   _check(config, 'data.cache_size', lambda v: v == -1 or v >= config.data.image_size,
          f'must be -1 (= image_size) or >= config.data.image_size={config.data.image_size}',

@@ -14,7 +14,6 @@ stays short):
     a CheckpointError, not at the next save (or never).
 """
 
-import json
 import math
 import os
 from typing import Optional
@@ -24,16 +23,18 @@ import jax
 import jax.numpy as jnp
 
 from moco_jax.core import errors
+from moco_jax.methods import registry
 from moco_jax.run import checkpoints
+from moco_jax.run import run_config
 
 # Fields whose change makes an existing checkpoint (or the data order after it)
-# mean something else. Optimiser, augmentation, logging and evaluation fields may
-# change on resume (e.g. extending a run with more steps).
+# mean something else; the method adds its own (`registry.resume_fields`).
+# Optimiser, augmentation, logging and evaluation fields may change on resume
+# (e.g. extending a run with more steps).
 RESUME_FIELDS = (
     'seed', 'batch_size', 'model.name', 'model.stem', 'model.width', 'model.head',
-    'model.head_hidden_dim', 'model.head_dims', 'model.embed_dim', 'moco.queue_size',
-    'moco.bn_mode', 'optim.name',
-    'data.image_size', 'data.cache_size', 'data.train_split',
+    'model.head_hidden_dim', 'model.head_dims', 'model.embed_dim', 'optim.name',
+    'data.image_size', 'data.cache_size', 'data.train_split', 'data source',
 )
 _DATA_FIELDS = {  # The fields that name the training data, per source.
     'folder': ('data.path',),
@@ -59,26 +60,10 @@ def check_writable(workdir: str):
       ) from e
 
 
-def _get(tree: dict, field: str):
-  for part in field.split('.'):
-    if not isinstance(tree, dict) or part not in tree:
-      return '(absent)'
-    tree = tree[part]
-  return tree
-
-
-def _identity(config: dict) -> dict:
-  """{field: value} of the fields that give a checkpoint and its data order their meaning."""
-  data = config.get('data', {})
-  source = 'folder' if data.get('path') else data.get('source')
-  out = {f: _get(config, f) for f in RESUME_FIELDS}
-  out['data source'] = source
-  for field in _DATA_FIELDS.get(source, ()):
-    value = _get(config, field)
-    if field == 'data.path' and isinstance(value, str):
-      value = os.path.normpath(os.path.abspath(os.path.expanduser(value)))
-    out[field] = value
-  return out
+def resume_fields(config) -> tuple:
+  """The fields a resume of `config` must keep: the run's, the method's and its data source's."""
+  source = 'folder' if config.data.get('path') else config.data.get('source')
+  return RESUME_FIELDS + registry.resume_fields(config) + _DATA_FIELDS.get(source, ())
 
 
 def check_resume_config(workdir: str, config):
@@ -89,18 +74,16 @@ def check_resume_config(workdir: str, config):
   `config.allow_config_change=True` the run resumes anyway, with a warning.
   """
   steps = checkpoints.checkpoint_steps(workdir)
-  path = os.path.join(workdir, 'config.json')
+  path = run_config.config_path(workdir)
   if not steps or not os.path.exists(path):
     return
   try:
-    with open(path) as f:
-      previous = json.load(f)
-  except (OSError, ValueError) as e:
-    logging.warning('Cannot read %s (%s): resuming without checking that the config matches.',
-                    path, e)
+    previous = run_config.read_run_config(workdir)
+  except errors.ConfigError as e:
+    logging.warning('%s Resuming without checking that the config matches.', e)
     return
-  before, now = _identity(previous), _identity(json.loads(config.to_json_best_effort()))
-  diffs = [f'{k}: {before.get(k)!r} -> {now[k]!r}' for k in now if before.get(k) != now[k]]
+  diffs = [f'{k}: {a!r} -> {b!r}'
+           for k, (a, b) in run_config.compare(previous, config, resume_fields(config)).items()]
   if not diffs:
     return
   where = f'{checkpoints.checkpoint_dir(workdir)} (steps up to {max(steps)}, config in {path})'

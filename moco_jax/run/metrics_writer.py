@@ -108,7 +108,7 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Writes config.json once and a metrics.jsonl row (+ TB scalars) per call."""
+  """Writes a metrics.jsonl row (+ TB scalars) per call."""
 
   def __init__(self, workdir: str, config=None, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
@@ -118,8 +118,6 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     if config is not None:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
       tensorboard = tensorboard and config.get('tensorboard', True)
     if tensorboard:
       self._tb = _maybe_tensorboard(workdir)

@@ -1,4 +1,4 @@
-"""The functional MoCo train state and its construction."""
+"""The functional train state: one typed pytree, whatever the method."""
 
 from typing import Any
 
@@ -7,38 +7,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moco_jax.methods import moco
-
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a MoCo run carries from step to step; one pytree, checkpointed whole.
+  """Everything a run carries from step to step; one pytree, checkpointed whole.
 
   Attributes:
     step: number of optimiser steps taken.
-    query_params: parameters of the online (query) encoder; the only ones trained.
-    query_batch_stats: BatchNorm running statistics of the query encoder.
-    key_params: EMA of the query parameters (the momentum encoder); no gradient.
-    key_batch_stats: BatchNorm running statistics of the key encoder.
-    opt_state: optax state of the query parameters.
-    queue: [K, dim] L2-normalised keys of past batches, the negatives.
-    queue_ptr: index of the oldest queue row (the next to be overwritten).
+    params: parameters of the trained (online, query) encoder; every evaluation
+      reads `params['backbone']`.
+    batch_stats: its BatchNorm running statistics.
+    opt_state: optax state of `params`.
+    method_state: what the method carries beside them (MoCo: the momentum
+      encoder and the queue; `moco_jax.methods`), () when nothing.
     rng: base PRNG key; step s draws from fold_in(rng, s), so a resumed run
       draws exactly what an uninterrupted one would.
   """
   step: jax.Array
-  query_params: Any
-  query_batch_stats: Any
-  key_params: Any
-  key_batch_stats: Any
+  params: Any
+  batch_stats: Any
   opt_state: Any
-  queue: jax.Array
-  queue_ptr: jax.Array
+  method_state: Any
   rng: jax.Array
 
 
 def _split_rng(rng: jax.Array):
-  """(init, queue, state) keys of a run seeded with `rng`."""
+  """(init, method, state) keys of a run seeded with `rng`."""
   return jax.random.split(rng, 3)
 
 
@@ -48,9 +42,9 @@ def run_rng(seed: int) -> jax.Array:
 
 
 def step_rngs(rng: jax.Array, step) -> tuple:
-  """(augmentation key, Shuffle BN key) of train step `step` of a run whose state.rng is `rng`.
+  """(augmentation key, method key) of train step `step` of a run whose state.rng is `rng`.
 
-  `train.augment_views` draws from them; `report` redraws a step's views with them.
+  `step.augment_views` draws from them; `report` redraws a step's views with them.
   """
   return tuple(jax.random.split(jax.random.fold_in(rng, step)))
 
@@ -66,20 +60,16 @@ def initial_encoder_variables(rng: jax.Array, encoder, image_size: int):
   return variables['params'], variables['batch_stats']
 
 
-def create_train_state(rng: jax.Array, encoder, tx: optax.GradientTransformation,
-                       image_size: int, queue_size: int, embed_dim: int) -> TrainState:
-  """Initialises the query encoder, copies it into the key encoder, fills the queue."""
-  _, queue_rng, state_rng = _split_rng(rng)
-  params, batch_stats = initial_encoder_variables(rng, encoder, image_size)
+def create_train_state(rng: jax.Array, method, tx: optax.GradientTransformation,
+                       image_size: int) -> TrainState:
+  """Initialises the trained encoder, its optimiser state and the method's own state."""
+  _, method_rng, state_rng = _split_rng(rng)
+  params, batch_stats = initial_encoder_variables(rng, method.encoder, image_size)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
-      query_params=params,
-      query_batch_stats=batch_stats,
-      # A copy, not an alias: the two trees evolve separately from step 1.
-      key_params=jax.tree.map(jnp.copy, params),
-      key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+      params=params,
+      batch_stats=batch_stats,
       opt_state=tx.init(params),
-      queue=moco.init_queue(queue_rng, queue_size, embed_dim),
-      queue_ptr=jnp.zeros((), jnp.int32),
+      method_state=method.init_state(method_rng, params, batch_stats),
       rng=state_rng,
   )

@@ -1,187 +1,36 @@
-"""MoCo v2 pretraining: the per-device step, its sharded wrapper and the loop.
+"""The pretraining loop: data, the sharded step, checkpoints, metrics, monitors, stops.
 
-The step is written for one device with `axis_name='data'` collectives and run
-by `jax.shard_map` under `jax.jit` over a one-axis mesh, so the same code runs
-on one GPU, eight GPUs, a TPU pod and many hosts.
+The same loop runs every method (`config.method`, `moco_jax.methods`); the
+step itself is `moco_jax.training.step`.
 """
 
-import dataclasses
-import functools
 import signal
-from typing import Any, Callable
+from typing import Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from moco_jax import models
-from moco_jax.augmentation import augment
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
-from moco_jax.methods import moco as moco_lib
 from moco_jax.run import checkpoints
 from moco_jax.run import config_checks
 from moco_jax.run import guard
 from moco_jax.run import metrics_writer
+from moco_jax.run import run_config
 from moco_jax.run import stopping
 from moco_jax.training import optim
-from moco_jax.training import state as state_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSetup:
-  """Static pieces of a train step (hashable: it is closed over, not traced)."""
-  moco: moco_lib.MoCo
-  tx: optax.GradientTransformation
-  aug: Any
-  image_size: int
-  dtype: Any
-  # The batch is uint8 [B, 2, image_size, image_size, 3], both views' crops
-  # cut on the host (streaming input): the step skips its own crop.
-  host_crops: bool = False
-
-
-def create_encoder(config, num_devices: int):
-  """The encoder of `moco.bn_mode` (queries and keys share it; only params differ).
-
-  shuffle: per-device statistics in `bn_splits` groups, keys shuffled across
-    devices (the paper's Shuffle BN; on one device the groups do the job).
-  sync: statistics over the global batch.
-  local: per-device statistics, no shuffling (the ablation that leaks).
-  """
-  if config.moco.bn_mode == 'sync':
-    return models.create_encoder(config.model, bn_axis_name=parallel.AXIS)
-  splits = moco_lib.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits, num_devices)
-  return models.create_encoder(config.model, bn_splits=splits)
-
-
-def augment_views(state: state_lib.TrainState, images: jax.Array, setup: StepSetup):
-  """(query_view, key_view, shuffle_rng) of this device's images at this step.
-
-  Per-example randomness comes from the example's index in the global batch,
-  so the views are the same however the batch is split across devices.
-  """
-  aug_rng, shuffle_rng = state_lib.step_rngs(state.rng, state.step)
-  local = images.shape[0]
-  example_ids = jax.lax.axis_index(parallel.AXIS) * local + jnp.arange(local)
-  views = augment.two_views_from_crops if setup.host_crops else augment.two_views
-  query_view, key_view = views(aug_rng, images, example_ids, setup.aug, setup.image_size,
-                               setup.dtype)
-  return query_view, key_view, shuffle_rng
-
-
-def step_on_views(state: state_lib.TrainState, query_view, key_view, shuffle_rng,
-                  setup: StepSetup):
-  """The MoCo update from given views (call under shard_map); see `train_step`.
-
-  Returns:
-    (new_state, loss, accuracy); loss and accuracy are this device's.
-  """
-  grad_fn = jax.value_and_grad(moco_lib.moco_loss, has_aux=True)
-  (loss, aux), grads = grad_fn(state.query_params, state.key_params, state, query_view,
-                               key_view, shuffle_rng, setup.moco)
-  # Gradients and BatchNorm statistics averaged over devices in one all-reduce.
-  grads, query_batch_stats, key_batch_stats = parallel.pmean_packed(
-      (grads, aux.query_batch_stats, aux.key_batch_stats))
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.query_params)
-  query_params = optax.apply_updates(state.query_params, updates)
-  # The EMA uses the query after this step's update: the official code applies
-  # the same update at the start of the next step.
-  key_params = moco_lib.momentum_update(query_params, state.key_params, setup.moco.momentum)
-  queue, queue_ptr = moco_lib.enqueue_global(state.queue, state.queue_ptr, aux.keys)
-  new_state = state.replace(
-      step=state.step + 1,
-      query_params=query_params,
-      query_batch_stats=query_batch_stats,
-      key_params=key_params,
-      key_batch_stats=key_batch_stats,
-      opt_state=opt_state,
-      queue=queue,
-      queue_ptr=queue_ptr,
-  )
-  return new_state, loss, aux.accuracy
-
-
-def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
-               learning_rate_fn: Callable):
-  """One MoCo step on this device's slice of the batch (call under shard_map).
-
-  Args:
-    state: the replicated train state.
-    images: uint8 [local_batch, S, S, 3] decoded images of this device (with
-      `setup.host_crops`: uint8 [local_batch, 2, size, size, 3], both views' crops).
-    setup: static encoders, optimiser and hyper-parameters.
-    learning_rate_fn: step -> lr, for the metrics only.
-
-  Returns:
-    (new_state, metrics); both identical on every device.
-  """
-  query_view, key_view, shuffle_rng = augment_views(state, images, setup)
-  new_state, loss, accuracy = step_on_views(state, query_view, key_view, shuffle_rng, setup)
-  loss, accuracy = parallel.pmean_packed((loss, accuracy))
-  metrics = {
-      'train_loss': loss,
-      'contrastive_acc': accuracy,
-      'learning_rate': learning_rate_fn(state.step),
-  }
-  return new_state, metrics
-
-
-def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
-                      on_device_data: bool = False):
-  """jit(shard_map(train_step)): state replicated, the batch split on 'data'.
-
-  Called as step(state, images) with uint8 images [B, S, S, 3], or, with
-  `on_device_data`, as step(state, dataset, indices): the whole decoded split
-  stays on every device and the host sends only the int32 indices of the
-  batch, so no image crosses the host-device link during training.
-  The state is donated: its buffers (the queue above all) are reused in place.
-  """
-  step = functools.partial(train_step, setup=setup, learning_rate_fn=learning_rate_fn)
-  def gather_and_step(state, dataset, indices):
-    return step(state, jnp.take(dataset, indices, axis=0))
-
-  fn, in_specs = ((gather_and_step, (P(), P(), P(parallel.AXIS))) if on_device_data
-                  else (step, (P(), P(parallel.AXIS))))
-  sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()),
-                          check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
-
-
-def make_step_setup(config, num_devices: int, tx, host_crops: bool = False) -> StepSetup:
-  return StepSetup(
-      moco=moco_lib.MoCo(encoder=create_encoder(config, num_devices),
-                         temperature=config.moco.temperature, momentum=config.moco.momentum,
-                         shuffle_keys=config.moco.bn_mode == 'shuffle'),
-      tx=tx, aug=config.aug, image_size=config.data.image_size,
-      dtype=jnp.dtype(config.model.dtype), host_crops=host_crops)
-
-
-def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
-  """The initial TrainState, built by one jit-compiled program, replicated on `mesh`.
-
-  Compiling the initialisation (rather than running it op by op) is much
-  faster for big models, and `out_shardings` places the result on every
-  device of every host directly.
-  """
-  create = functools.partial(
-      state_lib.create_train_state, encoder=setup.moco.encoder, tx=setup.tx,
-      image_size=config.data.image_size, queue_size=config.moco.queue_size,
-      embed_dim=config.model.embed_dim)
-  return jax.jit(create, out_shardings=NamedSharding(mesh, P()))(
-      jax.random.PRNGKey(config.seed))
+from moco_jax.training import step as step_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Pretrains MoCo as `config` says, in `workdir`, resuming from its checkpoints.
+  """Pretrains `config.method` as `config` says, in `workdir`, resuming from its checkpoints.
 
   Returns:
     The final TrainState (replicated on the mesh).
@@ -192,6 +41,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
   guard.check_writable(workdir)
   guard.check_resume_config(workdir, config)  # Before config.json is overwritten.
+  if jax.process_index() == 0:
+    run_config.write_run_config(workdir, config)
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   mesh = parallel.make_mesh()
 
@@ -203,9 +54,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = make_step_setup(config, num_devices, tx, host_crops=plan.stream)
+  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream)
 
-  state = init_state(config, setup, mesh)
+  state = step_lib.init_state(config, setup, mesh)
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
@@ -214,10 +65,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   saver = guard.Guard(manager, config)
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
-  log_run_summary(config, train_ds, steps_per_epoch, total_steps, start_step)
+  log_run_summary(config, setup, train_ds, steps_per_epoch, total_steps, start_step)
 
   on_device = config.data.on_device and not plan.stream
-  p_step = make_sharded_step(setup, learning_rate_fn, mesh, on_device)
+  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device)
   if plan.stream:
     next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
     if config.data.on_device:
@@ -279,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
-def log_run_summary(config, train_ds, steps_per_epoch: int, total_steps: int, start_step: int):
+def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch: int,
+                    total_steps: int, start_step: int):
   """What the run is about to do, in a few lines, before anything is compiled."""
   data = config.data
   source = sources.resolve_source(data)
@@ -294,17 +146,7 @@ def log_run_summary(config, train_ds, steps_per_epoch: int, total_steps: int, st
                len(train_ds.class_names), decoded, data.image_size)
   devices = jax.devices()
   local = config.batch_size // len(devices)
-  if config.moco.bn_mode == 'sync':
-    bn = 'BatchNorm statistics over the global batch'
-  else:
-    groups = moco_lib.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
-                                           len(devices))
-    group = local // max(groups, 1)
-    bn = f'{groups * len(devices)} BatchNorm groups of {group} images ({config.moco.bn_mode})'
-    if group < 16:
-      logging.warning('BatchNorm groups of %d images make noisy statistics: raise batch_size or '
-                      'set --config.moco.bn_splits (groups per device) so that batch_size / '
-                      'devices / bn_splits >= 16.', group)
+  bn = setup.method.describe_batch_norm(config, len(devices))
   logging.info('Batch %d (%d per device, %s); %d steps per epoch, %d steps in all '
                '(%.3g epochs)%s.', config.batch_size, local, bn, steps_per_epoch, total_steps,
                total_steps / max(steps_per_epoch, 1),

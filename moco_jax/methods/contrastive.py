@@ -1,0 +1,144 @@
+"""The pieces contrastive methods share: embeddings, InfoNCE, the queue, Shuffle BN, EMA.
+
+The L2-normalised embeddings, the logits [q.k+, q.negatives^T] / T and
+InfoNCE as cross-entropy, the FIFO queue of negatives (created and enqueued
+with the all-gathered keys), an encoder run under Shuffle BN, and the
+momentum (EMA) update. MoCo (`methods/moco.py`) is made of them; the other
+methods take the ones they need. Everything here is written for one device
+with `'data'` collectives (`moco_jax.core.parallel.AXIS`).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moco_jax.core import parallel
+
+
+# --------------------------------------------------------------------------
+# Embeddings, logits and InfoNCE.
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / ||x||, as torch.nn.functional.normalize (eps guards the zero vector)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def moco_logits(queries: jax.Array, keys: jax.Array, queue: jax.Array,
+                temperature: float) -> jax.Array:
+  """Logits [N, 1 + K]: column 0 is q.k+, the rest q.queue^T, all divided by T.
+
+  Computed in float32 whatever the network's dtype: with T = 0.07 and K = 65536
+  bfloat16 logits would lose the small differences the loss is made of.
+  """
+  queries = queries.astype(jnp.float32)
+  positive = jnp.sum(queries * keys.astype(jnp.float32), axis=-1, keepdims=True)
+  negative = jnp.dot(queries, queue.astype(jnp.float32).T,
+                     precision=jax.lax.Precision.HIGHEST)
+  return jnp.concatenate([positive, negative], axis=1) / temperature
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array):
+  """(mean cross-entropy, accuracy) of float32 `logits` [N, C] against int `labels` [N].
+
+  InfoNCE is this with the positive's column as the label; accuracy is the
+  fraction of rows whose positive scores above every negative (a cheap health
+  signal: it rises from ~0).
+  """
+  positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive)
+  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+  return loss, accuracy
+
+
+def infonce_loss(queries, keys, queue, temperature):
+  """Mean InfoNCE over `moco_logits`: cross-entropy with label 0.
+
+  Returns:
+    (loss, accuracy), see `cross_entropy`.
+  """
+  logits = moco_logits(queries, keys, queue, temperature)
+  # `cross_entropy` with labels 0, written with a slice: the positive is column 0.
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+  return loss, jnp.mean(jnp.argmax(logits, axis=1) == 0)
+
+
+# --------------------------------------------------------------------------
+# The queue of negatives.
+
+
+def init_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
+  """Random unit rows, as the official code (randn normalised along dim)."""
+  return l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
+
+
+def enqueue(queue: jax.Array, pointer: jax.Array, keys: jax.Array):
+  """Writes `keys` over the oldest entries of the FIFO `queue`, wrapping around.
+
+  Any K >= len(keys) works (the official code asserts K % batch == 0): row i of
+  `keys` goes to slot (pointer + i) mod K, and the pointer advances by len(keys).
+
+  Returns:
+    (new_queue, new_pointer).
+  """
+  size = queue.shape[0]
+  count = keys.shape[0]
+  slots = (pointer + jnp.arange(count)) % size
+  queue = queue.at[slots].set(keys.astype(queue.dtype), unique_indices=True)
+  return queue, (pointer + count) % size
+
+
+def enqueue_global(queue: jax.Array, pointer: jax.Array, local_keys: jax.Array):
+  """Every device enqueues the same all-gathered global batch of keys, in device order."""
+  return enqueue(queue, pointer, jax.lax.all_gather(local_keys, parallel.AXIS, tiled=True))
+
+
+# --------------------------------------------------------------------------
+# Shuffle BN and the key encoder.
+
+
+def bn_groups_per_device(bn_mode: str, bn_splits: int, num_devices: int) -> int:
+  """BatchNorm groups per device: `bn_splits`, or 8 groups in total if -1.
+
+  Only Shuffle BN splits the batch (on one GPU the official CIFAR demo uses 8
+  groups to emulate 8 GPUs); sync and local modes use one group.
+  """
+  if bn_mode != 'shuffle':
+    return 1
+  if bn_splits > 0:
+    return bn_splits
+  return max(1, 8 // num_devices)
+
+
+def encode_keys(encoder, key_params, key_batch_stats, images, rng, shuffle: bool):
+  """Runs the key encoder; with Shuffle BN (`shuffle`), on a permutation of the global batch.
+
+  Every device draws the same permutation of the all-gathered batch, encodes
+  its slice of it, and then takes back, from the all-gathered outputs, the rows
+  of its own examples: BatchNorm groups then mix examples of other devices, so
+  a query cannot find its positive key from shared batch statistics.
+
+  Returns:
+    (L2-normalised keys [local, dim], updated key batch stats).
+  """
+  axis = parallel.AXIS
+  variables = {'params': key_params, 'batch_stats': key_batch_stats}
+  local = images.shape[0]
+  if shuffle:
+    device = jax.lax.axis_index(axis)
+    everyone = jax.lax.all_gather(images, axis, tiled=True)
+    perm = jax.random.permutation(rng, everyone.shape[0])
+    mine = jax.lax.dynamic_slice_in_dim(everyone[perm], device * local, local)
+    keys, updates = encoder.apply(variables, mine, train=True, mutable=['batch_stats'])
+    all_keys = jax.lax.all_gather(keys, axis, tiled=True)
+    unshuffled = all_keys[jnp.argsort(perm)]
+    keys = jax.lax.dynamic_slice_in_dim(unshuffled, device * local, local)
+  else:
+    keys, updates = encoder.apply(variables, images, train=True, mutable=['batch_stats'])
+  return l2_normalize(keys), updates['batch_stats']
+
+
+def momentum_update(query_params, key_params, momentum: float):
+  """key <- m * key + (1 - m) * query (no gradient, no weight decay)."""
+  return optax.incremental_update(query_params, key_params, 1.0 - momentum)
