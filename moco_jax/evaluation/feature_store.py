@@ -83,8 +83,10 @@ def variables_digest(variables) -> str:
 
 def feature_key(config, source, split: str, weights: str) -> dict:
   """Everything a stored feature depends on; any change means a new file."""
+  # A folder's index file is named by its directories' mtimes: files added, removed or renamed
+  # give another index, hence another key.
   return {'version': FEATURE_VERSION, 'weights': weights, 'split': split, 'where': source.where,
-          'count': len(source), 'side': dataset.image_side(config.data),
+          'count': len(source), 'index': getattr(source, 'index_path', None), 'side': dataset.image_side(config.data),
           'image_size': int(config.data.image_size), 'mean': list(config.aug.mean),
           'std': list(config.aug.std), 'dtype': config.model.dtype,
           'model': config.model.to_dict() if hasattr(config.model, 'to_dict') else
