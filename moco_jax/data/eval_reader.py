@@ -105,7 +105,7 @@ def bounded_split(data_config, split: str, what: str) -> ImageDataset:
   than `data.max_in_memory_gb` they get a deterministic subset (seed 0) of
   max(SUBSET_FLOOR, budget / 2 / image) images, and the log says which.
   """
-  plan = streaming.plan_split(data_config, split, log=False)
+  plan = streaming.plan_split(data_config, split, log=False, evaluation=True)
   if not plan.stream:
     return sources.load_split(data_config, split)
   side = dataset.image_side(data_config)

@@ -92,15 +92,21 @@ def plan_train_input(data_config) -> Plan:
   return plan_split(data_config, 'train')
 
 
-def plan_split(data_config, split: str = 'train', log: bool = True) -> Plan:
+def plan_split(data_config, split: str = 'train', log: bool = True,
+               evaluation: bool = False) -> Plan:
   """Decides between the in-memory and the streaming path for `split` ('train' or 'eval').
 
   The decoded size is N x S x S x 3 bytes (S = `image_side`, what the
-  in-memory path would hold). Synthetic data always stays in memory.
+  in-memory path would hold). Synthetic data always stays in memory. Archives
+  cannot be streamed: for an evaluation (`evaluation`) they are decoded into
+  memory without counting their images first (a pass over the archive, ~10 s
+  for Imagenette, that training pays once and caches).
   """
   source = sources.resolve_source(data_config)
   if source == 'synthetic':
     return Plan(False, 'synthetic data is generated in memory')
+  if evaluation and source == 'folder' and _is_archive(data_config.path):
+    return Plan(False, 'archives are decoded into memory')
   side = dataset.image_side(data_config)
   budget, budget_text = memory_budget_bytes(data_config)
   if source == 'folder' and _is_archive(data_config.path):

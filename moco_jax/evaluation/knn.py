@@ -304,7 +304,7 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {'<prefix>knn_top1': percent, '<prefix>knn_step': step}.
   """
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
-  plan = streaming.plan_split(config.data, 'train')
+  plan = streaming.plan_split(config.data, 'train', evaluation=True)
   if plan.stream:
     top1 = streamed_knn_top1(config, backbone, variables, plan.source, workdir)
   else:  # The evaluator builds the same backbone from config.model.

@@ -265,7 +265,7 @@ def _split_features(config, backbone, variables, workdir: str):
   array: the probe trains on the device and the host holds one block);
   otherwise both splits are decoded into memory as before.
   """
-  plan = streaming.plan_split(config.data, 'train')
+  plan = streaming.plan_split(config.data, 'train', evaluation=True)
   if plan.stream:
     train, evals = knn.stored_splits(config, backbone, variables, plan.source, workdir)
     pairs = [(feature_store.to_device(s), s.labels[s.valid]) for s in (train, evals)]
