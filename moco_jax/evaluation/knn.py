@@ -285,6 +285,9 @@ def streamed_knn_top1(config, backbone, variables, train_source, workdir: str) -
   """kNN top-1 (percent) over features streamed to WORKDIR/features (the split is too large)."""
   start = time.perf_counter()
   train, evals = stored_splits(config, backbone, variables, train_source, workdir)
+  if not evals.valid.any() or not train.valid.any():
+    raise errors.DataError(f'No readable image in {"the eval" if train.valid.any() else "the train"} '
+                           'split: every file failed to decode; check config.data.path.')
   queries = np.asarray(evals.features[evals.valid], np.float32)
   query_labels = evals.labels[evals.valid]
   scores = knn_scores_streamed(train, queries, max(train.num_classes, evals.num_classes),
