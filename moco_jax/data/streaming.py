@@ -112,7 +112,7 @@ def plan_split(data_config, split: str = 'train', log: bool = True,
   if source == 'folder' and _is_archive(data_config.path):
     return _plan_archive(data_config, side, budget, budget_text, split)
   if source == 'tfds':  # Only open the data source (array_record files) to stream.
-    builder, name = tfds_source.prepared_builder(data_config, split)
+    builder, name = tfds_source.builder_and_split(data_config, split)
     splits = builder.info.splits
     count = splits[name].num_examples if name in splits.keys() else 0
     where = f'tfds {data_config.name}:{name}'
