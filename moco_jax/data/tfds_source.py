@@ -140,13 +140,7 @@ def _socket_timeout(seconds: float):
 def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
   """The decoded `split` of the tfds dataset `data.name` (downloaded if needed; cached)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = prepared_builder(data_config)
-  field = dataset.split_field(split)
-  available = list(builder.info.splits.keys())
-  wanted = data_config[field]
-  # A mocked builder (tfds.testing.mock_data) lists no splits: take the name as is.
-  split_name = wanted if not available else dataset.pick_split(
-      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(split == 'eval'))
+  builder, split_name = builder_and_split(data_config, split)
   label_feature = builder.info.features['label']
   class_names = list(label_feature.names)
   key = {'kind': 'tfds', 'name': data_config.name, 'dir': str(builder.data_dir),
