@@ -12,7 +12,7 @@ uniforms that are a pure function of (seed, step, position in the global
 batch). Colour jitter, grayscale, blur, flip and normalisation stay on the
 accelerator (`augment.two_views_from_crops`). An unreadable file is replaced
 by another example chosen deterministically and counted; it never stops a run.
-Which sources stream, and when: `moco_jax.data.streaming`.
+Which splits stream, and when: `moco_jax.data.streaming`.
 """
 
 import math
@@ -29,7 +29,7 @@ from moco_jax.augmentation import crop_fallback
 from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
-from moco_jax.data.streaming import StreamSource
+from moco_jax.data.dataset import StreamSource
 
 
 # Uniforms one RandomResizedCrop consumes (as image_ops.CROP_UNIFORMS): 10 area
