@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -166,10 +168,16 @@ def test_resume_after_kill_and_after_sigterm_is_bit_identical(setup, tmp_path, m
   # SIGTERM at step 4 (mid epoch 2): saved there, with the epoch's running sums.
   stopped = str(tmp_path / 'stopped')
   real = stopping.StopWatcher.requested
-  monkeypatch.setattr(stopping.StopWatcher, 'requested',
-                      lambda self, manager, step: step == 4 or real(self, manager, step))
-  with pytest.raises(stopping.Interrupted):
+
+  def sigterm_at_4(self, manager, step):
+    if step == 4:  # A real SIGTERM, through the watcher's handler.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, manager, step)
+
+  monkeypatch.setattr(stopping.StopWatcher, 'requested', sigterm_at_4)
+  with pytest.raises(stopping.Interrupted) as stop:
     _train(setup, stopped)
+  assert stop.value.step == 4 and stop.value.exit_code == stopping.EXIT_PREEMPTED
   monkeypatch.setattr(stopping.StopWatcher, 'requested', real)
   after_stop = _train(setup, stopped)
   for other in (resumed, after_stop):
@@ -208,3 +216,37 @@ def test_linear_eval_paper_writes_its_keys_and_curve(tmp_path):
   rows = linear_paper.read_curve(os.path.join(workdir, 'random_init_linear_paper'))
   assert [r['epoch'] for r in rows] == [1, 2, 3]
   assert rows[-1]['val_top1'] == found['random_init_linear_paper_top1']
+
+
+def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
+  from tests import test_streaming  # pylint: disable=g-import-not-at-top
+  root = test_streaming.make_tree(tmp_path / 'folder', classes=3, per_class=6, size=(40, 30))
+  shutil.copytree(root / 'train', root / 'val')
+  config = _config(linear_batch_size=8, linear_epochs=2, linear_step_epochs=(1,))
+  config.model.stem = 'cifar'
+  config.data.update(dict(source='folder', path=str(root), cache_dir=str(tmp_path / 'cache'),
+                          max_in_memory_gb=1e-6, stream_processes=0, num_workers=2))
+  plan = linear_paper.streaming.plan_train_input(config.data)
+  assert plan.stream
+  backbone = models.create_backbone(config.model)
+  params, batch_stats = features.random_init_encoder(config)
+  variables = jax.device_get(features.backbone_variables(params, batch_stats))
+  eval_ds = sources.load_split(config.data, 'eval')
+  mesh = parallel.make_mesh()
+  val_features = features.extract_features(
+      config, backbone, variables, linear_paper.center_crop_split(eval_ds, 0.875), mesh, False)
+
+  def run(directory, **kw):
+    return linear_paper.train_paper_classifier(config, backbone, variables, plan.source,
+                                               val_features, eval_ds.labels, 3, mesh,
+                                               str(tmp_path / directory), **kw)
+
+  whole = run('whole')
+  assert whole['done'] and whole['step'] == 4  # 18 images: 2 steps of 8 an epoch.
+  run('killed', max_steps=3)
+  resumed = run('killed')
+  jax.tree.map(np.testing.assert_array_equal, resumed['params'], whole['params'])
+  assert resumed['rows'] == whole['rows']
+  # The host cuts one image_size crop per example (the device only flips and normalises).
+  batch = next(linear_paper.local_batches(config, plan.source, 8, 0, 1))
+  assert batch['image'].shape == (8, 16, 16, 3) and batch['index'].dtype == np.int32

@@ -43,7 +43,7 @@ import json
 import math
 import os
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from absl import logging
 import jax
@@ -57,7 +57,9 @@ from moco_jax.augmentation import image_ops
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax.data import host_crops
 from moco_jax.data import sources
+from moco_jax.data import streaming
 from moco_jax.data.dataset import ImageDataset
 from moco_jax.evaluation import features
 from moco_jax.evaluation import linear_probe
@@ -115,12 +117,17 @@ def view_key(seed: int, epoch, index) -> jax.Array:
 
 
 def train_view(key: jax.Array, image: jax.Array, image_size: int, scale, ratio,
-               norm) -> jax.Array:
-  """RandomResizedCrop + RandomHorizontalFlip + Normalize of one uint8 [H, W, 3] image."""
+               norm, crop: bool = True) -> jax.Array:
+  """RandomResizedCrop + RandomHorizontalFlip + Normalize of one uint8 [H, W, 3] image.
+
+  With `crop=False` the image is the crop already cut on the host (streamed
+  input, `host_crops.linear_uniforms`): only the flip and Normalize remain.
+  """
   u = jax.random.uniform(key, (image_ops.CROP_UNIFORMS + 1,))
   x = image.astype(jnp.float32) / 255.0
-  box = image_ops.crop_box_from_uniforms(u[:-1], x.shape[0], x.shape[1], scale, ratio)
-  x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
+  if crop:
+    box = image_ops.crop_box_from_uniforms(u[:-1], x.shape[0], x.shape[1], scale, ratio)
+    x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
   x = jnp.where(u[-1] < 0.5, image_ops.hflip(x), x)
   return image_ops.normalize(x, norm)
 
@@ -144,7 +151,8 @@ def center_crop_split(ds: ImageDataset, fraction: float) -> ImageDataset:
 
 @functools.lru_cache(maxsize=4)
 def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: tuple,
-                    norm: _Norm, dtype: str, weight_decay: float, seed: int):
+                    norm: _Norm, dtype: str, weight_decay: float, seed: int,
+                    host_cropped: bool = False):
   """jit(shard_map(step)): (cls, buf, variables, images, labels, indices, epoch, lr) ->
   (cls, buf, mean loss, correct count).
 
@@ -152,12 +160,13 @@ def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: 
   frozen backbone in inference mode (its variables are an input, never an
   output: nothing of the backbone can change), and the classifier's gradients
   are averaged over the mesh before the SGD update, identical on every device.
+  `host_cropped`: the images are the host's crops (streamed input).
   """
 
   def step(cls, buf, variables, images, labels, indices, epoch, lr):
     keys = jax.vmap(lambda i: view_key(seed, epoch, i))(indices)
-    views = jax.vmap(lambda k, im: train_view(k, im, image_size, scale, ratio, norm))(
-        keys, images)
+    views = jax.vmap(lambda k, im: train_view(k, im, image_size, scale, ratio, norm,
+                                              crop=not host_cropped))(keys, images)
     feats = backbone.apply(variables, views.astype(jnp.dtype(dtype)), train=False)
     feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
 
@@ -318,11 +327,41 @@ class _Progress:
                  metrics_writer.format_duration(eta) if math.isfinite(eta) else '?')
 
 
-def train_paper_classifier(config, backbone, variables, train_ds: ImageDataset,
+def local_batches(config, train_ds, batch: int, start: int, end: int) -> Iterator[dict]:
+  """This process's slice of global batches start..end-1: {'image', 'label', 'index' (int32)}.
+
+  In memory (an `ImageDataset`): the cached squares, cropped on the device.
+  Streamed (a `StreamSource`): each image decoded once per epoch and its crop cut
+  on the host from the whole original (`host_crops`, one view per example from
+  `linear_uniforms(seed, epoch, index)`), the grain loader of training.
+  Both: the examples of step s are `train_indices(N, batch, seed, s)`.
+  """
+  seed, local = int(config.seed), batch // jax.process_count()
+  if isinstance(train_ds, streaming.StreamSource):
+    processes, threads = host_crops.loader_workers(config.data)
+    stream = host_crops.train_batches(
+        train_ds, global_batch=batch, seed=seed, image_size=int(config.data.image_size),
+        crop_scale=tuple(config.eval.linear_crop_scale), crop_ratio=tuple(config.aug.crop_ratio),
+        start_step=start, end_step=end, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_threads=threads, num_processes=processes,
+        uniforms=host_crops.linear_uniforms)
+    for b in stream:
+      yield {'image': b['image'][:, 0], 'label': b['label'], 'index': b['index'].astype(np.int32)}
+    return
+  first = jax.process_index() * local
+  for step in range(start, end):
+    idx = batching.train_indices(len(train_ds), batch, seed, step)[first:first + local]
+    yield {'image': np.take(train_ds.images, idx, axis=0),
+           'label': np.take(train_ds.labels, idx, axis=0), 'index': idx.astype(np.int32)}
+
+
+def train_paper_classifier(config, backbone, variables, train_ds,
                            val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
                            mesh: Mesh, directory: str, backbone_step: int = 0,
                            max_steps=None) -> dict:
   """Trains (or resumes) the classifier under `directory`; returns its final state.
+
+  `train_ds`: an `ImageDataset` (in memory) or a `StreamSource` (streamed).
 
   `max_steps` stops after that global step (tests: a run cut short, as a
   SIGKILL would) without finishing the protocol.
@@ -339,7 +378,8 @@ def train_paper_classifier(config, backbone, variables, train_ds: ImageDataset,
                             tuple(float(v) for v in ec.linear_crop_scale),
                             tuple(float(v) for v in config.aug.crop_ratio),
                             _Norm(tuple(config.aug.mean), tuple(config.aug.std)),
-                            config.model.dtype, float(ec.linear_weight_decay), int(config.seed))
+                            config.model.dtype, float(ec.linear_weight_decay), int(config.seed),
+                            host_cropped=isinstance(train_ds, streaming.StreamSource))
   os.makedirs(directory, exist_ok=True)
   manager = _manager(directory)
   state = _restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
@@ -354,19 +394,17 @@ def train_paper_classifier(config, backbone, variables, train_ds: ImageDataset,
   cls = jax.device_put(state['params'], replicated)
   buf = jax.device_put(state['momentum'], replicated)
   loss_sum, correct_sum = float(state['loss_sum']), int(state['correct_sum'])
-  local = batch // jax.process_count()
-  first = jax.process_index() * local
   end = total if max_steps is None else min(total, int(max_steps))
   progress = _Progress(total, start, batch)
   step = start
+  batches = local_batches(config, train_ds, batch, start, end)
   with stopping.StopWatcher(jax.process_count()) as watcher:
     while step < end:
-      epoch, offset = divmod(step, steps_per_epoch)
+      epoch = step // steps_per_epoch
       lr = epoch_lr(lr0, epoch, milestones)
-      idx = batching.train_indices(num, batch, int(config.seed), step)[first:first + local]
-      images = parallel.shard_batch(np.take(train_ds.images, idx, axis=0), mesh)
-      labels = parallel.shard_batch(np.take(train_ds.labels, idx, axis=0), mesh)
-      indices = parallel.shard_batch(idx.astype(np.int32), mesh)
+      b = next(batches)
+      images, labels, indices = (parallel.shard_batch(b[k], mesh)
+                                 for k in ('image', 'label', 'index'))
       cls, buf, loss, correct = step_fn(cls, buf, variables, images, labels, indices,
                                         jnp.int32(epoch), jnp.float32(lr))
       loss = float(loss)
@@ -406,6 +444,12 @@ def train_paper_classifier(config, backbone, variables, train_ds: ImageDataset,
           'rows': rows, 'lr': lr0, 'done': step >= total}
 
 
+def _num_classes(train_ds) -> int:
+  if isinstance(train_ds, ImageDataset):
+    return train_ds.num_classes
+  return len(train_ds.class_names)
+
+
 def run_paper_linear_eval(config, workdir: str) -> dict:
   """The paper's protocol on the latest checkpoint (or random init) -> WORKDIR/eval.json.
 
@@ -415,9 +459,10 @@ def run_paper_linear_eval(config, workdir: str) -> dict:
   start = time.perf_counter()
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
   mesh = parallel.make_mesh()
-  train_ds = sources.load_split(config.data, 'train')
+  plan = streaming.plan_train_input(config.data)  # In memory, or streamed if too large.
+  train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
   eval_ds = sources.load_split(config.data, 'eval')
-  num_classes = max(train_ds.num_classes, eval_ds.num_classes)
+  num_classes = max(_num_classes(train_ds), eval_ds.num_classes)
   val_ds = center_crop_split(eval_ds, float(config.eval.linear_center_crop))
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
                                            normalize=False)
