@@ -464,8 +464,12 @@ def run_paper_linear_eval(config, workdir: str) -> dict:
   eval_ds = sources.load_split(config.data, 'eval')
   num_classes = max(_num_classes(train_ds), eval_ds.num_classes)
   val_ds = center_crop_split(eval_ds, float(config.eval.linear_center_crop))
+  logging.info('Paper linear protocol: val features of %d images (centre %.3f of each, resized to '
+               '%d px), once: the backbone is frozen.', len(val_ds), config.eval.linear_center_crop,
+               config.data.image_size)
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
                                            normalize=False)
+  logging.info('Val features %s in %.1f s.', val_features.shape, time.perf_counter() - start)
   directory = result_dir(workdir, prefix)
   out = train_paper_classifier(config, backbone, variables, train_ds, val_features,
                                eval_ds.labels, num_classes, mesh, directory, step)
