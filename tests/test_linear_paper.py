@@ -250,3 +250,16 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   # The host cuts one image_size crop per example (the device only flips and normalises).
   batch = next(linear_paper.local_batches(config, plan.source, 8, 0, 1))
   assert batch['image'].shape == (8, 16, 16, 3) and batch['index'].dtype == np.int32
+
+
+@pytest.mark.parametrize('field, value', [('linear_protocol', 'papr'),
+                                          ('linear_crop_scale', (0.5, 0.1)),
+                                          ('linear_center_crop', 1.5),
+                                          ('linear_schedule', 'cosine')])
+def test_bad_paper_config_is_one_clear_error(field, value):
+  from moco_jax.run import config_checks  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.eval[field] = value
+  with pytest.raises(config_checks.ConfigError, match=f'config.eval.{field}='):
+    config_checks.validate(config, num_devices=1)
+  config_checks.validate(_config(), num_devices=1)  # The defaults pass.
