@@ -285,10 +285,13 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     {'<prefix>linear_top1', ..._top5, ..._lr, ..._step} (standardized protocol)
     or the same with `linear_raw_` (raw protocol); prefix 'random_init_' for
-    the floor.
+    the floor. 'paper': `linear_paper.run_paper_linear_eval`'s keys.
   """
-  start = time.perf_counter()
   protocol = config.eval.get('linear_protocol', 'standardized')
+  if protocol == 'paper':  # Its own module (it imports this one): augmented views every epoch.
+    from moco_jax.evaluation import linear_paper  # pylint: disable=g-import-not-at-top
+    return linear_paper.run_paper_linear_eval(config, workdir)
+  start = time.perf_counter()
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
   # Unnormalised features: the standardized protocol standardises them itself.
   (train_features, train_labels), (eval_features, eval_labels), num_classes = _split_features(
