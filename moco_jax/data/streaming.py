@@ -38,10 +38,12 @@ so grain worker processes start quickly.
 """
 
 import dataclasses
+import hashlib
 import os
 from typing import Optional
 
 from absl import logging
+import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import cache
@@ -188,77 +190,6 @@ def _archive_train_count(data_config) -> int:
 # The sources' random-access readers (each source module offers its own).
 
 
-<<<<<<< HEAD
-class StreamSource:
-  """Random access to the encoded examples of a split: len, labels, read(i)."""
-  where: str
-  class_names: list
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def label(self, index: int) -> int:
-    raise NotImplementedError
-
-  def read(self, index: int):
-    """Encoded bytes of example `index` (or a decoded uint8 array)."""
-    raise NotImplementedError
-
-  def name(self, index: int) -> str:
-    return f'#{index}'
-
-
-class FolderSource(StreamSource):
-  """An ImageFolder split on disk, from its cached index (.npy files opened with mmap).
-
-  Pickles as its paths only: grain worker processes map the same index pages.
-  """
-
-  def __init__(self, root: str, index_path: str, class_names: list, where: str):
-    self.root, self.index_path, self.class_names, self.where = root, index_path, class_names, where
-    self._names = self._labels = None
-
-  def _open(self):
-    if self._names is None:
-      self._names = np.load(self.index_path + '.names.npy', mmap_mode='r')
-      self._labels = np.load(self.index_path + '.labels.npy', mmap_mode='r')
-
-  def __getstate__(self):
-    return {**self.__dict__, '_names': None, '_labels': None}
-
-  def __len__(self) -> int:
-    self._open()
-    return int(self._names.shape[0])
-
-  def label(self, index: int) -> int:
-    self._open()
-    return int(self._labels[index])
-
-  def name(self, index: int) -> str:
-    self._open()
-    return bytes(self._names[index]).decode('utf-8', 'surrogateescape')
-
-  def read(self, index: int) -> bytes:
-    with open(os.path.join(self.root, self.name(index)), 'rb') as f:
-      return f.read()
-
-
-class TfdsSource(StreamSource):
-  """A prepared tfds split through `tfds.data_source` (random access; array_record files)."""
-
-  def __init__(self, data_source, class_names: list, where: str):
-    self.data_source, self.class_names, self.where = data_source, class_names, where
-
-  def __len__(self) -> int:
-    return len(self.data_source)
-
-  def label(self, index: int) -> int:
-    return int(self.data_source[index]['label'])
-
-  def read(self, index: int):
-    return self.data_source[index]['image']
-
-
 def file_list_fingerprint(source: StreamSource) -> dict:
   """{count, sha256, where} of a source's file list and labels: a streamed resume compares it.
 
@@ -274,12 +205,8 @@ def file_list_fingerprint(source: StreamSource) -> dict:
   return {'count': len(source), 'sha256': digest.hexdigest(), 'where': source.where}
 
 
-def open_source(data_config) -> StreamSource:
-  """The train split of `data_config` as a StreamSource (folder directory or tfds)."""
-=======
 def open_source(data_config, split: str = 'train') -> StreamSource:
   """`split` ('train' or 'eval') of `data_config` as a StreamSource (folder directory or tfds)."""
->>>>>>> streameval
   source = sources.resolve_source(data_config)
   if source == 'folder':
     if _is_archive(data_config.path):
