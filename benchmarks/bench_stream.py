@@ -30,6 +30,7 @@ venv (`--torch_python`), never the project's.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,24 +71,36 @@ def _size(rng):
 
 
 def _generate_chunk(args):
-  out, start, stop, classes, seed = args
+  out, start, stop, classes, seed, split = args
   import numpy as np  # pylint: disable=g-import-not-at-top
   for i in range(start, stop):
     rng = np.random.default_rng([seed, i])
-    folder = os.path.join(out, 'train', f'n{i % classes:08d}')
+    folder = os.path.join(out, split, f'n{i % classes:08d}')
     os.makedirs(folder, exist_ok=True)
     _photo(rng, *_size(rng)).save(os.path.join(folder, f'img_{i:07d}.JPEG'), quality=90)
   return stop - start
 
 
-def generate(out: str, num: int, classes: int = 100, seed: int = 0, small: bool = False):
-  """Writes `num` JPEGs as OUT/train/n<class>/img_<i>.JPEG (ImageFolder layout)."""
+def generate(out: str, num: int, classes: int = 100, seed: int = 0, small: bool = False,
+             split: str = 'train', unique: int = 0):
+  """Writes `num` JPEGs as OUT/<split>/n<class>/img_<i>.JPEG (ImageFolder layout).
+
+  With `unique` > 0 only the first `unique` images are drawn; image i >= unique
+  is a byte copy of image i % unique (a distinct file with the same decode
+  cost: on a busy host, drawing 20,000 photo-like images takes most of an hour).
+  """
   import multiprocessing  # pylint: disable=g-import-not-at-top
   if small:
     return _generate_small(out, num, classes, seed)
-  chunks = [(out, s, min(num, s + 200), classes, seed) for s in range(0, num, 200)]
+  drawn = min(num, unique) if unique > 0 else num
+  chunks = [(out, s, min(drawn, s + 200), classes, seed, split) for s in range(0, drawn, 200)]
   with multiprocessing.Pool(os.cpu_count()) as pool:
     done = sum(pool.map(_generate_chunk, chunks))
+  name = lambda i: os.path.join(out, split, f'n{i % classes:08d}', f'img_{i:07d}.JPEG')
+  for i in range(drawn, num):
+    os.makedirs(os.path.dirname(name(i)), exist_ok=True)
+    shutil.copyfile(name(i % drawn), name(i))
+    done += 1
   sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs]
   print(f'{done} JPEGs in {out}: mean {sum(sizes) / len(sizes) / 1024:.0f} KiB')
 
@@ -320,6 +333,10 @@ def main():
   g.add_argument('--out', required=True)
   g.add_argument('--num', type=int, default=10000)
   g.add_argument('--classes', type=int, default=100)
+  g.add_argument('--split', default='train', help='Folder of the split (train, val).')
+  g.add_argument('--seed', type=int, default=0, help='Another seed for another split.')
+  g.add_argument('--unique', type=int, default=0,
+                 help='Draw only this many images; the rest are byte copies (0: all drawn).')
   h = sub.add_parser('host')
   h.add_argument('--data', required=True)
   h.add_argument('--cores', type=int, default=1)
@@ -342,7 +359,8 @@ def main():
   m.add_argument('--nice', type=int, default=10)
   args = parser.parse_args()
   if args.command == 'generate':
-    generate(args.out, args.num, args.classes)
+    generate(args.out, args.num, args.classes, seed=args.seed, split=args.split,
+             unique=args.unique)
   elif args.command == 'host':
     host(args)
   else:

@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.knn_k = 200  # Neighbours of the kNN monitor (clipped to the train split's size).
   config.eval.knn_temperature = 0.1  # Weight exp(sim / t) of the kNN vote.
   config.eval.batch_size = 512  # Batch of feature extraction (rounded up to a multiple of devices).
-  config.eval.linear_protocol = 'standardized'  # standardized | raw; see below and linear_probe.py.
+  config.eval.linear_protocol = 'standardized'  # standardized | raw | paper; see below, linear_probe.py.
   # standardized (default; eval.json linear_top1/5, linear_lr): features standardised per dim
   #   (BatchNorm without affine, as MoCo v3 / MAE), lr picked from linear_lrs on a held-out
   #   linear_holdout of the TRAIN split, then retrained on the whole train split.
@@ -129,6 +129,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.linear_schedule = 'step'  # step (paper: x0.1 at linear_step_epochs) | cosine.
   config.eval.linear_step_epochs = (60, 80)  # Linear probe lr x0.1 at these epochs.
   config.eval.linear_weight_decay = 0.0  # Linear probe weight decay (paper: 0).
+  # paper (eval.json linear_paper_top1/5): main_lincls.py's protocol, a classifier on augmented views
+  # drawn every epoch (linear_paper.py; uses linear_lr/epochs/batch_size/step_epochs/weight_decay).
+  config.eval.linear_crop_scale = (0.08, 1.0)  # paper: RandomResizedCrop area range (torchvision's).
+  config.eval.linear_center_crop = 224 / 256  # paper: val CenterCrop / Resize (224 of 256).
   config.eval.random_init = False  # --mode=knn/linear_eval on the step-0 encoder: the floor.
 
   # --- Report (--mode=report: WORKDIR/report/index.html) ------------------------------

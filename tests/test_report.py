@@ -138,12 +138,20 @@ def test_report_of_a_run_without_checkpoint(run, tmp_path):
   assert 'Not drawn' in text and 'neighbours.png' in text
 
 
-def test_a_streamed_run_is_refused_with_the_setting_to_change(run, tmp_path):
+def test_a_streamed_run_gets_its_report_on_a_subset(run, tmp_path, caplog):
+  """A split too large for data.max_in_memory_gb is drawn from a fixed subset, not refused."""
   config, workdir, _ = run
   with tarfile.open(config.data.path) as archive:
     archive.extractall(tmp_path, filter='data')
   streamed = copy.deepcopy(config)
   streamed.data.path = str(tmp_path / 'CIFAR-10-images')
   streamed.data.max_in_memory_gb = 1e-6  # 80 images at 32 px are 0.0002 GiB: streamed.
-  with pytest.raises(ValueError, match='max_in_memory_gb'):
-    report.run_report(streamed, str(workdir))
+  copy_dir = tmp_path / 'workdir'
+  shutil.copytree(workdir, copy_dir)
+  with caplog.at_level('INFO'):
+    page = report.run_report(streamed, str(copy_dir))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith('Report: the train split is streamed') and
+             'subset of 80 of its 80 images' in m for m in messages), messages
+  text = open(page).read()
+  assert 'neighbours.png' in text and 'Not drawn' not in text

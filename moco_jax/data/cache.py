@@ -9,6 +9,7 @@ reads a stale entry.
 import hashlib
 import json
 import os
+from typing import Optional
 
 from absl import logging
 import numpy as np
@@ -67,3 +68,21 @@ def write_cache(path: str, images: np.ndarray, labels: np.ndarray, meta: dict) -
                  len(images), path)
   except OSError as e:
     logging.warning('Could not write the decode cache at %s (%s); continuing without it.', path, e)
+
+
+def read_json(path: str) -> Optional[dict]:
+  """The JSON object at `path`, or None when absent or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def write_json(path: str, value: dict) -> None:
+  """Writes `value` atomically; a failure is a warning (these files only save time)."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.atomic_write(path, lambda f: json.dump(value, f))
+  except OSError as e:
+    logging.warning('Could not write %s (%s); continuing without it.', path, e)

@@ -1,6 +1,8 @@
 """What every source returns, and the helpers they share.
 
-`ImageDataset` is a decoded split in host memory; `decoded_split` is the one
+`ImageDataset` is a decoded split in host memory and `StreamSource` the
+random-access reader of a split (every source offers both: folder,
+tfds, synthetic); `decoded_split` is the one
 tail every decoding source ends with (assemble in order, drop what did not
 decode, cache, wrap); the split helpers resolve config names to splits.
 """
@@ -86,3 +88,26 @@ def decoded_split(decoded: dict, names: list, labels, class_names: list, side: i
                                        [str(n) for n in names], where)
   cache.write_cache(cache_path, images, labels, {'class_names': class_names, 'split': split_name})
   return ImageDataset(images, labels, len(class_names), class_names)
+
+
+class StreamSource:
+  """Random access to the encoded examples of a split: len, labels, read(i).
+
+  What the streaming loader (`moco_jax.data.host_crops`) and streamed
+  evaluation (`moco_jax.data.eval_reader`) read; each source implements it.
+  """
+  where: str
+  class_names: list
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def label(self, index: int) -> int:
+    raise NotImplementedError
+
+  def read(self, index: int):
+    """Encoded bytes of example `index` (or a decoded uint8 array)."""
+    raise NotImplementedError
+
+  def name(self, index: int) -> str:
+    return f'#{index}'

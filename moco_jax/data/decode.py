@@ -114,6 +114,18 @@ def decode_image(data: bytes, side: int) -> Optional[np.ndarray]:
     return None
 
 
+def decode_value(value, side: int) -> Optional[np.ndarray]:
+  """`decode_image` of encoded bytes, or `fit_square` of an already decoded uint8 array.
+
+  Sources hand out encoded bytes (folders, tfds with SkipDecoding) or, for a
+  mocked tfds dataset, decoded arrays; both end as uint8 [side, side, 3].
+  """
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    image = value if value.shape[-1] == 3 else np.repeat(value[..., :1], 3, axis=-1)
+    return fit_square(Image.fromarray(image), side)
+  return decode_image(bytes(value), side)
+
+
 def decode_stream(items: Iterable[tuple[str, bytes]], side: int, num_workers: int,
                   decode: Optional[Callable] = None, chunk: int = 32) -> dict:
   """Decodes (name, bytes) pairs in a thread pool while `items` is still being read.

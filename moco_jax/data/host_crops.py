@@ -12,7 +12,7 @@ uniforms that are a pure function of (seed, step, position in the global
 batch). Colour jitter, grayscale, blur, flip and normalisation stay on the
 accelerator (`augment.two_views_from_crops`). An unreadable file is replaced
 by another example chosen deterministically and counted; it never stops a run.
-Which sources stream, and when: `moco_jax.data.streaming`.
+Which splits stream, and when: `moco_jax.data.streaming`.
 """
 
 import math
@@ -29,7 +29,7 @@ from moco_jax.augmentation import crop_fallback
 from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
-from moco_jax.data.streaming import StreamSource
+from moco_jax.data.dataset import StreamSource
 
 
 # Uniforms one RandomResizedCrop consumes (as image_ops.CROP_UNIFORMS): 10 area
@@ -54,6 +54,12 @@ def crop_uniforms(seed: int, step: int, position: int) -> np.ndarray:
   """float32 [2, CROP_UNIFORMS]: both views' crop randomness at (seed, step, global position)."""
   rng = np.random.default_rng([seed, step, position, 0x63726F70])  # 'crop'
   return rng.random((2, CROP_UNIFORMS), dtype=np.float32)
+
+
+def linear_uniforms(seed: int, epoch: int, index: int) -> np.ndarray:
+  """float32 [1, CROP_UNIFORMS]: the paper linear protocol's crop of example `index` in `epoch`."""
+  rng = np.random.default_rng([seed, epoch, index, 0x6C696E])  # 'lin'
+  return rng.random((1, CROP_UNIFORMS), dtype=np.float32)
 
 
 def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray:
@@ -84,7 +90,9 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray
 
 
 def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.ndarray]:
-  """Decodes one image and cuts both RandomResizedCrop views: uint8 [2, size, size, 3].
+  """Decodes one image and cuts a RandomResizedCrop per row of `u`: uint8 [V, size, size, 3].
+
+  (V = 2 for MoCo's two views; the paper's linear protocol cuts 1.)
 
   The boxes are sampled over the whole original image. A JPEG is decoded at
   the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves both boxes at
@@ -96,7 +104,7 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
 
   Args:
     encoded: the file's bytes, or a decoded uint8 array [H, W, C] (mocked tfds).
-    u: float32 [2, CROP_UNIFORMS] (`crop_uniforms`).
+    u: float32 [V, CROP_UNIFORMS] (`crop_uniforms`: V = 2).
     size: output side (data.image_size).
     scale, ratio: RandomResizedCrop's ranges (aug.crop_scale, aug.crop_ratio).
   """
@@ -104,7 +112,7 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
 
   def reduce_to(width, height):
     """Boxes over the whole original image; a JPEG decode reduced while both keep 2 x size."""
-    boxes.extend(crop_box(u[v], height, width, scale, ratio) for v in range(2))
+    boxes.extend(crop_box(u[v], height, width, scale, ratio) for v in range(len(u)))
     shortest = min(min(int(b[2]), int(b[3])) for b in boxes)
     keep = _DRAFT_MARGIN * size  # Shorter box side kept after a reduced decode.
     if shortest < 2 * keep:
@@ -115,10 +123,10 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
     # The in-memory path's decoder (16-bit, float, CMYK, palette... the same 8-bit RGB).
     image, (width, height) = decode.load_rgb(encoded, reduce_to)
     if not boxes:  # Not a JPEG: reduce_to was not asked.
-      boxes = [crop_box(u[v], height, width, scale, ratio) for v in range(2)]
+      boxes = [crop_box(u[v], height, width, scale, ratio) for v in range(len(u))]
     with image:
       sx, sy = image.width / width, image.height / height
-      out = np.empty((2, size, size, 3), np.uint8)
+      out = np.empty((len(u), size, size, 3), np.uint8)
       for v, (top, left, h, w) in enumerate(boxes):
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         out[v] = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
@@ -141,11 +149,13 @@ class LoadExample:
 
   i = step * local + j reads position process_index * local + j of the global
   batch of `step`: example `train_indices(N, B, seed, step)[position]`.
-  Picklable (grain sends it to worker processes).
+  Picklable (grain sends it to worker processes). `uniforms`, when given, is a
+  picklable `uniforms(seed, epoch, index)` -> float32 [V, CROP_UNIFORMS] used
+  instead of `crop_uniforms` (the linear protocol: V = 1, keyed by dataset index).
   """
 
   def __init__(self, source: StreamSource, *, global_batch: int, seed: int, process_index: int,
-               process_count: int, image_size: int, crop_scale, crop_ratio):
+               process_count: int, image_size: int, crop_scale, crop_ratio, uniforms=None):
     self.source = source
     self.num = len(source)
     self.global_batch, self.seed = global_batch, seed
@@ -153,12 +163,16 @@ class LoadExample:
     self.offset = process_index * self.local
     self.image_size = image_size
     self.scale, self.ratio = tuple(crop_scale), tuple(crop_ratio)
+    self.uniforms = uniforms
 
   def __call__(self, i: int) -> dict:
     step, j = divmod(int(i), self.local)
     position = self.offset + j
     index = int(batching.train_indices(self.num, self.global_batch, self.seed, step)[position])
-    u = crop_uniforms(self.seed, step, position)
+    if self.uniforms is None:
+      u = crop_uniforms(self.seed, step, position)
+    else:
+      u = self.uniforms(self.seed, step // (self.num // self.global_batch), index)
     candidate = index
     for attempt in range(_MAX_SUBSTITUTES + 1):
       if attempt:
@@ -183,7 +197,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
                   crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), start_step: int = 0,
                   end_step: Optional[int] = None, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 4,
-                  num_processes: int = 0, prefetch: int = 2) -> Iterator[dict]:
+                  num_processes: int = 0, prefetch: int = 2, uniforms=None) -> Iterator[dict]:
   """Yields this process's slice of every global batch from `start_step` on, streamed.
 
   Batches are {'image': uint8 [b, 2, image_size, image_size, 3] (both
@@ -198,6 +212,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
     num_processes: grain worker processes (0: threads in this process only).
     prefetch: batches buffered ahead (memory: about (num_threads + prefetch)
       batches in flight per worker process, or in this process without).
+    uniforms: `LoadExample`'s (None: MoCo's two views).
   """
   import grain  # pylint: disable=g-import-not-at-top
   num = len(source)
@@ -207,7 +222,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   end_step = end_step if end_step is not None else 2**40
   load = LoadExample(source, global_batch=global_batch, seed=seed, process_index=process_index,
                      process_count=process_count, image_size=image_size, crop_scale=crop_scale,
-                     crop_ratio=crop_ratio)
+                     crop_ratio=crop_ratio, uniforms=uniforms)
   ds = grain.MapDataset.range(start_step * local, end_step * local).map(load)
   ds = ds.batch(local, drop_remainder=True)
   threads = max(1, int(num_threads))

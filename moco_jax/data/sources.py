@@ -25,7 +25,7 @@ import numpy as np
 from moco_jax.core import errors
 from moco_jax.data import folder
 from moco_jax.data import tfds_source
-from moco_jax.data.dataset import ImageDataset, image_side, split_field
+from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_field
 
 
 def resolve_source(data_config) -> str:
@@ -48,6 +48,23 @@ def load_synthetic(data_config, split: str, side: int) -> ImageDataset:
   labels = rng.integers(0, data_config.synthetic_classes, size=(n,)).astype(np.int32)
   names = [f'class_{i}' for i in range(data_config.synthetic_classes)]
   return ImageDataset(images, labels, int(data_config.synthetic_classes), names)
+
+
+class SyntheticSource(StreamSource):
+  """The synthetic split as a random-access reader (decoded arrays; for tests and benchmarks)."""
+
+  def __init__(self, data_config, split: str):
+    self._ds = load_synthetic(data_config, split, image_side(data_config))
+    self.class_names, self.where = self._ds.class_names, f'synthetic:{split}'
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def label(self, index: int) -> int:
+    return int(self._ds.labels[index])
+
+  def read(self, index: int):
+    return self._ds.images[index]
 
 
 def load_split(data_config, split: str) -> ImageDataset:

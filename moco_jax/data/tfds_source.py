@@ -1,4 +1,8 @@
-"""The tfds source: a TensorFlow Datasets split, downloaded if needed, decoded once.
+"""The tfds source: a TensorFlow Datasets split, downloaded if needed, decoded once or read at random.
+
+`load_tfds` decodes a split into memory (cached); `open_tfds_source` is the
+same split's random-access reader (`tfds.data_source` over array_record
+files) for the streaming loader and streamed evaluation.
 
 TensorFlow is imported only inside these functions: the GPU machines (and any
 user reading a local folder) need none. An unprepared dataset is downloaded
@@ -15,12 +19,12 @@ from typing import Optional
 
 from absl import logging
 import numpy as np
-from PIL import Image
 
 from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
+from moco_jax.data.dataset import StreamSource
 
 
 # Seconds a download socket may wait (connect or read) before tfds' retries give up on it:
@@ -136,13 +140,7 @@ def _socket_timeout(seconds: float):
 def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
   """The decoded `split` of the tfds dataset `data.name` (downloaded if needed; cached)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = prepared_builder(data_config)
-  field = dataset.split_field(split)
-  available = list(builder.info.splits.keys())
-  wanted = data_config[field]
-  # A mocked builder (tfds.testing.mock_data) lists no splits: take the name as is.
-  split_name = wanted if not available else dataset.pick_split(
-      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(split == 'eval'))
+  builder, split_name = builder_and_split(data_config, split)
   label_feature = builder.info.features['label']
   class_names = list(label_feature.names)
   key = {'kind': 'tfds', 'name': data_config.name, 'dir': str(builder.data_dir),
@@ -164,17 +162,9 @@ def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
 
   logging.info('Decoding tfds %s:%s at %dx%d with %d threads.', data_config.name, split_name,
                side, side, data_config.num_workers)
-  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), _decode_tfds_image)
+  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), decode.decode_value)
   return dataset.decoded_split(decoded, list(range(len(labels))), labels, class_names, side,
                                f'tfds {data_config.name}:{split_name}', path, split_name)
-
-
-def _decode_tfds_image(value, side: int) -> Optional[np.ndarray]:
-  """tfds yields encoded bytes (SkipDecoding) or, when mocked, decoded arrays."""
-  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-    image = value if value.shape[-1] == 3 else np.repeat(value[..., :1], 3, axis=-1)
-    return decode.fit_square(Image.fromarray(image), side)
-  return decode.decode_image(bytes(value), side)
 
 
 def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
@@ -197,3 +187,47 @@ def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
   hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ''
   return (f'data.name={name!r} is not a tfds dataset ({first}). {hint}Fix --config.data.name, '
           'or read a local ImageFolder tree/archive with --config.data.path=...')
+
+
+class TfdsSource(StreamSource):
+  """A prepared tfds split through `tfds.data_source` (random access; array_record files)."""
+
+  def __init__(self, data_source, class_names: list, where: str):
+    self.data_source, self.class_names, self.where = data_source, class_names, where
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def label(self, index: int) -> int:
+    return int(self.data_source[index]['label'])
+
+  def read(self, index: int):
+    return self.data_source[index]['image']
+
+
+def builder_and_split(data_config, which: str = 'train'):
+  """(prepared builder, split name of `which`: 'train' or 'eval', the latter with fallbacks)."""
+  builder = prepared_builder(data_config)
+  available = list(builder.info.splits.keys())
+  field = dataset.split_field(which)
+  wanted = data_config[field]
+  # A mocked builder (tfds.testing.mock_data) lists no splits: the name is taken as is.
+  split = wanted if not available else dataset.pick_split(
+      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(which == 'eval'))
+  return builder, split
+
+
+def open_tfds_source(data_config, which: str = 'train') -> TfdsSource:
+  """`which` split's random-access reader; one line when it has no array_record files."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, split = builder_and_split(data_config, which)
+  try:
+    source = builder.as_data_source(split=split,
+                                    decoders={'image': tfds.decode.SkipDecoding()})
+  except (NotImplementedError, ValueError, FileNotFoundError) as e:
+    raise errors.DataError(
+        f'tfds {data_config.name}:{split} has no random-access files ({e}). Streaming needs '
+        'it prepared as array_record (tfds build --file_format=array_record), or an '
+        'ImageFolder directory via --config.data.path=DIR.') from e
+  class_names = list(builder.info.features['label'].names)
+  return TfdsSource(source, class_names, f'tfds {data_config.name}:{split}')

@@ -63,6 +63,12 @@ def _feature_fn(backbone, image_size: int, mean: tuple, std: tuple, dtype: str, 
   return jax.jit(sharded)
 
 
+def feature_fn(config, backbone, mesh: Mesh, normalize: bool) -> Callable:
+  """The compiled batch -> features function of `config` (cached per shape)."""
+  return _feature_fn(backbone, config.data.image_size, tuple(config.aug.mean),
+                     tuple(config.aug.std), config.model.dtype, mesh, normalize)
+
+
 def backbone_variables(params, batch_stats) -> dict:
   """The backbone's variables out of an encoder's (query) params and batch stats."""
   return {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
@@ -83,8 +89,7 @@ def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,
     normalize: L2-normalise each feature (kNN) or not (linear probe).
   """
   batch = eval_batch_size(config.eval.batch_size, mesh.size)
-  fn = _feature_fn(backbone, config.data.image_size, tuple(config.aug.mean),
-                   tuple(config.aug.std), config.model.dtype, mesh, normalize)
+  fn = feature_fn(config, backbone, mesh, normalize)
   replicated = NamedSharding(mesh, P())
   variables = jax.device_put(variables, replicated)
   data_sharding = NamedSharding(mesh, P(parallel.AXIS))

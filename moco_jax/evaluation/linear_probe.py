@@ -47,7 +47,10 @@ import optax
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
+from moco_jax.data import streaming
+from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
+from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
 from moco_jax.training import optim
 
@@ -253,29 +256,49 @@ def result_keys(protocol: str, prefix: str = '') -> dict:
   return {'top1': stem + 'top1', 'top5': stem + 'top5', 'lr': stem + 'lr', 'step': stem + 'step'}
 
 
+def _split_features(config, backbone, variables, workdir: str):
+  """((train features, labels), (eval features, labels), classes): raw float32 features.
+
+  A train split larger than `data.max_in_memory_gb` is streamed into
+  WORKDIR/features (`feature_store`, float16, reused by --mode=knn) and copied
+  block by block to the device without its unreadable images (a float32 jax
+  array: the probe trains on the device and the host holds one block);
+  otherwise both splits are decoded into memory as before.
+  """
+  plan = streaming.plan_split(config.data, 'train', evaluation=True)
+  if plan.stream:
+    train, evals = knn.stored_splits(config, backbone, variables, plan.source, workdir)
+    pairs = [(feature_store.to_device(s), s.labels[s.valid]) for s in (train, evals)]
+    return pairs[0], pairs[1], max(train.num_classes, evals.num_classes)
+  mesh = parallel.make_mesh()
+  pairs = []
+  for split in ('train', 'eval'):
+    ds = sources.load_split(config.data, split)
+    pairs.append((features.extract_features(config, backbone, variables, ds, mesh,
+                                            normalize=False), ds.labels, ds.num_classes))
+  return pairs[0][:2], pairs[1][:2], max(pairs[0][2], pairs[1][2])
+
+
 def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Linear probe of the latest checkpoint (or random init) -> WORKDIR/eval.json.
 
   Returns:
     {'<prefix>linear_top1', ..._top5, ..._lr, ..._step} (standardized protocol)
     or the same with `linear_raw_` (raw protocol); prefix 'random_init_' for
-    the floor.
+    the floor. 'paper': `linear_paper.run_paper_linear_eval`'s keys.
   """
-  start = time.perf_counter()
   protocol = config.eval.get('linear_protocol', 'standardized')
+  if protocol == 'paper':  # Its own module (it imports this one): augmented views every epoch.
+    from moco_jax.evaluation import linear_paper  # pylint: disable=g-import-not-at-top
+    return linear_paper.run_paper_linear_eval(config, workdir)
+  start = time.perf_counter()
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
-  mesh = parallel.make_mesh()
-  train_ds = sources.load_split(config.data, 'train')
-  eval_ds = sources.load_split(config.data, 'eval')
-  num_classes = max(train_ds.num_classes, eval_ds.num_classes)
   # Unnormalised features: the standardized protocol standardises them itself.
-  train_features = features.extract_features(config, backbone, variables, train_ds, mesh,
-                                             normalize=False)
-  eval_features = features.extract_features(config, backbone, variables, eval_ds, mesh,
-                                            normalize=False)
+  (train_features, train_labels), (eval_features, eval_labels), num_classes = _split_features(
+      config, backbone, variables, workdir)
   logging.info('Extracted %s train and %s eval features in %.1f s.', train_features.shape,
                eval_features.shape, time.perf_counter() - start)
-  scores = linear_probe(train_features, train_ds.labels, eval_features, eval_ds.labels,
+  scores = linear_probe(train_features, train_labels, eval_features, eval_labels,
                         num_classes, config.eval, seed=config.seed)
   logging.info('Linear probe (%s protocol, step %d%s, lr %g): top-1 %.2f%%, top-5 %.2f%%, '
                'final train loss %.4f, %.1f s in all.', protocol, step,

@@ -39,12 +39,10 @@ from sklearn.metrics import confusion_matrix
 
 from moco_jax import models
 from moco_jax.augmentation import augment
-from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
-from moco_jax.data import sources
-from moco_jax.data import streaming
+from moco_jax.data import eval_reader
 from moco_jax.data.dataset import ImageDataset
 from moco_jax.evaluation import features
 from moco_jax.evaluation import knn
@@ -154,23 +152,18 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Without a checkpoint yet (a run stopped before its first save), the curves,
   the augmentation preview and the random-init t-SNE are still written and the
-  page says what is missing. A run whose train split was streamed (too large
-  for `data.max_in_memory_gb`) is refused up front: the report needs that
-  split in memory.
+  page says what is missing. A split larger than `data.max_in_memory_gb`
+  (a streamed run) is replaced by a fixed random subset that fits
+  (`eval_reader.bounded_split`; the log and the page say how many): the
+  neighbours, confusion matrix and preview are then those of the subset.
   """
   start = time.perf_counter()
-  plan = streaming.plan_train_input(config.data)
-  if plan.stream:
-    raise errors.ConfigError(
-        f'--mode=report holds the train split in memory (every train image is a kNN neighbour '
-        f'candidate, and the preview redraws the in-memory step\'s views), but {plan.reason}. '
-        'Raise --config.data.max_in_memory_gb if this host has the memory.')
   out_dir = os.path.join(workdir, REPORT_DIR)
   writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
   if writing:
     os.makedirs(out_dir, exist_ok=True)
-  train_ds = sources.load_split(config.data, 'train')
-  eval_ds = sources.load_split(config.data, 'eval')
+  train_ds = eval_reader.bounded_split(config.data, 'train', 'Report')
+  eval_ds = eval_reader.bounded_split(config.data, 'eval', 'Report')
   class_names = _class_names(train_ds, eval_ds)
   backbone = models.create_backbone(config.model)
   extract = functools.partial(features.extract_features, config, backbone,

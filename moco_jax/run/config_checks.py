@@ -23,6 +23,7 @@ _CHOICES = {
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
     ('eval', 'linear_schedule'): ('step', 'cosine'),
+    ('eval', 'linear_protocol'): ('standardized', 'raw', 'paper'),
 }
 
 ConfigError = errors.ConfigError  # Importable from here, as before.
@@ -158,6 +159,13 @@ def _validate_ranges(config):
   _check(config, 'eval.linear_batch_size', positive_int, 'must be > 0')
   _check(config, 'eval.linear_step_epochs', ascending, 'must be ascending epochs >= 0')
   _check(config, 'eval.linear_weight_decay', lambda v: _number(v) and v >= 0, 'must be >= 0')
+  _check(config, 'eval.linear_crop_scale', _pair(lambda lo: lo > 0, lambda hi: hi <= 1),
+         'must be (min, max) with 0 < min <= max <= 1', 'paper: (0.08, 1.0)')
+  _check(config, 'eval.linear_center_crop', lambda v: _number(v) and 0 < v <= 1,
+         'must be in (0, 1]', 'paper: 224 / 256')
+  _require(config.eval.linear_protocol != 'paper' or config.eval.linear_schedule == 'step',
+           f"config.eval.linear_schedule={config.eval.linear_schedule!r}: the paper protocol "
+           "steps its lr (x0.1 at eval.linear_step_epochs); set it to 'step'.")
 
 
 def _check_head_dims(model_config):

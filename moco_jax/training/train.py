@@ -76,14 +76,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device)
   if plan.stream:
     next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
-    hooks = []
-    if config.eval.knn_every_epochs >= 0 or config.data.on_device:
-      logging.warning('Streaming: data.on_device and the kNN monitor are off (both would hold '
-                      'the train split in memory); evaluate checkpoints with --mode=knn.')
+    if config.data.on_device:
+      logging.warning('Streaming: data.on_device is off (it would hold the train split in '
+                      'memory).')
   else:
     next_batch = _batch_feeder(config, train_ds, mesh, start_step)
-    hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer,
-                                   train_ds=train_ds)
+  # Streamed: the monitor scores a fixed subset of the train split (logged).
+  hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer,
+                                 train_ds=None if plan.stream else train_ds)
 
   stop = stopping.StopWatcher(jax.process_count())
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)

@@ -1,0 +1,253 @@
+"""Features of a split too large for host memory: streamed once into a float16 file.
+
+When a split's decoded size exceeds `data.max_in_memory_gb`
+(`streaming.plan_split`), evaluation does not decode it into memory: each
+process reads its slice of every global batch through the split's
+random-access reader (`moco_jax.data.eval_reader`: each image decoded once,
+the in-memory path's eval view), the backbone encodes the batch on the mesh as
+`features.extract_features` does, and the raw (unnormalised) features are
+appended to WORKDIR/features/<split>-<key>.f16: N x D x 2 bytes (ImageNet's
+1.28 M train images x 2048 (ResNet-50) = 5.2 GB; x 512 (ResNet-18) = 1.3 GB).
+Readers map the file (`np.memmap`), so host memory stays a few batches.
+
+A cached file is reused only when its key matches: the backbone's weights (a
+hash of every variable, so another checkpoint or the random-init encoder
+never matches), the image and decode sizes, normalisation, dtype, the split's
+identity and this process's place. It is written under a temporary name and
+renamed, and its .json marker (with the key) is written last, so a killed or
+failed write never leaves a file a later run trusts. A full disk is checked
+before the pass and caught during it: one message naming the path.
+With several processes, every process receives every feature (the batch is
+gathered) and writes its own file, so all of them score the same way.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moco_jax.core import errors
+from moco_jax.core import files
+from moco_jax.core import parallel
+from moco_jax.data import dataset
+from moco_jax.data import eval_reader
+from moco_jax.evaluation import features
+
+FEATURE_DIR = 'features'
+# Bump when extraction changes, so older files are not reused.
+FEATURE_VERSION = 1
+_LOG_EVERY_S = 30.0
+
+
+@dataclasses.dataclass
+class StoredFeatures:
+  """A split's raw backbone features on disk, with its labels.
+
+  features: float16 [N, D] (a read-only memmap); rows with valid False are
+  unreadable images (the in-memory path drops them).
+  """
+  features: np.ndarray
+  labels: np.ndarray
+  valid: np.ndarray
+  class_names: list
+  path: str
+
+  def __len__(self) -> int:
+    return int(self.features.shape[0])
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def variables_digest(variables) -> str:
+  """sha256 of every leaf (path, dtype, shape, bytes): the identity of the weights."""
+  digest = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def feature_key(config, source, split: str, weights: str) -> dict:
+  """Everything a stored feature depends on; any change means a new file."""
+  # A folder's index file is named by its directories' mtimes: files added, removed or renamed
+  # give another index, hence another key.
+  return {'version': FEATURE_VERSION, 'weights': weights, 'split': split, 'where': source.where,
+          'count': len(source), 'index': getattr(source, 'index_path', None), 'side': dataset.image_side(config.data),
+          'image_size': int(config.data.image_size), 'mean': list(config.aug.mean),
+          'std': list(config.aug.std), 'dtype': config.model.dtype,
+          'model': config.model.to_dict() if hasattr(config.model, 'to_dict') else
+                   dict(config.model),
+          'process': [jax.process_index(), jax.process_count()]}
+
+
+def feature_path(workdir: str, split: str, key: dict) -> str:
+  """WORKDIR/features/<split>-<hash of key> (+ .f16, .labels.npy, .json)."""
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  suffix = f'-p{jax.process_index()}' if jax.process_count() > 1 else ''
+  return os.path.join(workdir, FEATURE_DIR, f'{split}-{digest}{suffix}')
+
+
+def open_stored(path: str, key: dict) -> Optional[StoredFeatures]:
+  """The stored features at `path` if complete and made with `key`, else None (logged)."""
+  marker = _read_marker(path)
+  if marker is None:
+    return None
+  if marker.get('key') != json.loads(json.dumps(key, default=str)):
+    logging.warning('Not reusing %s.f16: it was made with another key.', path)
+    return None
+  try:
+    count, dim = marker['shape']
+    if os.path.getsize(path + '.f16') != count * dim * 2:
+      raise ValueError('size mismatch')
+    feats = np.memmap(path + '.f16', np.float16, 'r', shape=(count, dim))
+    arrays = np.load(path + '.labels.npz')
+    labels, valid = arrays['labels'], arrays['valid']
+    if len(labels) != count or len(valid) != count:
+      raise ValueError('length mismatch')
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning('Ignoring unreadable stored features %s (%s); extracting again.', path, e)
+    return None
+  return StoredFeatures(feats, labels, valid, marker['class_names'], path)
+
+
+def _read_marker(path: str) -> Optional[dict]:
+  try:
+    with open(path + '.json') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def stored_features(config, backbone, variables, source, split: str, mesh: Mesh,
+                    workdir: str) -> StoredFeatures:
+  """The raw features of every example of `source` (a StreamSource), stored or extracted now."""
+  key = feature_key(config, source, split, variables_digest(variables))
+  path = feature_path(workdir, split, key)
+  found = open_stored(path, key)
+  if found is not None:
+    logging.info('Reusing the stored %s features %s.f16 (%d x %d, same weights and config).',
+                 split, path, *found.features.shape)
+    return found
+  return _extract(config, backbone, variables, source, split, mesh, path, key)
+
+
+def _extract(config, backbone, variables, source, split, mesh, path, key) -> StoredFeatures:
+  """Streams `source` through the backbone into `path`.f16, then writes the marker."""
+  num = len(source)
+  batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
+  local = batch // jax.process_count()
+  fn = features.feature_fn(config, backbone, mesh, normalize=False)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  data_sharding = NamedSharding(mesh, P(parallel.AXIS))
+  starts = range(0, num, batch)
+  positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
+               for s in starts]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.f16.tmp{os.getpid()}'
+  labels = np.asarray([source.label(i) for i in range(num)], np.int32)
+  valid = np.zeros((num,), bool)
+  dim, written, start, last_log = None, 0, time.perf_counter(), time.perf_counter()
+  side = dataset.image_side(config.data)
+  logging.info('Extracting %s features of %d images of %s by streaming (%d per batch, '
+               'decoding with %d threads) into %s.f16.', split, num, source.where, batch,
+               int(config.data.num_workers), path)
+  try:
+    with open(tmp, 'wb') as out:
+      reads = eval_reader.decoded_batches(
+          source, (np.minimum(p, num - 1) for p in positions), side,
+          int(config.data.num_workers))
+      for p, (images, ok) in zip(positions, reads):
+        mask = p < num
+        out_batch = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))
+        rows = parallel.host_gather(out_batch)
+        keep = parallel.host_gather(mask)
+        good = parallel.host_gather(ok & mask)
+        rows = rows[keep].astype(np.float16)
+        if dim is None:
+          dim = rows.shape[1]
+          _check_disk(path, num * dim * 2)
+        if not np.isfinite(rows).all():
+          raise errors.NonFiniteError(
+              f'Backbone features of {split} images {written}..{written + len(rows)} are not '
+              'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
+        out.write(rows.tobytes())
+        valid[written:written + len(rows)] = good[keep]
+        written += len(rows)
+        if time.perf_counter() - last_log > _LOG_EVERY_S:
+          last_log = time.perf_counter()
+          rate = written / (last_log - start)
+          logging.info('Features of %s: %d / %d images (%.0f images/s, %.0f s left).', split,
+                       written, num, rate, (num - written) / max(rate, 1e-9))
+    if written != num:
+      raise AssertionError(f'extracted {written} features for {num} images')
+    files.atomic_write(path + '.labels.npz', lambda f: np.savez(f, labels=labels, valid=valid),
+                       binary=True)
+    os.replace(tmp, path + '.f16')
+    files.atomic_write(path + '.json', lambda f: json.dump(
+        {'key': key, 'shape': [num, dim], 'class_names': list(source.class_names)}, f))
+  except OSError as e:
+    _remove(tmp)
+    raise errors.DataError(
+        f'Could not write the {split} features to {path}.f16 ({e.strerror or e}); it needs '
+        f'{num * (dim or 0) * 2 / 2**30:.2f} GiB under WORKDIR/{FEATURE_DIR}: free space '
+        'there or use another --workdir.') from e
+  except BaseException:
+    _remove(tmp)
+    raise
+  bad = int((~valid).sum())
+  if bad:
+    logging.warning('%d of %d images of %s are unreadable: left out, as the in-memory path '
+                    'does.', bad, num, source.where)
+  elapsed = time.perf_counter() - start
+  logging.info('Stored %d x %d %s features (%.2f GiB float16) in %.1f s (%.0f images/s).', num,
+               dim, split, num * dim * 2 / 2**30, elapsed, num / max(elapsed, 1e-9))
+  return open_stored(path, key)
+
+
+def _check_disk(path: str, needed: int) -> None:
+  """Fails before the pass, in one message, when the disk cannot hold the file."""
+  free = shutil.disk_usage(os.path.dirname(path)).free
+  if free < needed:
+    raise errors.DataError(
+        f'The features need {needed / 2**30:.2f} GiB at {path}.f16 but only '
+        f'{free / 2**30:.2f} GiB are free there: free space or use another --workdir.')
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(out, rows, start):
+  return jax.lax.dynamic_update_slice(out, rows, (start, 0))
+
+
+def to_device(stored: StoredFeatures, block: int = 65536) -> jax.Array:
+  """The valid rows of `stored` as one float32 device array, copied one block at a time.
+
+  The host holds one block (block x D x 4 bytes); the device the whole array
+  (ImageNet x ResNet-50: 10.5 GB, what the probe trains on anyway).
+  """
+  rows = np.flatnonzero(stored.valid)
+  out = jnp.zeros((len(rows), stored.features.shape[1]), jnp.float32)
+  for start in range(0, len(rows), block):
+    chunk = np.asarray(stored.features[rows[start:start + block]], np.float32)
+    out = _put_rows(out, jnp.asarray(chunk), jnp.int32(start))
+  return out

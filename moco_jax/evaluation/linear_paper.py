@@ -1,0 +1,486 @@
+"""The MoCo paper's linear protocol (`eval.linear_protocol=paper`), as the official main_lincls.py.
+
+The other protocols (`linear_probe.py`) train on features computed once from
+the centre view. This one trains the classifier as the paper does, so that its
+number can be compared with the paper's (60.6 / 67.5 top-1 on ImageNet):
+  * the backbone is frozen and in inference mode (BatchNorm running stats, no
+    update: main_lincls.py's `model.eval()`); only a new linear layer
+    (weight N(0, 0.01), bias 0) trains;
+  * train views are drawn anew every epoch: RandomResizedCrop(image_size,
+    scale `eval.linear_crop_scale` (torchvision's default (0.08, 1)), ratio
+    (3/4, 4/3)) + horizontal flip + Normalize. Each example's view is a pure
+    function of (seed, epoch, dataset index), so a resumed run draws the same
+    views and ends bit for bit where an uninterrupted one does;
+  * val: Resize(image_size / eval.linear_center_crop) + CenterCrop(image_size)
+    (256 / 224 at 224 px). The backbone is frozen, so the val features are
+    computed once and each epoch's val top-1 costs one matmul;
+  * SGD, momentum 0.9 (torch's: buf = m * buf + g; w -= lr * buf), weight
+    decay `eval.linear_weight_decay` (0), lr `eval.linear_lr` x batch / 256
+    (30 at batch 256), x0.1 at each epoch of `eval.linear_step_epochs` (60, 80;
+    absolute epochs, as the official adjust_learning_rate: lr constant within an
+    epoch), `eval.linear_epochs` (100), batch `eval.linear_batch_size` (256).
+Two documented differences: each epoch's ragged tail (< 1 batch) is dropped
+(every step has the same shape), and the in-memory path crops from the cached
+centre square (`data.cache_size`), not from the whole original image (the
+training in-memory path does the same).
+
+Data-parallel like training: one `jax.shard_map` under `jax.jit` per step, the
+batch split on 'data', the classifier's gradients pmean-ed (equal shards, so
+the mean of the shards' mean gradients is the global batch's).
+
+A long job on ImageNet (100 epochs of a ResNet-50 forward pass): its state
+(classifier, momentum buffer, step, the epoch's running sums) is checkpointed
+with Orbax under WORKDIR/linear_paper/ (WORKDIR/random_init_linear_paper/ for
+the floor) at the end of every epoch and on SIGTERM / Ctrl-C
+(`moco_jax.run.stopping`); a rerun of the same command resumes at the saved
+step. Each epoch appends a row to metrics.jsonl there (lr, train loss and
+top-1, val top-1/top-5) and redraws curves.png. Results: eval.json keys
+`linear_paper_top1`, `_top5`, `_epochs`, `_lr`, `_step`.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Iterator, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moco_jax.augmentation import image_ops
+from moco_jax.core import errors
+from moco_jax.core import parallel
+from moco_jax.data import batching
+from moco_jax.data import host_crops
+from moco_jax.data import sources
+from moco_jax.data import streaming
+from moco_jax.data.dataset import ImageDataset
+from moco_jax.evaluation import features
+from moco_jax.evaluation import linear_probe
+from moco_jax.evaluation import results
+from moco_jax.run import checkpoints
+from moco_jax.run import metrics_writer
+from moco_jax.run import stopping
+
+RESULT_DIR = 'linear_paper'
+MOMENTUM = 0.9  # main_lincls.py's default.
+_VIEW_TAG = 0x6C696E  # 'lin': keeps these views' keys apart from pretraining's.
+
+
+# --------------------------------------------------------------------------
+# The schedule and the optimiser (pure functions).
+
+
+def base_lr(eval_config, batch: int) -> float:
+  """eval.linear_lr x batch / 256 (30 at the paper's batch of 256)."""
+  return float(eval_config.linear_lr) * batch / 256
+
+
+def epoch_lr(lr: float, epoch: int, milestones) -> float:
+  """The official adjust_learning_rate: lr x 0.1 for each milestone epoch <= `epoch` (0-based)."""
+  for milestone in milestones:
+    lr *= 0.1 if epoch >= milestone else 1.0
+  return lr
+
+
+def sgd_momentum(params, buf, grads, lr, weight_decay: float, momentum: float = MOMENTUM):
+  """torch.optim.SGD (dampening 0, no Nesterov): g += wd w; buf = m buf + g; w -= lr buf.
+
+  A zero initial buffer gives torch's first step (buf = g) exactly.
+  """
+  grads = jax.tree.map(lambda g, w: g + weight_decay * w, grads, params)
+  buf = jax.tree.map(lambda b, g: momentum * b + g, buf, grads)
+  params = jax.tree.map(lambda w, b: w - lr * b, params, buf)
+  return params, buf
+
+
+# --------------------------------------------------------------------------
+# Views.
+
+
+class _Norm(NamedTuple):
+  """What `image_ops.normalize` reads (hashable, for the compile cache)."""
+  mean: tuple
+  std: tuple
+
+
+def view_key(seed: int, epoch, index) -> jax.Array:
+  """The key of example `index`'s train view in `epoch`: a pure function of the three."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), _VIEW_TAG)
+  return jax.random.fold_in(jax.random.fold_in(key, epoch), index)
+
+
+def train_view(key: jax.Array, image: jax.Array, image_size: int, scale, ratio,
+               norm, crop: bool = True) -> jax.Array:
+  """RandomResizedCrop + RandomHorizontalFlip + Normalize of one uint8 [H, W, 3] image.
+
+  With `crop=False` the image is the crop already cut on the host (streamed
+  input, `host_crops.linear_uniforms`): only the flip and Normalize remain.
+  """
+  u = jax.random.uniform(key, (image_ops.CROP_UNIFORMS + 1,))
+  x = image.astype(jnp.float32) / 255.0
+  if crop:
+    box = image_ops.crop_box_from_uniforms(u[:-1], x.shape[0], x.shape[1], scale, ratio)
+    x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
+  x = jnp.where(u[-1] < 0.5, image_ops.hflip(x), x)
+  return image_ops.normalize(x, norm)
+
+
+def center_crop_split(ds: ImageDataset, fraction: float) -> ImageDataset:
+  """The central `fraction` of each cached square (a view, no copy): Resize(S/f) + CenterCrop(S).
+
+  The cached images are already the centre squares of the originals, so their
+  central 224/256, resized to image_size, is main_lincls.py's val transform.
+  """
+  side = ds.images.shape[1]
+  crop = max(1, int(round(side * fraction)))
+  top = (side - crop) // 2
+  return ImageDataset(ds.images[:, top:top + crop, top:top + crop], ds.labels, ds.num_classes,
+                      ds.class_names)
+
+
+# --------------------------------------------------------------------------
+# The data-parallel train step.
+
+
+@functools.lru_cache(maxsize=4)
+def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: tuple,
+                    norm: _Norm, dtype: str, weight_decay: float, seed: int,
+                    host_cropped: bool = False):
+  """jit(shard_map(step)): (cls, buf, variables, images, labels, indices, epoch, lr) ->
+  (cls, buf, mean loss, correct count).
+
+  Each device draws its examples' views from (seed, epoch, index), runs the
+  frozen backbone in inference mode (its variables are an input, never an
+  output: nothing of the backbone can change), and the classifier's gradients
+  are averaged over the mesh before the SGD update, identical on every device.
+  `host_cropped`: the images are the host's crops (streamed input).
+  """
+
+  def step(cls, buf, variables, images, labels, indices, epoch, lr):
+    keys = jax.vmap(lambda i: view_key(seed, epoch, i))(indices)
+    views = jax.vmap(lambda k, im: train_view(k, im, image_size, scale, ratio, norm,
+                                              crop=not host_cropped))(keys, images)
+    feats = backbone.apply(variables, views.astype(jnp.dtype(dtype)), train=False)
+    feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
+
+    def loss_fn(p):
+      logits = linear_probe.logits_fn(p, feats)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(cls)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    cls, buf = sgd_momentum(cls, buf, grads, lr, weight_decay)
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
+    return (cls, buf, jax.lax.pmean(loss, parallel.AXIS),
+            jax.lax.psum(correct, parallel.AXIS))
+
+  data = P(parallel.AXIS)
+  sharded = jax.shard_map(step, mesh=mesh,
+                          in_specs=(P(), P(), P(), data, data, data, P(), P()),
+                          out_specs=(P(), P(), P(), P()), check_vma=False)
+  return jax.jit(sharded)
+
+
+# --------------------------------------------------------------------------
+# State, checkpoints, curve.
+
+
+def initial_state(seed: int, num_features: int, num_classes: int, backbone_step: int) -> dict:
+  """Step 0: the official init, a zero momentum buffer and empty epoch sums.
+
+  `backbone_step` records which pretraining checkpoint the classifier sits on,
+  so a resume on another one is refused instead of mixing the two.
+  """
+  cls = linear_probe.init_classifier(jax.random.PRNGKey(seed), num_features, num_classes)
+  return {'params': cls, 'momentum': jax.tree.map(jnp.zeros_like, cls),
+          'step': np.int64(0), 'loss_sum': np.float64(0.0), 'correct_sum': np.int64(0),
+          'backbone_step': np.int64(backbone_step)}
+
+
+def result_dir(workdir: str, prefix: str) -> str:
+  """WORKDIR/linear_paper (WORKDIR/random_init_linear_paper for the floor), absolute."""
+  return os.path.abspath(os.path.join(workdir, prefix + RESULT_DIR))
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, cleanup_tmp_directories=True,
+      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+  return ocp.CheckpointManager(os.path.join(directory, 'checkpoints'), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _restore(manager: ocp.CheckpointManager, state: dict) -> dict:
+  """The latest saved state (or `state` when there is none); refuses another backbone's."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  try:
+    restored = checkpoints.restore(manager, step, jax.device_get(state))
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(
+        f'The linear-protocol checkpoint at step {step} in {manager.directory} does not restore '
+        f'into this run ({type(e).__name__}: {str(e)[:200]}): another model or dataset wrote '
+        'it. Delete that directory to start the protocol over.') from e
+  if int(restored['backbone_step']) != int(state['backbone_step']):
+    raise errors.CheckpointError(
+        f'{manager.directory} holds a classifier trained on the backbone of pretraining step '
+        f'{int(restored["backbone_step"])}, but the latest checkpoint is step '
+        f'{int(state["backbone_step"])}: delete that directory to evaluate the new one.')
+  return restored
+
+
+def _save(manager: ocp.CheckpointManager, state: dict):
+  manager.save(int(state['step']), args=ocp.args.StandardSave(jax.device_get(state)),
+               force=True)
+  manager.wait_until_finished()
+
+
+def read_curve(directory: str) -> list:
+  """The rows of DIRECTORY/metrics.jsonl ([] when absent)."""
+  path = os.path.join(directory, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_curve(directory: str, rows: list):
+  """metrics.jsonl (rewritten whole: a resume drops rows after the restored epoch) + curves.png."""
+  path = os.path.join(directory, 'metrics.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  os.replace(path + '.tmp', path)
+  try:
+    _plot_curve(rows, os.path.join(directory, 'curves.png'))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Could not draw %s/curves.png (%s); metrics.jsonl has the curve.', directory,
+                    e)
+
+
+def _plot_curve(rows: list, path: str):
+  """Train loss (left), train and val top-1 (right) against epoch."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(9, 3.5), dpi=100, layout='constrained')
+  loss_ax, acc_ax = fig.subplots(1, 2)
+  epochs = [r['epoch'] for r in rows]
+  loss_ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', markersize=3)
+  loss_ax.set(xlabel='epoch', title='train loss (augmented views)')
+  acc_ax.plot(epochs, [r['train_top1'] for r in rows], marker='o', markersize=3, label='train')
+  acc_ax.plot(epochs, [r['val_top1'] for r in rows], marker='o', markersize=3, label='val')
+  acc_ax.set(xlabel='epoch', title='top-1 (%)')
+  acc_ax.legend()
+  for ax in (loss_ax, acc_ax):
+    ax.grid(True, alpha=0.3)
+  fig.savefig(path)
+
+
+# --------------------------------------------------------------------------
+# The run.
+
+
+def _check_batch(batch: int, num_train: int, mesh: Mesh) -> int:
+  if batch % mesh.size:
+    raise errors.ConfigError(
+        f'config.eval.linear_batch_size={batch} must be a multiple of the {mesh.size} devices '
+        '(each gets an equal slice): round it to one.')
+  steps = num_train // batch
+  if steps == 0:
+    raise errors.ConfigError(
+        f'config.eval.linear_batch_size={batch} is larger than the train split ({num_train} '
+        'images): lower it.')
+  return steps
+
+
+def val_accuracy(params: dict, val_features: np.ndarray, labels: np.ndarray) -> tuple:
+  """(top-1, top-5) percent of the classifier on the precomputed val features."""
+  logits = np.asarray(linear_probe.logits_fn(params, jnp.asarray(val_features)))
+  return (linear_probe.topk_accuracy(logits, labels, 1),
+          linear_probe.topk_accuracy(logits, labels, 5))
+
+
+class _Progress:
+  """Logs steps/s, img/s, ETA and the running loss every `every` seconds."""
+
+  def __init__(self, total_steps: int, start_step: int, batch: int, every: float = 30.0):
+    self.total, self.batch, self.every = total_steps, batch, every
+    self.start_step, self.start = start_step, time.perf_counter()
+    self.last = self.start
+
+  def maybe_log(self, step: int, epoch: int, loss: float):
+    now = time.perf_counter()
+    if now - self.last < self.every and step < self.total:
+      return
+    self.last = now
+    rate = (step - self.start_step) / max(now - self.start, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float('inf')
+    logging.info('Linear (paper) step %d/%d, epoch %d: loss %.4f, %.2f steps/s, %.0f img/s, '
+                 'ETA %s.', step, self.total, epoch + 1, loss, rate, rate * self.batch,
+                 metrics_writer.format_duration(eta) if math.isfinite(eta) else '?')
+
+
+def local_batches(config, train_ds, batch: int, start: int, end: int) -> Iterator[dict]:
+  """This process's slice of global batches start..end-1: {'image', 'label', 'index' (int32)}.
+
+  In memory (an `ImageDataset`): the cached squares, cropped on the device.
+  Streamed (a `StreamSource`): each image decoded once per epoch and its crop cut
+  on the host from the whole original (`host_crops`, one view per example from
+  `linear_uniforms(seed, epoch, index)`), the grain loader of training.
+  Both: the examples of step s are `train_indices(N, batch, seed, s)`.
+  """
+  seed, local = int(config.seed), batch // jax.process_count()
+  if isinstance(train_ds, streaming.StreamSource):
+    processes, threads = host_crops.loader_workers(config.data)
+    stream = host_crops.train_batches(
+        train_ds, global_batch=batch, seed=seed, image_size=int(config.data.image_size),
+        crop_scale=tuple(config.eval.linear_crop_scale), crop_ratio=tuple(config.aug.crop_ratio),
+        start_step=start, end_step=end, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_threads=threads, num_processes=processes,
+        uniforms=host_crops.linear_uniforms)
+    for b in stream:
+      yield {'image': b['image'][:, 0], 'label': b['label'], 'index': b['index'].astype(np.int32)}
+    return
+  first = jax.process_index() * local
+  for step in range(start, end):
+    idx = batching.train_indices(len(train_ds), batch, seed, step)[first:first + local]
+    yield {'image': np.take(train_ds.images, idx, axis=0),
+           'label': np.take(train_ds.labels, idx, axis=0), 'index': idx.astype(np.int32)}
+
+
+def train_paper_classifier(config, backbone, variables, train_ds,
+                           val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
+                           mesh: Mesh, directory: str, backbone_step: int = 0,
+                           max_steps=None) -> dict:
+  """Trains (or resumes) the classifier under `directory`; returns its final state.
+
+  `train_ds`: an `ImageDataset` (in memory) or a `StreamSource` (streamed).
+
+  `max_steps` stops after that global step (tests: a run cut short, as a
+  SIGKILL would) without finishing the protocol.
+  """
+  ec = config.eval
+  num = len(train_ds)
+  batch = int(ec.linear_batch_size)
+  steps_per_epoch = _check_batch(batch, num, mesh)
+  epochs = int(ec.linear_epochs)
+  total = epochs * steps_per_epoch
+  lr0 = base_lr(ec, batch)
+  milestones = tuple(int(m) for m in ec.linear_step_epochs)
+  step_fn = make_train_step(backbone, mesh, int(config.data.image_size),
+                            tuple(float(v) for v in ec.linear_crop_scale),
+                            tuple(float(v) for v in config.aug.crop_ratio),
+                            _Norm(tuple(config.aug.mean), tuple(config.aug.std)),
+                            config.model.dtype, float(ec.linear_weight_decay), int(config.seed),
+                            host_cropped=isinstance(train_ds, streaming.StreamSource))
+  os.makedirs(directory, exist_ok=True)
+  manager = _manager(directory)
+  state = _restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
+                                          backbone_step))
+  start = int(state['step'])
+  rows = [r for r in read_curve(directory) if r['epoch'] <= start // steps_per_epoch]
+  if start:
+    logging.info('Resuming the paper linear protocol at step %d/%d (epoch %d) from %s.', start,
+                 total, start // steps_per_epoch + 1, manager.directory)
+  replicated = NamedSharding(mesh, P())
+  variables = jax.device_put(variables, replicated)
+  cls = jax.device_put(state['params'], replicated)
+  buf = jax.device_put(state['momentum'], replicated)
+  loss_sum, correct_sum = float(state['loss_sum']), int(state['correct_sum'])
+  end = total if max_steps is None else min(total, int(max_steps))
+  progress = _Progress(total, start, batch)
+  step = start
+  batches = local_batches(config, train_ds, batch, start, end)
+  with stopping.StopWatcher(jax.process_count()) as watcher:
+    while step < end:
+      epoch = step // steps_per_epoch
+      lr = epoch_lr(lr0, epoch, milestones)
+      b = next(batches)
+      images, labels, indices = (parallel.shard_batch(b[k], mesh)
+                                 for k in ('image', 'label', 'index'))
+      cls, buf, loss, correct = step_fn(cls, buf, variables, images, labels, indices,
+                                        jnp.int32(epoch), jnp.float32(lr))
+      loss = float(loss)
+      if not math.isfinite(loss):
+        raise errors.NonFiniteError(
+            f'The paper linear protocol diverged at step {step + 1} (epoch {epoch + 1}, lr '
+            f'{lr:g}): train loss {loss}. Lower config.eval.linear_lr.')
+      loss_sum += loss
+      correct_sum += int(correct)
+      step += 1
+      progress.maybe_log(step, epoch, loss)
+      epoch_done = step % steps_per_epoch == 0
+      if epoch_done:
+        val1, val5 = val_accuracy(jax.device_get(cls), val_features, val_labels)
+        row = {'epoch': epoch + 1, 'step': step, 'lr': lr,
+               'train_loss': loss_sum / steps_per_epoch,
+               'train_top1': 100.0 * correct_sum / (steps_per_epoch * batch),
+               'val_top1': val1, 'val_top5': val5}
+        rows.append(row)
+        logging.info('Linear (paper) epoch %d/%d: lr %g, train loss %.4f, train top-1 %.2f%%, '
+                     'val top-1 %.2f%%, top-5 %.2f%%.', epoch + 1, epochs, lr,
+                     row['train_loss'], row['train_top1'], val1, val5)
+        loss_sum, correct_sum = 0.0, 0
+      stop = watcher.requested(manager, step)
+      if epoch_done or stop:
+        state = {'params': cls, 'momentum': buf, 'step': np.int64(step),
+                 'loss_sum': np.float64(loss_sum), 'correct_sum': np.int64(correct_sum),
+                 'backbone_step': np.int64(backbone_step)}
+        _save(manager, state)
+        if epoch_done and jax.process_index() == 0:
+          _write_curve(directory, rows)
+      if stop:
+        manager.close()
+        raise stopping.Interrupted(watcher.signum, step, True, str(manager.directory))
+  manager.close()
+  return {'params': jax.device_get(cls), 'momentum': jax.device_get(buf), 'step': step,
+          'rows': rows, 'lr': lr0, 'done': step >= total}
+
+
+def _num_classes(train_ds) -> int:
+  if isinstance(train_ds, ImageDataset):
+    return train_ds.num_classes
+  return len(train_ds.class_names)
+
+
+def run_paper_linear_eval(config, workdir: str) -> dict:
+  """The paper's protocol on the latest checkpoint (or random init) -> WORKDIR/eval.json.
+
+  Returns:
+    {'<prefix>linear_paper_top1', _top5, _epochs, _lr, _step}.
+  """
+  start = time.perf_counter()
+  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  mesh = parallel.make_mesh()
+  plan = streaming.plan_train_input(config.data)  # In memory, or streamed if too large.
+  train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
+  eval_ds = sources.load_split(config.data, 'eval')
+  num_classes = max(_num_classes(train_ds), eval_ds.num_classes)
+  val_ds = center_crop_split(eval_ds, float(config.eval.linear_center_crop))
+  logging.info('Paper linear protocol: val features of %d images (centre %.3f of each, resized to '
+               '%d px), once: the backbone is frozen.', len(val_ds), config.eval.linear_center_crop,
+               config.data.image_size)
+  val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
+                                           normalize=False)
+  logging.info('Val features %s in %.1f s.', val_features.shape, time.perf_counter() - start)
+  directory = result_dir(workdir, prefix)
+  out = train_paper_classifier(config, backbone, variables, train_ds, val_features,
+                               eval_ds.labels, num_classes, mesh, directory, step)
+  top1, top5 = val_accuracy(out['params'], val_features, eval_ds.labels)
+  logging.info('Linear (paper protocol, step %d%s, %d epochs, lr %g): top-1 %.2f%%, top-5 '
+               '%.2f%%, %.1f s in all; curve in %s.', step, ', random init' if prefix else '',
+               config.eval.linear_epochs, out['lr'], top1, top5, time.perf_counter() - start,
+               directory)
+  stem = f'{prefix}linear_paper_'
+  found = {stem + 'top1': top1, stem + 'top5': top5,
+           stem + 'epochs': int(config.eval.linear_epochs), stem + 'lr': out['lr'],
+           stem + 'step': step}
+  results.write_results(workdir, found)
+  return found
