@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 512-100-50-25; () = v2's two layers (head_hidden_dim, embed_dim), named fc1, fc2.
   config.model.head_dims = ()
   config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (loss stays float32).
+  # MoCo v3 / ViT (configs/mocov3_*.py): names vit_small | vit_base | vit_tiny (tests).
+  config.model.mlp_dim = 4096  # mocov3: hidden width of the projector and predictor MLPs.
+  config.model.patch_size = -1  # ViT patch side; -1: the architecture's (16); CIFAR: 4.
+  config.model.stop_grad_conv1 = True  # ViT: frozen random patch projection (MoCo v3).
+  config.model.zero_init_residual = False  # ResNet: last BN of each block starts at 0 (v3 R50).
 
   # --- MoCo ---------------------------------------------------------------------
   # The self-supervised method (moco_jax/methods/registry.py); its section below.
@@ -46,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   # images (32 at the default 256; 16 at batch 128, 8 at batch 64: small groups make noisy
   # statistics, so keep batch_size / total groups >= 16 or set bn_splits explicitly).
   config.moco.bn_splits = -1
+
+  # --- MoCo v3 (method = 'mocov3'; moco_jax/methods/mocov3.py) ---------------------
+  config.mocov3 = ml_collections.ConfigDict()
+  config.mocov3.temperature = 1.0  # T (ResNet-50: 1.0, ViT: 0.2); each CE is scaled by 2T.
+  config.mocov3.momentum = 0.99  # m0 of the momentum encoder (1000 epochs: 0.996).
+  config.mocov3.momentum_cosine = True  # m: m0 -> 1 over the run by half-cosine (--moco-m-cos).
 
   # --- Data ---------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
@@ -78,6 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug.jitter_prob = 0.8  # Probability of colour jitter (v1: 1.0).
   config.aug.grayscale_prob = 0.2  # Probability of grayscale.
   config.aug.blur_prob = 0.5  # Probability of Gaussian blur (v1: 0.0).
+  # Second (key) view's own probabilities; -1: the same as the first view's (MoCo v2).
+  # MoCo v3 (BYOL): blur 1.0 / 0.1, solarize 0.0 / 0.2.
+  config.aug.second_view_blur_prob = -1.0
+  config.aug.solarize_prob = 0.0  # Probability of solarize (pixels >= 128/255 -> 1 - x).
+  config.aug.second_view_solarize_prob = -1.0
   config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range (kernel ~10% of image_size).
   config.aug.flip = True  # Random horizontal flip.
   config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).

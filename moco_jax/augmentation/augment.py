@@ -49,8 +49,20 @@ def _example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
 
 
+def view_probs(aug_config, name: str) -> tuple:
+  """(first view's, second view's) probability of `name` ('blur' | 'solarize').
+
+  `aug.second_view_<name>_prob` -1 means the same as the first view's: MoCo v2
+  is symmetric; MoCo v3 (BYOL's recipe) blurs view 1 always and view 2 with
+  p 0.1, and solarizes view 2 only (p 0.2).
+  """
+  first = float(aug_config.get(f'{name}_prob', 0.0))
+  second = float(aug_config.get(f'second_view_{name}_prob', -1.0))
+  return first, (first if second < 0 else second)
+
+
 def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
-                crop: bool = True) -> jax.Array:
+                crop: bool = True, second_view=False) -> jax.Array:
   """One MoCo view of one uint8 image [S, S, 3]: float32 [size, size, 3], normalised.
 
   All of a view's random numbers come from one `uniform` draw: each
@@ -59,8 +71,13 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
   is the view's RandomResizedCrop, already cut on the host (streaming input,
   [size, size, 3]): the same draw is made and its crop uniforms go unused, so
   jitter, grayscale, blur and flip use the uniforms of the device-crop path.
+  `second_view` (a traced bool) picks the second view's blur and solarize
+  probabilities (`view_probs`). Solarize draws one more uniform, only when
+  some view uses it, so configs without it draw exactly what they drew before.
   """
-  u = jax.random.uniform(key, (_VIEW_UNIFORMS,))
+  blur_probs, solarize_probs = view_probs(aug_config, 'blur'), view_probs(aug_config, 'solarize')
+  solarize = max(solarize_probs) > 0
+  u = jax.random.uniform(key, (_VIEW_UNIFORMS + (1 if solarize else 0),))
   u_crop, u = u[:image_ops.CROP_UNIFORMS], u[image_ops.CROP_UNIFORMS:]
   u_factors, u_order = u[0:4], u[4:8]
   u_jitter, u_gray, u_sigma, u_blur, u_flip = u[8], u[9], u[10], u[11], u[12]
@@ -83,11 +100,16 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
     gray = jnp.broadcast_to(image_ops.grayscale(x), x.shape)
     x = jnp.where(u_gray < aug_config.grayscale_prob, gray, x)
 
-  if aug_config.blur_prob > 0:
+  if max(blur_probs) > 0:
     lo, hi = aug_config.blur_sigma
     sigma = lo + (hi - lo) * u_sigma
     blurred = image_ops.gaussian_blur(x, sigma, image_ops.blur_kernel_size(image_size))
-    x = jnp.where(u_blur < aug_config.blur_prob, blurred, x)
+    x = jnp.where(u_blur < jnp.where(second_view, blur_probs[1], blur_probs[0]), blurred, x)
+
+  if solarize:
+    u_solarize = u[_VIEW_UNIFORMS - image_ops.CROP_UNIFORMS]
+    x = jnp.where(u_solarize < jnp.where(second_view, solarize_probs[1], solarize_probs[0]),
+                  image_ops.solarize(x), x)
 
   if aug_config.flip:
     x = jnp.where(u_flip < 0.5, image_ops.hflip(x), x)
@@ -108,10 +130,16 @@ def two_views(rng, images, example_ids, aug_config, image_size, dtype=jnp.float3
   batch = images.shape[0]
   # Both views in one vmap over 2B examples: one copy of the program to
   # compile (half the compile time) and twice the work per kernel launch.
-  views = jax.vmap(lambda k, im: random_view(k, im, aug_config, image_size))(
-      _view_keys(rng, example_ids), jnp.concatenate([images, images]))
+  views = jax.vmap(lambda k, im, second: random_view(k, im, aug_config, image_size,
+                                                     second_view=second))(
+      _view_keys(rng, example_ids), jnp.concatenate([images, images]), _second_view(batch))
   views = views.astype(dtype)
   return views[:batch], views[batch:]
+
+
+def _second_view(batch: int) -> jax.Array:
+  """bool [2B]: False for the query views (first B), True for the key views."""
+  return jnp.arange(2 * batch) >= batch
 
 
 def _view_keys(rng, example_ids):
@@ -137,8 +165,10 @@ def two_views_from_crops(rng, crops, example_ids, aug_config, image_size, dtype=
     per-example uniforms as `two_views` draws them.
   """
   batch = crops.shape[0]
-  views = jax.vmap(lambda k, im: random_view(k, im, aug_config, image_size, crop=False))(
-      _view_keys(rng, example_ids), jnp.concatenate([crops[:, 0], crops[:, 1]]))
+  views = jax.vmap(lambda k, im, second: random_view(k, im, aug_config, image_size, crop=False,
+                                                     second_view=second))(
+      _view_keys(rng, example_ids), jnp.concatenate([crops[:, 0], crops[:, 1]]),
+      _second_view(batch))
   views = views.astype(dtype)
   return views[:batch], views[batch:]
 

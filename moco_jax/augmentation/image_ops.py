@@ -132,6 +132,15 @@ def grayscale(image: jax.Array) -> jax.Array:
   return image @ jnp.asarray(_LUMA, image.dtype)[:, None]
 
 
+def solarize(image: jax.Array, threshold: float = 128 / 255) -> jax.Array:
+  """Pixels >= threshold inverted (1 - x): torchvision's solarize on float images.
+
+  BYOL's / MoCo v3's `ImageOps.solarize(x)` inverts uint8 pixels >= 128; on
+  float images in [0, 1] that threshold is 128 / 255.
+  """
+  return jnp.where(image >= threshold, 1.0 - image, image)
+
+
 def _blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
   """torchvision's _blend: factor * image + (1 - factor) * other, clamped to [0, 1]."""
   return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)

@@ -35,6 +35,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.evaluation import results
@@ -236,6 +237,11 @@ def run_export(config, workdir: str) -> str:
   """
   export_format = config.get('export', {}).get('format', 'torchvision')
   check_format(export_format)  # Before the restore: a typo costs no time.
+  if models.is_vit(config.model):
+    raise errors.ConfigError(
+        f'--mode=export writes a ResNet ({export_format}); config.model.name='
+        f'{config.model.name!r} is a ViT: read params["backbone"] from the checkpoint instead '
+        '(docs/mocov3.md).')
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top (a cycle)
   params, batch_stats, step = features.query_encoder(config, workdir)
   path = os.path.join(workdir, FORMATS[export_format][0])

@@ -71,7 +71,7 @@ def feature_fn(config, backbone, mesh: Mesh, normalize: bool) -> Callable:
 
 def backbone_variables(params, batch_stats) -> dict:
   """The backbone's variables out of an encoder's (query) params and batch stats."""
-  return {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}
+  return {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
 
 
 def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,

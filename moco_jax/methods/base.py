@@ -88,6 +88,11 @@ class Method(abc.ABC):
     del num_devices
     return f'BatchNorm over each device\'s {config.batch_size} / devices images'
 
+  def with_total_steps(self, total_steps: int) -> 'Method':
+    """This method for a run of `total_steps` steps (for schedules over the run; MoCo v3's momentum)."""
+    del total_steps
+    return self
+
   @abc.abstractmethod
   def init_state(self, rng: jax.Array, params, batch_stats) -> Any:
     """The method's state at step 0 (a pytree; () when it keeps none).

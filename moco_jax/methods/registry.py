@@ -3,9 +3,11 @@
 from moco_jax.core import errors
 from moco_jax.methods import base
 from moco_jax.methods import moco
+from moco_jax.methods import mocov3
 
 METHODS: dict[str, type[base.Method]] = {
     moco.MoCo.name: moco.MoCo,
+    mocov3.MoCoV3.name: mocov3.MoCoV3,
 }
 
 

@@ -32,6 +32,8 @@ class BatchNorm(nn.Module):
     dtype: output dtype; statistics are computed in float32 (float64 for a
       float64 input: the equivalence test's float64 run).
     scale_init: initialiser of the scale (gamma).
+    affine: learn scale and bias; False is torch's `affine=False` (MoCo v3's
+      projector ends in one), with no params at all.
   """
   use_running_average: bool = False
   num_splits: int = 1
@@ -40,12 +42,16 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
+  affine: bool = True
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    scale = self.param('scale', self.scale_init, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    if self.affine:
+      scale = self.param('scale', self.scale_init, (features,), jnp.float32)
+      bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    else:
+      scale, bias = 1.0, 0.0
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
 
@@ -103,6 +109,13 @@ class _Block(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   strides: int = 1
+  # torchvision's zero_init_residual (MoCo v3's ResNet-50): the block's last BN
+  # starts with scale 0, so every block starts as the identity.
+  zero_init_last: bool = False
+
+  def last_norm(self, name: str):
+    init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    return self.norm(name=name, scale_init=init)
 
 
 class BasicBlock(_Block):
@@ -114,7 +127,7 @@ class BasicBlock(_Block):
                   name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), padding=_PAD3, name='conv2')(y)
-    y = self.norm(name='bn2')(y)
+    y = self.last_norm('bn2')(y)
     return nn.relu(_shortcut(x, y, self.conv, self.norm, self.strides) + y)
 
 
@@ -129,7 +142,7 @@ class Bottleneck(_Block):
                   name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * 4, (1, 1), name='conv3')(y)
-    y = self.norm(name='bn3')(y)
+    y = self.last_norm('bn3')(y)
     return nn.relu(_shortcut(x, y, self.conv, self.norm, self.strides) + y)
 
 
@@ -144,6 +157,8 @@ class ResNet(nn.Module):
     dtype: compute dtype.
     bn_splits: BatchNorm groups per device (see BatchNorm.num_splits).
     bn_axis_name: mapped axis for synchronised BatchNorm, or None.
+    zero_init_residual: each block's last BatchNorm scale starts at 0
+      (torchvision's flag; MoCo v3's ResNet-50 sets it).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -152,6 +167,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_splits: int = 1
   bn_axis_name: Optional[str] = None
+  zero_init_residual: bool = False
 
   @property
   def num_features(self) -> int:
@@ -180,6 +196,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.width * 2 ** i, conv=conv, norm=norm, strides=strides,
+                           zero_init_last=self.zero_init_residual,
                            name=f'layer{i + 1}_{j}')(x)
     return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
 
@@ -246,7 +263,8 @@ def create_backbone(model_config, *, bn_splits: int = 1,
   stage_sizes, block_cls = ARCHS[model_config.name]
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=model_config.width,
                 stem=model_config.stem, dtype=jnp.dtype(model_config.dtype),
-                bn_splits=bn_splits, bn_axis_name=bn_axis_name)
+                bn_splits=bn_splits, bn_axis_name=bn_axis_name,
+                zero_init_residual=bool(model_config.get('zero_init_residual', False)))
 
 
 def create_encoder(model_config, *, bn_splits: int = 1,

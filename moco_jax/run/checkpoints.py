@@ -223,6 +223,10 @@ def _flat_shapes(tree) -> dict:
 
 def describe_backbone(param_shapes: dict) -> str:
   """'resnet18 (stem cifar, width 16, 128 features)' from flat backbone param shapes."""
+  patch = param_shapes.get('patch_kernel')
+  if patch is not None:  # models/vit.py: patch_kernel [P, P, 3, D], blocks block0, block1, ...
+    depth = len({k.split('/')[0] for k in param_shapes if k.startswith('block')})
+    return f'ViT (patch {patch[0]}, width {patch[-1]}, depth {depth})'
   stem_kernel = param_shapes.get('conv1/kernel')
   if stem_kernel is None:
     return 'an unknown network (no conv1/kernel)'

@@ -15,7 +15,7 @@ from moco_jax.methods import registry
 from moco_jax.training import optim
 
 _CHOICES = {
-    ('model', 'name'): tuple(models.ARCHS),
+    ('model', 'name'): models.NAMES,
     ('model', 'stem'): ('imagenet', 'cifar'),
     ('model', 'head'): ('mlp', 'linear'),
     ('model', 'dtype'): ('float32', 'bfloat16'),
@@ -135,8 +135,11 @@ def _validate_ranges(config):
   _check(config, 'aug.jitter', lambda v: (len(v) == 4 and all(_number(x) and x >= 0 for x in v)
                                           and v[3] <= 0.5),
          'must be (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5')
-  for field in ('jitter_prob', 'grayscale_prob', 'blur_prob'):
+  for field in ('jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob'):
     _check(config, f'aug.{field}', probability, 'must be a probability in [0, 1]')
+  for field in ('second_view_blur_prob', 'second_view_solarize_prob'):
+    _check(config, f'aug.{field}', lambda v: v == -1 or probability(v),
+           'must be -1 (as the first view) or a probability in [0, 1]')
   _check(config, 'aug.mean', lambda v: len(v) == 3 and all(_number(x) for x in v),
          'must be 3 numbers (R, G, B)')
   _check(config, 'aug.std', lambda v: len(v) == 3 and all(_number(x) and x > 0 for x in v),

@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import jax
 import optax
 
+from moco_jax import models
+
 SCHEDULES = ('cosine', 'step', 'constant')
 
 
@@ -48,7 +50,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> C
       boundaries=[int(e * steps_per_epoch) for e in config.optim.step_epochs])
 
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars', 'lars_mocov3')
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
@@ -59,7 +61,33 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   adamw: decoupled decay (optax.adamw: w -= lr x wd x w).
   lars: optax.lars with `optim.momentum`; biases and BatchNorm parameters (1-d)
     get neither decay nor the trust ratio, as in SimCLR / BYOL.
+  lars_mocov3: moco-v3's `moco/optimizer.py` LARS: the same masks and trust
+    0.001, but the momentum buffer sums the unscaled updates and the lr scales
+    the buffer (p -= lr x mu), so it differs from `lars` whenever lr changes.
+  Parameters the model freezes (ViT's `stop_grad_conv1` patch projection) get
+  no update at all, as torch skips parameters without gradient.
   """
+  tx = _base_optimizer(config, learning_rate_fn)
+  if models.frozen_params_mask(config.model, {}) is None:
+    return tx
+  labels = lambda params: jax.tree.map(lambda f: 'frozen' if f else 'trained',
+                                       models.frozen_params_mask(config.model, params))
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def lars_mocov3(learning_rate_fn, weight_decay: float, momentum: float,
+                trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+  """moco-v3's LARS: for ndim > 1, g += wd x p, g x= trust |p| / |g|; mu = m mu + g; p -= lr mu."""
+  matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.masked(optax.add_decayed_weights(weight_decay), matrices),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(learning_rate_fn))
+
+
+def _base_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """`create_optimizer` before the frozen parameters are masked out."""
   name = config.optim.get('name', 'sgd')
   decay = config.optim.weight_decay
   if name == 'sgd':
@@ -73,4 +101,6 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
     matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.lars(learning_rate_fn, weight_decay=decay, weight_decay_mask=matrices,
                       trust_ratio_mask=matrices, momentum=config.optim.momentum)
+  if name == 'lars_mocov3':
+    return lars_mocov3(learning_rate_fn, decay, config.optim.momentum)
   raise ValueError(f'config.optim.name={name!r} is not one of {list(OPTIMIZERS)}.')

@@ -118,9 +118,14 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
   return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_step_setup(config, num_devices: int, tx, host_crops: bool = False) -> StepSetup:
-  """The static pieces of the step `config` describes on `num_devices` devices."""
-  return StepSetup(method=registry.create(config, num_devices), tx=tx, aug=config.aug,
+def make_step_setup(config, num_devices: int, tx, host_crops: bool = False,
+                    total_steps: int = 0) -> StepSetup:
+  """The static pieces of the step `config` describes on `num_devices` devices.
+
+  `total_steps` (0: unknown) reaches methods whose schedules span the run.
+  """
+  method = registry.create(config, num_devices).with_total_steps(total_steps)
+  return StepSetup(method=method, tx=tx, aug=config.aug,
                    image_size=config.data.image_size, dtype=jnp.dtype(config.model.dtype),
                    host_crops=host_crops)
 

@@ -55,7 +55,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream)
+  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream,
+                                  total_steps=total_steps)
 
   official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
   state = official_weights.init_state(step_lib.init_state(config, setup, mesh), official, config)
