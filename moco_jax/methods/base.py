@@ -74,8 +74,16 @@ class Method(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def from_config(cls, config, num_devices: int) -> 'Method':
-    """The method `config` describes on `num_devices` devices (builds its encoder)."""
+  def from_config(cls, config, num_devices: int, num_examples: int = 0) -> 'Method':
+    """The method `config` describes on `num_devices` devices (builds its encoder).
+
+    Args:
+      config: the run's config.
+      num_devices: devices of the mesh.
+      num_examples: size of the train split, for methods that keep state per
+        example (a memory bank); 0 where it is not known (evaluations only need
+        the encoder).
+    """
 
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
