@@ -50,8 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- End-to-end (method=end_to_end: negatives = the other keys of the batch) ---------
   config.end_to_end = ml_collections.ConfigDict()
   config.end_to_end.temperature = 0.2  # T of InfoNCE (MoCo v1's ablations: 0.07).
-  # BatchNorm: shuffle (MoCo v1 Sec. 3.3 uses Shuffle BN for its end-to-end ablation too) | sync
-  # (global statistics, as SimCLR) | local (per device: the positive leaks through the statistics).
+  # BatchNorm: shuffle (MoCo v1 Sec. 3.3 uses Shuffle BN for its end-to-end ablation too) | local
+  # (per device: the positive leaks through the statistics); sync is refused (methods/end_to_end.py).
   config.end_to_end.bn_mode = 'shuffle'
   config.end_to_end.bn_splits = -1  # As moco.bn_splits: BatchNorm groups per device, -1: 8 in all.
 

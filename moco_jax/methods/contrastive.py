@@ -76,10 +76,11 @@ def global_labels(local: int) -> jax.Array:
 def in_batch_logits(queries: jax.Array, local_keys: jax.Array, temperature: float):
   """(logits [local, global], labels [local]): every query against every key of the global batch.
 
-  The keys are all-gathered across devices (and processes): `all_gather` is
-  differentiable, its transpose sums each device's cotangents back onto the
-  device that computed the key, so the keys' encoder gets the gradient of
-  every device's queries. The label of a query is its own key's global index.
+  The keys are all-gathered across devices (and processes): JAX transposes
+  `all_gather` into `psum_scatter`, which sums every device's cotangents back
+  onto the device that computed the key, so the keys' encoder gets the
+  gradient of every device's queries (tests/test_mechanisms.py checks it
+  against one device). The label of a query is its own key's global index.
   """
   keys = jax.lax.all_gather(local_keys, parallel.AXIS, tiled=True)
   logits = jnp.dot(queries.astype(jnp.float32), keys.astype(jnp.float32).T,
