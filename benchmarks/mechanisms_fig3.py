@@ -134,7 +134,7 @@ def main(argv=None):
   done = {(r['method'], r['K']) for r in results['points']}
   if 'floor' not in results:
     results['floor'] = floor(data, args.out)
-  todo = [(m, int(k), args.batch) for k in args.ks.split(',') for m in ('moco', 'memory_bank')]
+  todo = [(m, int(k), args.batch) for k in args.ks.split(',') if k for m in ('moco', 'memory_bank')]
   todo += [('end_to_end', int(b), int(b)) for b in args.e2e_batches.split(',') if b]
   for method, k, batch in todo:
     if (method, k) in done:

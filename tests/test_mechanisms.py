@@ -21,6 +21,7 @@ from moco_jax.evaluation import knn
 from moco_jax.methods import base
 from moco_jax.methods import memory_bank
 from moco_jax.run import checkpoints
+from moco_jax.run import config_checks
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 
@@ -269,6 +270,22 @@ def test_end_to_end_one_and_eight_devices_agree_under_shuffle_bn():
   for x, y in zip(jax.tree.leaves((one.params, one.batch_stats)),
                   jax.tree.leaves((eight.params, eight.batch_stats))):
     np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL * max(np.abs(y).max(), 1))
+
+
+@pytest.mark.parametrize('method,field,value,needle', [
+    ('end_to_end', 'bn_mode', 'sync', "config.end_to_end.bn_mode='sync' is not one of"),
+    ('end_to_end', 'temperature', 0.0, 'config.end_to_end.temperature=0.0 must be > 0'),
+    ('end_to_end', 'bn_splits', 3, 'config.end_to_end.bn_splits=3'),
+    ('memory_bank', 'num_negatives', 0, 'config.memory_bank.num_negatives=0 must be > 0'),
+    ('memory_bank', 'momentum', 1.0, 'config.memory_bank.momentum=1.0 must be in [0, 1)'),
+    ('memory_bank', 'bn_mode', 'shuffle', "config.memory_bank.bn_mode='shuffle' is not one of"),
+])
+def test_bad_method_values_are_rejected_with_the_field_name(method, field, value, needle):
+  config = _config(method, end_to_end__bn_mode='shuffle')
+  config[method][field] = value
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.validate(config, num_devices=8)
+  assert needle in str(info.value)
 
 
 def test_memory_bank_without_indices_fails_clearly():
