@@ -7,6 +7,9 @@
   # On a machine without the repo's docs (the GPU lease): write there, merge here.
   python benchmarks/bench_train.py --preset=all --append_docs --docs_path=$OUT/bench.md
   python benchmarks/bench_train.py --merge_docs=FETCHED/bench.md
+  # Nothing runs: XLA's FLOPs and memory of the compiled step (CPU proxies).
+  python benchmarks/bench_train.py --compile_only --preset=r50_224 --batch=32 --dtype=bfloat16
+  python benchmarks/bench_train.py --compile_only --preset=compile_table --append_docs
 
 What is timed is `step.make_sharded_step`, the exact function the trainer
 runs (on-device augmentation, both encoders, InfoNCE, SGD, EMA, enqueue), over
@@ -28,6 +31,7 @@ one run's peak memory and compilation caches do not leak into the next.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -43,9 +47,11 @@ if _ROOT not in sys.path:
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import flops as flops_lib
 from benchmarks import report
 from moco_jax.core import parallel
 from moco_jax.data import batching
@@ -54,11 +60,11 @@ from moco_jax.run import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
-from moco_jax.training import train
 
 DOCS_PATH = report.DOCS_PATH
 SECTION = '## Training throughput'
 PEER_SECTION = '## Versus the official PyTorch MoCo'  # bench_peer.py's.
+COMPILE_SECTION = '## Compile-time proxies of GPU cost'
 
 # The recipes the issue asks figures for. `epoch_images` is the train split the
 # recipe runs over, for the projected time of 200 epochs.
@@ -330,6 +336,147 @@ def run_benchmark(config, *, preset: str = 'custom', steps: int = 20, warmup: in
       epoch_images=PRESETS.get(preset, {}).get('epoch_images', 0), final_loss=final_loss)
 
 
+# --compile_only: what the issue asks for, R50 224 at 32 (the paper's load per GPU) and 256
+# images per device in both dtypes, and the tiny preset. (preset, batch per device, dtype).
+COMPILE_TABLE = (
+    ('tiny', 64, 'float32'),
+    ('r50_224', 32, 'float32'), ('r50_224', 32, 'bfloat16'),
+    ('r50_224', 256, 'float32'), ('r50_224', 256, 'bfloat16'),
+)
+COMPILE_HEADER = (
+    '| preset | model | px | batch/dev | K | dtype | XLA GFLOP/img | analytic GFLOP/img '
+    '| XLA / analytic | analytic, all taps | arguments | temporaries | outputs | aliased | peak (args + temps + outputs '
+    '- aliased) | compile s |\n'
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
+    '| --- |')
+
+
+@dataclasses.dataclass
+class CompileResult:
+  """XLA's cost and memory analyses of the compiled step; nothing was run."""
+  preset: str
+  model: str
+  image_size: int
+  batch_per_device: int
+  queue: int
+  dtype: str
+  backend: str
+  xla_flops_per_image: float
+  analytic_flops_per_image: float  # Taps on zero padding left out (as XLA counts).
+  analytic_all_taps_per_image: float  # Every tap (the published convention, 4.1 GMACs R50).
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  compile_seconds: float
+
+  @property
+  def peak_bytes(self) -> int:
+    """What the step needs at once: donated (aliased) state is counted once."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+  def as_row(self) -> str:
+    gib = lambda b: f'{b / 2**30:.2f} GiB'
+    return (f'| {self.preset} | {self.model} | {self.image_size} | {self.batch_per_device} '
+            f'| {self.queue} | {self.dtype} | {self.xla_flops_per_image / 1e9:.3f} '
+            f'| {self.analytic_flops_per_image / 1e9:.3f} '
+            f'| {self.xla_flops_per_image / self.analytic_flops_per_image:.3f} '
+            f'| {self.analytic_all_taps_per_image / 1e9:.3f} | {gib(self.argument_bytes)} | {gib(self.temp_bytes)} | {gib(self.output_bytes)} '
+            f'| {gib(self.alias_bytes)} | {gib(self.peak_bytes)} | {self.compile_seconds:.1f} |')
+
+
+def abstract_step_inputs(config, setup, mesh):
+  """ShapeDtypeStructs of (state, images) with the shardings the trainer uses.
+
+  `jax.eval_shape` traces the state's initialisation without running it, so
+  even R50 at batch 256 costs no memory here.
+  """
+  create = functools.partial(state_lib.create_train_state, method=setup.method, tx=setup.tx,
+                             image_size=config.data.image_size)
+  state = jax.eval_shape(create, jax.random.PRNGKey(config.seed))
+  replicated = NamedSharding(mesh, P())
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                       state)
+  side = sources.image_side(config.data)
+  images = jax.ShapeDtypeStruct((config.batch_size, side, side, 3), np.uint8,
+                                sharding=NamedSharding(mesh, P(parallel.AXIS)))
+  return state, images
+
+
+def compile_only(config, *, preset: str = 'custom', devices=None) -> CompileResult:
+  """Lowers and compiles the sharded train step of `config`; runs nothing.
+
+  FLOPs and memory are XLA's analyses of the compiled per-device program, on
+  the backend at hand: on a CPU they are proxies of a GPU's (the same HLO
+  FLOPs; the buffer assignment differs, e.g. XLA:CPU keeps float32 copies of
+  bfloat16 convolutions' operands).
+  """
+  devices = jax.devices() if devices is None else devices
+  num_devices = len(devices)
+  config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
+  mesh = parallel.make_mesh(devices)
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000,
+                                                   total_steps=1000)
+  tx = optim.create_optimizer(config, learning_rate_fn)
+  setup = step_lib.make_step_setup(config, num_devices, tx)
+  state, images = abstract_step_inputs(config, setup, mesh)
+  start = time.perf_counter()
+  compiled = step_lib.make_sharded_step(setup, learning_rate_fn, mesh).lower(state,
+                                                                            images).compile()
+  seconds = time.perf_counter() - start
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per module.
+    analysis = analysis[0] if analysis else {}
+  memory = compiled.memory_analysis()
+  per_device = config.batch_size // num_devices
+  return CompileResult(
+      preset=preset, model=config.model.name + ('_cifar' if config.model.stem == 'cifar' else ''),
+      image_size=config.data.image_size, batch_per_device=per_device,
+      queue=config.moco.queue_size, dtype=config.model.dtype, backend=devices[0].platform,
+      xla_flops_per_image=float((analysis or {}).get('flops', 0.0)) / per_device,
+      analytic_flops_per_image=flops_lib.config_step_flops(config).total,
+      analytic_all_taps_per_image=flops_lib.config_step_flops(config, exact=False).total,
+      argument_bytes=int(memory.argument_size_in_bytes),
+      temp_bytes=int(memory.temp_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes), compile_seconds=seconds)
+
+
+def _compile_in_subprocess(preset: str, batch: int, dtype: str) -> CompileResult:
+  """One compile in a fresh interpreter (no cache or memory carried between rows)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'result.json')
+    subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_only',
+                    f'--preset={preset}', f'--batch={batch}', f'--dtype={dtype}',
+                    f'--json_out={out}'], check=True)
+    with open(out) as f:
+      return CompileResult(**json.load(f))
+
+
+def main_compile_only(args) -> list[CompileResult]:
+  """--compile_only: one config, or with --preset=compile_table every COMPILE_TABLE row."""
+  if args.preset == 'compile_table':
+    results = []
+    for preset, batch, dtype in COMPILE_TABLE:
+      results.append(_compile_in_subprocess(preset, batch * jax.device_count(), dtype))
+  else:
+    config = make_config(args.preset, batch=args.batch, dtype=args.dtype,
+                         image_size=args.image_size, queue=args.queue)
+    results = [compile_only(config, preset=args.preset)]
+    if args.json_out:
+      with open(args.json_out, 'w') as f:
+        json.dump(dataclasses.asdict(results[0]), f)
+  print(COMPILE_HEADER)
+  print('\n'.join(r.as_row() for r in results))
+  if args.append_docs and not args.json_out:
+    append_docs([r.as_row() for r in results],
+                'python benchmarks/bench_train.py --compile_only --preset=' + args.preset,
+                note=('XLA:' + results[0].backend.upper() + ' proxies: nothing ran; FLOPs and '
+                      'buffer sizes are XLA\'s analyses of the compiled per-device step. ' +
+                      args.note).strip(),
+                path=args.docs_path, section=COMPILE_SECTION, header=COMPILE_HEADER)
+  return results
+
+
 def append_docs(rows: list[str], command: str, note: str = '', path: str = DOCS_PATH,
                 section: str = SECTION, header: str = TABLE_HEADER, raw: Optional[str] = None):
   """Adds a dated table to the end of `section` (default '## Training throughput').
@@ -396,6 +543,9 @@ def parse_args(argv):
                       '(e.g. one written on a GPU machine) into --docs_path, and exit.')
   parser.add_argument('--note', default='', help='a sentence stored with the table.')
   parser.add_argument('--json_out', default=None, help='write the Result as JSON (one run).')
+  parser.add_argument('--compile_only', action='store_true',
+                      help='lower and compile the step, run nothing: XLA FLOPs vs the analytic '
+                      'count and the memory analysis (--preset=compile_table: every row).')
   return parser.parse_args(argv)
 
 
@@ -429,6 +579,8 @@ def main(argv=None):
   if args.merge_docs:
     merge_docs(args.merge_docs, args.docs_path)
     return []
+  if args.compile_only:
+    return main_compile_only(args)
   presets = list(ALL_PRESETS) if args.preset == 'all' else [args.preset]
   if args.queue_sweep:
     queues = ([int(q) for q in args.queue_sizes.split(',')] if args.queue_sizes

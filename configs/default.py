@@ -64,9 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data ---------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # tfds (read only if prepared: no downloads) | folder | synthetic.
+  config.data.source = 'tfds'  # tfds (downloaded and prepared if needed) | folder | synthetic.
   config.data.name = 'imagenette/160px-v2'  # tfds dataset name (source=tfds).
   config.data.data_dir = ''  # tfds data_dir ('' = tfds default).
+  # tfds: download and prepare an unprepared dataset (builder.download_and_prepare); False: refuse.
+  config.data.download = True
   config.data.path = ''  # ROOT/{train,val}/<class>/* dir or .tar/.tgz of one; set => source=folder.
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
@@ -132,6 +134,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.report = ml_collections.ConfigDict()
   config.report.tsne_points = 2000  # Eval images in the t-SNE plots (a fixed random subset); 0: all.
   config.report.augment_step = 0  # Train step whose first 8 images are shown with their two views.
+
+  # --- Transfer (docs/transfer.md) ------------------------------------------------------
+  # An official MoCo v1/v2 .pth.tar (facebookresearch/moco: state_dict with module.encoder_q.*,
+  # module.encoder_k.*, module.queue) to start from: a new run continues pretraining from it;
+  # --mode=knn|linear_eval|report evaluate its query backbone when WORKDIR has no checkpoint.
+  # A checkpoint in WORKDIR always wins. Reading it needs PyTorch (weights-only loader).
+  config.init_from = ''
+  config.export = ml_collections.ConfigDict()
+  # --mode=export: torchvision (WORKDIR/backbone_torchvision.npz) | detectron2
+  # (WORKDIR/backbone_detectron2.pkl, the official convert-pretrain-to-detectron2.py format).
+  config.export.format = 'torchvision'
 
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.

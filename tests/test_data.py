@@ -12,6 +12,8 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 import io  # pylint: disable=g-import-not-at-top
 import logging
 import pathlib
+import re
+import socket
 import tarfile
 import time
 from unittest import mock
@@ -25,6 +27,7 @@ from moco_jax.data import batching
 from moco_jax.data import dataset
 from moco_jax.data import decode
 from moco_jax.data import sources
+from moco_jax.data import tfds_source
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 CLASSES = ('airplane', 'automobile', 'bird')
@@ -240,13 +243,80 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
   assert ds.labels.shape == (6,) and ds.num_classes == 10
 
 
-def test_tfds_not_prepared_fails_at_once_pointing_at_data_path(tmp_path):
-  pytest.importorskip('tensorflow_datasets')
-  config = _config(source='tfds', name='imagenette/160px-v2', data_dir=str(tmp_path))
+def test_tfds_not_prepared_with_download_off_fails_at_once_pointing_at_data_path(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds', name='imagenette/160px-v2', data_dir=str(tmp_path),
+                   download=False)
   start = time.time()
-  with pytest.raises(FileNotFoundError, match=r'not prepared.*--config\.data\.path'):
+  with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                         side_effect=AssertionError('must not download')), \
+      pytest.raises(FileNotFoundError, match=r'not prepared.*download=False.*--config\.data\.path'):
     sources.load_split(config, 'train')
   assert time.time() - start < 20  # tfds.load would retry downloads for minutes.
+
+
+def test_tfds_offline_download_fails_at_once_pointing_at_data_path(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  import requests  # pylint: disable=g-import-not-at-top  (tfds' downloader uses it)
+  config = _config(source='tfds', name='imagenette/160px-v2', data_dir=str(tmp_path))
+  offline = requests.exceptions.ConnectionError(
+      "HTTPSConnectionPool(host='s3.amazonaws.com', port=443): Max retries exceeded "
+      '(Caused by NameResolutionError: Failed to resolve)')
+  start = time.time()
+  with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                         side_effect=offline) as download, \
+      mock.patch.object(tfds_source, 'offline_reason', return_value=None), \
+      pytest.raises(FileNotFoundError) as info:
+    sources.load_split(config, 'train')
+  assert time.time() - start < 20
+  assert download.call_count == 1
+  message = str(info.value)
+  assert '\n' not in message and str(tmp_path) in message
+  assert re.search(r'not prepared.*downloading it failed \(ConnectionError.*--config\.data\.path',
+                   message)
+
+
+def test_tfds_download_on_a_host_without_dns_fails_in_seconds_without_trying(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds', name='imagenette/160px-v2', data_dir=str(tmp_path))
+  start = time.time()
+  with mock.patch.dict(os.environ, {v: '' for v in tfds_source._PROXY_VARIABLES}), \
+      mock.patch.object(tfds_source.socket, 'getaddrinfo',
+                        side_effect=socket.gaierror(-2, 'Name or service not known')), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                        side_effect=AssertionError('must not try')), \
+      pytest.raises(FileNotFoundError,
+                    match=r'offline \(cannot resolve .*Name or service.*--config\.data\.path'):
+    sources.load_split(config, 'train')
+  assert time.time() - start < 20
+
+
+def test_tfds_manual_download_dataset_is_refused_without_trying(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds', name='imagenet2012', data_dir=str(tmp_path))
+  with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                         side_effect=AssertionError('must not try')), \
+      pytest.raises(FileNotFoundError, match=r'imagenet2012.*by hand.*--config\.data\.path'):
+    sources.load_split(config, 'train')
+
+
+def test_tfds_unprepared_dataset_is_downloaded_and_read(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(source='tfds', name='cifar10', image_size=16, cache_dir=str(tmp_path / 'c'),
+                   data_dir=str(tmp_path / 'tfds'))
+  prepared = []
+
+  def download_and_prepare(builder, **unused_kwargs):
+    prepared.append(builder.name)
+
+  with tfds.testing.mock_data(num_examples=6), \
+      mock.patch.object(tfds_source, 'offline_reason', return_value=None), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', lambda b: bool(prepared)), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', download_and_prepare):
+    ds = sources.load_split(config, 'train')
+    again = sources.load_split(config, 'eval')  # Prepared now: no second download.
+  assert prepared == ['cifar10']
+  assert ds.images.shape == (6, 16, 16, 3) and ds.labels.shape == (6,) and len(again) == 6
 
 
 # --------------------------------------------------------------------------

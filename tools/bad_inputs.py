@@ -284,7 +284,25 @@ def cases():
       lambda t: ([], [*TINY, wd(t), '--config.data.source=folder']))
   add('config', '--config.data.image_size=0',
       lambda t: ([], [*TINY, wd(t), '--config.data.image_size=0']))
+  _transfer_cases(add, wd)
   return c
+
+
+def _transfer_cases(add, wd):
+  """Issue 20's inputs: export format, official weights (config.init_from); the offline tfds
+  download is 'tfds dataset not prepared' above."""
+  add('transfer', '--mode=export --config.export.format=onnx',
+      lambda t: ([], ['--mode=export', *TINY, wd(t), '--config.export.format=onnx']))
+  add('transfer', '--mode=knn --config.init_from=a missing .pth.tar',
+      lambda t: ([], ['--mode=knn', *TINY, wd(t),
+                      f'--config.init_from={os.path.join(t, "moco_v2_800ep_pretrain.pth.tar")}']))
+
+  def not_a_checkpoint(t):
+    path = os.path.join(t, 'moco.pth.tar')
+    return [['-c', f'open({path!r}, "wb").write(b"<html>not found</html>")']], [
+        '--mode=knn', *TINY, wd(t), f'--config.init_from={path}']
+  add('transfer', '--config.init_from=an HTML page saved as .pth.tar (torch or not)',
+      not_a_checkpoint)
 
 
 def classify(rc, stderr, expect):

@@ -1,12 +1,15 @@
 """Writes the golden files of tests/test_equivalence.py from the PyTorch references.
 
-Three files in tests/data/ (1.9 MB in all), read by the tests without torch:
+Four files in tests/data/ (2.3 MB in all), read by the tests without torch:
   official_moco_step.npz     three training steps of facebookresearch/moco's
                              `moco/builder.py` + torch.optim.SGD on fixed views.
   torchvision_ops.npz        torchvision.transforms.v2.functional ops on real
                              images with fixed parameters (the float tensor path).
   torchvision_crop_boxes.npz 20,000 RandomResizedCrop.get_params boxes for a
                              square and a non-square image.
+  detectron2_convert.npz     what the official detection/convert-pretrain-to-detectron2.py
+                             (run unedited, as a script) makes of our torchvision
+                             exports of two tiny checkpoints (below).
 
 Regenerate (torch and torchvision live in their own venv, never in requirements.txt;
 the official code is exported into the git-ignored .peer/ and never committed):
@@ -17,6 +20,29 @@ the official code is exported into the git-ignored .peer/ and never committed):
   mkdir -p .peer/moco && git --git-dir=GITDIR archive 3b42c2a | tar -x -C .peer/moco
   /work/torchvenv/bin/python tools/make_goldens.py --moco_repo=.peer/moco \
       --images=../shared/data/imagenette2-128sq.tgz
+
+The detectron2 golden (tests/test_transfer.py) needs torch only (no torchvision,
+no JAX in that venv). Its inputs are our own `--mode=export` files of two
+2-step checkpoints, made with the project's venv (the ResNet-50 one exercises
+bn3; the width keeps the file small):
+
+  for a in "resnet18 4" "resnet50 2"; do set -- $a; W=/tmp/transfer_goldens/$1
+    .venv/bin/python main.py --config=configs/tiny.py --workdir=$W --config.model.name=$1 \
+        --config.model.width=$2 --config.model.stem=imagenet --config.num_train_steps=2 \
+        --config.batch_size=16 --config.moco.queue_size=32
+    .venv/bin/python main.py --mode=export --workdir=$W; done
+  /work/venvs/torch/bin/python tools/make_goldens.py --only=detectron2 \
+      --moco_repo=.peer/moco \
+      --detectron2_exports=/tmp/transfer_goldens/resnet18,/tmp/transfer_goldens/resnet50
+  # .peer/moco: `git archive 7397dfe` of facebookresearch/moco (the converter is unchanged
+  # since 3b42c2a).
+
+Each export is wrapped as main_moco.py saves a checkpoint ({'state_dict':
+{'module.encoder_q.<name>': tensor, 'module.encoder_k.<name>': tensor,
+'module.queue': ..., 'module.queue_ptr': ...}}), so the converter also has
+to skip what is not the query encoder. The golden stores the export (the
+test's input), the converter's key set with shapes and dtypes, its pickle's
+other fields, and the values of one tensor per renaming rule.
 
 The script is deterministic (fixed seeds, one CPU thread): rerunning it with the
 same torch/torchvision versions rewrites identical arrays.
@@ -55,15 +81,20 @@ import functools
 import importlib.util
 import io
 import os
+import sys
 import tarfile
 
 import numpy as np
 import torch
 from torch import nn
-import torchvision
-from torchvision.models import resnet as tv_resnet
-from torchvision.transforms import RandomResizedCrop
-import torchvision.transforms.v2.functional as F
+try:  # The detectron2 golden needs torch alone; the others need torchvision too.
+  import torchvision
+  from torchvision.models import resnet as tv_resnet
+  from torchvision.transforms import RandomResizedCrop
+  import torchvision.transforms.v2.functional as F
+except (ImportError, RuntimeError) as _error:  # Absent, or built for another torch.
+  torchvision = tv_resnet = RandomResizedCrop = F = None
+  TORCHVISION_ERROR = _error
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(_ROOT, 'tests', 'data')
@@ -90,15 +121,16 @@ CROP_DRAWS = 20000
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
-class NarrowResNet(tv_resnet.ResNet):
+class NarrowResNet(tv_resnet.ResNet if tv_resnet else nn.Module):
   """torchvision's ResNet with `width` channels in its first stage (64 in torchvision).
 
   Only __init__ is rewritten, line by line as torchvision's with 64 -> width;
   _make_layer, BasicBlock, forward and the initialisation are torchvision's.
   """
 
-  def __init__(self, block=tv_resnet.BasicBlock, layers=(2, 2, 2, 2), num_classes=1000,
-               width=64, stem='imagenet'):
+  def __init__(self, block=None, layers=(2, 2, 2, 2), num_classes=1000, width=64,
+               stem='imagenet'):
+    block = block or tv_resnet.BasicBlock
     nn.Module.__init__(self)
     self._norm_layer = nn.BatchNorm2d
     self.inplanes = width
@@ -314,6 +346,55 @@ def crop_boxes_golden() -> dict:
   return out
 
 
+# One tensor per renaming rule of the converter (stem, bnK, layerN, downsample.0/1, bn3).
+DETECTRON2_VALUES = ('stem.conv1.weight', 'stem.conv1.norm.running_var',
+                     'stem.conv1.norm.num_batches_tracked', 'res2.0.conv2.norm.bias',
+                     'res3.0.shortcut.weight', 'res3.0.shortcut.norm.running_mean',
+                     'res5.0.conv1.weight', 'res4.0.conv3.norm.weight')
+
+
+def detectron2_golden(moco_repo: str, export_dirs: list) -> dict:
+  """The official converter's output for our torchvision exports in `export_dirs`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  converter = os.path.join(moco_repo, 'detection', 'convert-pretrain-to-detectron2.py')
+  if not os.path.exists(converter):
+    raise SystemExit(f'{converter} not found: export facebookresearch/moco into --moco_repo.')
+  out = {}
+  for directory in export_dirs:
+    with open(os.path.join(directory, 'backbone_torchvision.json')) as f:
+      arch = json.load(f)['model']['name']
+    exported = dict(np.load(os.path.join(directory, 'backbone_torchvision.npz')))
+    state = {}
+    for side in ('encoder_q', 'encoder_k'):
+      state.update({f'module.{side}.{k}': torch.from_numpy(np.array(v))
+                    for k, v in exported.items()})
+    state['module.queue'] = torch.zeros(16, 32)
+    state['module.queue_ptr'] = torch.zeros(1, dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+      source, target = os.path.join(tmp, 'in.pth.tar'), os.path.join(tmp, 'out.pkl')
+      torch.save({'epoch': 1, 'arch': arch, 'state_dict': state}, source)
+      subprocess.run([sys.executable, converter, source, target], check=True,
+                     stdout=subprocess.DEVNULL)
+      with open(target, 'rb') as f:
+        result = pickle.load(f)
+    model = result.pop('model')
+    names = sorted(model)
+    for k, v in exported.items():
+      out[f'{arch}/input/{k}'] = v
+    out[f'{arch}/names'] = np.asarray(names)
+    out[f'{arch}/shapes'] = np.asarray([str(tuple(model[n].shape)) for n in names])
+    out[f'{arch}/dtypes'] = np.asarray([str(model[n].dtype) for n in names])
+    out[f'{arch}/fields'] = np.asarray(json.dumps(result, sort_keys=True))
+    for name in DETECTRON2_VALUES:
+      if name in model:
+        out[f'{arch}/values/{name}'] = np.asarray(model[name])
+  out['archs'] = np.asarray(sorted({k.split('/')[0] for k in out}))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--moco_repo', default=os.path.join(_ROOT, '.peer', 'moco'),
@@ -322,23 +403,37 @@ def main():
                                                        'imagenette2-128sq.tgz'),
                       help='Imagenette archive (128 px squares) the images come from.')
   parser.add_argument('--out_dir', default=OUT_DIR)
+  parser.add_argument('--only', choices=('all', 'equivalence', 'detectron2'), default='all',
+                      help='equivalence: the three torchvision/builder.py files; detectron2: '
+                      'detectron2_convert.npz (torch only).')
+  parser.add_argument('--detectron2_exports', default='',
+                      help='Comma-separated workdirs holding our backbone_torchvision.npz/.json.')
   args = parser.parse_args()
   torch.set_num_threads(1)
   torch.use_deterministic_algorithms(True)
   os.makedirs(args.out_dir, exist_ok=True)
-  builder = load_official_builder(args.moco_repo)
-  files = {
-      'official_moco_step.npz': official_step_golden(builder, args.images),
-      'torchvision_ops.npz': torchvision_ops_golden(args.images),
-      'torchvision_crop_boxes.npz': crop_boxes_golden(),
-  }
-  versions = np.asarray(f'torch {torch.__version__}, torchvision {torchvision.__version__}')
+  files = {}
+  if args.only in ('all', 'equivalence'):
+    if torchvision is None:
+      raise SystemExit(f'torchvision does not import ({TORCHVISION_ERROR}); install the '
+                       'torchvision build of this torch.')
+    builder = load_official_builder(args.moco_repo)
+    files['official_moco_step.npz'] = official_step_golden(builder, args.images)
+    files['torchvision_ops.npz'] = torchvision_ops_golden(args.images)
+    files['torchvision_crop_boxes.npz'] = crop_boxes_golden()
+  if args.only in ('all', 'detectron2'):
+    if not args.detectron2_exports:
+      raise SystemExit('--detectron2_exports is needed (see this script\'s docstring).')
+    files['detectron2_convert.npz'] = detectron2_golden(
+        args.moco_repo, args.detectron2_exports.split(','))
+  versions = np.asarray(f'torch {torch.__version__}, torchvision '
+                        f'{torchvision.__version__ if torchvision else "(none)"}')
   for name, arrays in files.items():
     path = os.path.join(args.out_dir, name)
     np.savez_compressed(path, versions=versions, **arrays)
     print(f'{path}: {os.path.getsize(path) / 1e3:.0f} kB, {len(arrays)} arrays')
-  r = files['official_moco_step.npz']
-  print('official losses (steps 1-3):', r['losses'])
+  if 'official_moco_step.npz' in files:
+    print('official losses (steps 1-3):', files['official_moco_step.npz']['losses'])
 
 
 if __name__ == '__main__':

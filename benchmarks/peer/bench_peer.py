@@ -60,10 +60,10 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEER_DIR = os.path.join(_ROOT, '.peer', 'moco')
 PEER_REPO = 'github:facebookresearch/moco'
-# The newest commit whose main_moco.py still runs outside Meta's monorepo: later
-# ones import `deeplearning.cross_image_ssl.moco.builder`, and the branch head
-# (8976944) deletes every file.
-PEER_COMMIT = '3b42c2a'
+# The last upstream commit (the MIT relicensing, 2023-01-18). The six after it up to 3b42c2a
+# only reformat (Black/Ruff, `class X:`), later ones import
+# `deeplearning.cross_image_ssl.moco.builder`, and the branch head (8976944) deletes every file.
+PEER_COMMIT = '7397dfe'
 DATA_ARCHIVE = os.path.join(os.path.dirname(_ROOT), 'shared', 'data', 'imagenette2-128sq.tgz')
 DATA_DIR = os.path.join(_ROOT, '.data')
 DOCS_SECTION = '## Versus the official PyTorch MoCo'
@@ -163,39 +163,62 @@ def _serve(step, describe: dict):
     out.flush()
 
 
-def peer_cpu_server(args):
-  """The peer's MoCo + main_moco.py's loop body (loss, accuracy, SGD) on CPU."""
+def _peer_step(args, device: str, amp: str):
+  """(one_step, torch) for the peer's MoCo + main_moco.py's loop body on `device`.
+
+  The caller must have a process group (their builder's Shuffle BN broadcasts
+  and all-gathers). Inputs are pre-augmented random float tensors already on
+  `device` (main_moco.py's DataLoader workers augment on the CPU, outside the step).
+  """
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, PEER_DIR)
   import moco.builder  # pylint: disable=g-import-not-at-top
 
-  # Their builder calls .cuda() on two index tensors: identity on CPU.
-  torch.Tensor.cuda = lambda self, *a, **k: self
+  if device == 'cpu':  # Their builder calls .cuda() on two index tensors: identity on CPU.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+  else:
+    torch.backends.cudnn.benchmark = True  # As main_moco.py's main_worker sets it.
   accuracy = fixed_accuracy  # main_moco.accuracy's .view(-1) fails on current torch.
-  with tempfile.TemporaryDirectory() as tmp:
-    dist.init_process_group('gloo', init_method=f'file://{tmp}/pg', rank=0, world_size=1)
-    torch.manual_seed(0)
-    model = moco.builder.MoCo(getattr(torchvision.models, args.arch), dim=128, K=args.queue,
-                              m=0.999, T=0.2, mlp=True)
-    model = torch.nn.parallel.DistributedDataParallel(model)
-    criterion = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), 0.03 * args.batch / 256, momentum=0.9,
-                                weight_decay=1e-4)
-    shape = (args.batch, 3, args.image_size, args.image_size)
-    im_q, im_k = torch.randn(shape), torch.randn(shape)
-    model.train()
+  torch.manual_seed(0)
+  model = moco.builder.MoCo(getattr(torchvision.models, args.arch), dim=128, K=args.queue,
+                            m=0.999, T=0.2, mlp=True).to(device)
+  model = torch.nn.parallel.DistributedDataParallel(
+      model, device_ids=None if device == 'cpu' else [0])
+  criterion = torch.nn.CrossEntropyLoss().to(device)
+  optimizer = torch.optim.SGD(model.parameters(), 0.03 * args.batch / 256, momentum=0.9,
+                              weight_decay=1e-4)
+  shape = (args.batch, 3, args.image_size, args.image_size)
+  im_q, im_k = torch.randn(shape, device=device), torch.randn(shape, device=device)
+  model.train()
 
-    def one_step():
-      # main_moco.train's loop body, less the data loading.
+  def one_step():
+    # main_moco.train's loop body, less the data loading; bf16: the autocast of `gpu --amp`.
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == 'bf16'):
       output, target = model(im_q=im_q, im_k=im_k)
-      loss = criterion(output, target)
-      accuracy(output, target, topk=(1, 5))
-      loss.item()
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
+    output = output.float()
+    loss = criterion(output, target)
+    accuracy(output, target, topk=(1, 5))
+    loss.item()  # main_moco.py's meters: one host sync per step, as theirs.
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+  return one_step, torch
+
+
+def _process_group(device: str, tmp: str):
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  dist.init_process_group('gloo' if device == 'cpu' else 'nccl', init_method=f'file://{tmp}/pg',
+                          rank=0, world_size=1)
+  return dist
+
+
+def peer_cpu_server(args):
+  """The peer's MoCo + main_moco.py's loop body (loss, accuracy, SGD) on CPU."""
+  with tempfile.TemporaryDirectory() as tmp:
+    dist = _process_group('cpu', tmp)
+    one_step, torch = _peer_step(args, 'cpu', 'none')
 
     def steps(n):
       start = time.perf_counter()
@@ -205,6 +228,44 @@ def peer_cpu_server(args):
 
     _serve(steps, {'device': f'cpu, {torch.get_num_threads()} threads, torch {torch.__version__}'})
     dist.destroy_process_group()
+
+
+def peer_step_worker(args) -> dict:
+  """The peer's step timed once, on --device (cuda on the GPU machine), with its peak memory.
+
+  For benchmarks/gpu_check.py: one JSON line. Peak memory is the CUDA caching
+  allocator's `max_memory_allocated` over the whole process (parameters,
+  optimiser state, queue and the step's activations), the counterpart of
+  JAX's `peak_bytes_in_use`; on CPU it is None (gpu_check.py records the
+  process's peak RSS instead).
+  """
+  device = 'cuda' if args.device == 'cuda' else 'cpu'
+  with tempfile.TemporaryDirectory() as tmp:
+    dist = _process_group(device, tmp)
+    one_step, torch = _peer_step(args, device, args.amp)
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    start = time.perf_counter()
+    one_step()
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(args.warmup):
+      one_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      one_step()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    name = torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'
+    result = dict(
+        system='official', commit=PEER_COMMIT, arch=args.arch, image_size=args.image_size,
+        batch=args.batch, queue=args.queue, amp=args.amp, device=name,
+        torch=torch.__version__, steps=args.steps, first_step_seconds=first,
+        step_seconds=seconds, images_per_second=args.batch / seconds,
+        peak_memory_bytes=(int(torch.cuda.max_memory_allocated()) if device == 'cuda'
+                           else None))
+    dist.destroy_process_group()
+  return result
 
 
 def ours_cpu_server(args):
@@ -464,7 +525,7 @@ def peer_main(argv):
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('mode', choices=('cpu', 'gpu', 'parse', '_peer_cpu', '_ours_cpu',
-                                       '_ours_aug', '_peer_main'))
+                                       '_ours_aug', '_peer_main', '_peer_step'))
   parser.add_argument('log_file', nargs='?', help='parse: a main_moco.py log.')
   parser.add_argument('--torch_python', default='/tmp/peervenv/bin/python',
                       help='python of the venv that has torch and torchvision.')
@@ -478,7 +539,10 @@ def parse_args(argv):
   parser.add_argument('--rounds', type=int, default=5, help='cpu: alternating windows each.')
   parser.add_argument('--warmup', type=int, default=2, help='cpu: untimed steps.')
   parser.add_argument('--crop', type=int, default=224, help='gpu: RandomResizedCrop size.')
-  parser.add_argument('--amp', default='none', choices=('none', 'bf16'), help='gpu: autocast.')
+  parser.add_argument('--amp', default='none', choices=('none', 'bf16'),
+                      help='gpu, _peer_step: autocast.')
+  parser.add_argument('--device', default='cuda', choices=('cuda', 'cpu'),
+                      help='_peer_step: where the peer\'s step runs (gpu_check.py).')
   parser.add_argument('--epochs', type=int, default=2, help='gpu: epochs of Imagenette.')
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 8,
                       help='gpu: DataLoader workers.')
@@ -512,6 +576,9 @@ def main(argv=None):
     return ours_cpu_server(args)
   if args.mode == '_ours_aug':
     print(json.dumps(ours_aug_worker(args)), flush=True)
+    return None
+  if args.mode == '_peer_step':
+    print(json.dumps(peer_step_worker(args)), flush=True)
     return None
   if args.mode == 'cpu':
     return run_cpu(args)

@@ -9,8 +9,8 @@ host only gathers rows of one big uint8 array (`moco_jax.data.batching`).
 Sources, chosen by config (`resolve_source`):
   * folder (`moco_jax.data.folder`): `data.path` names an ImageFolder tree
     ROOT/{train,val}/<class>/* or a .tar/.tgz/.tar.gz archive of one.
-  * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`, read
-    only if already prepared there (this code never downloads).
+  * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`,
+    downloaded and prepared first if it is not (`data.download`).
   * synthetic: random uint8 images, for throughput benchmarks and tests.
 
 Every source returns images resized to S x S, S = data.cache_size if > 0 else

@@ -331,19 +331,12 @@ def _single_subdir(path: str) -> Optional[str]:
 
 
 def _tfds_builder(data_config):
-  """(prepared builder, train split name); the in-memory path's errors otherwise."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = data_config.get('data_dir', '') or None
-  try:
-    builder = tfds.builder(data_config.name, data_dir=data_dir)
-  except ValueError as e:  # One line, not the list of every tfds dataset.
-    raise errors.DataError(tfds_source.unknown_dataset_message(tfds, data_config.name, e)) from e
-  if not builder.is_prepared():
-    raise errors.DataNotFoundError(
-        f'tfds dataset data.name={data_config.name!r} is not prepared in '
-        f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
-        '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
-        'directory, or read a local ImageFolder directory with --config.data.path=DIR.')
+  """(prepared builder, train split name); the in-memory path's errors otherwise.
+
+  A download prepares tfds' default format, which the in-memory reader needs;
+  streaming needs array_record and says so (`_tfds_source`).
+  """
+  builder = tfds_source.prepared_builder(data_config)
   available = list(builder.info.splits.keys())
   wanted = data_config.train_split
   split = wanted if not available else dataset.pick_split(

@@ -1,10 +1,16 @@
-"""The tfds source: a prepared TensorFlow Datasets split, decoded once.
+"""The tfds source: a TensorFlow Datasets split, downloaded if needed, decoded once.
 
 TensorFlow is imported only inside these functions: the GPU machines (and any
-user reading a local folder) need none. Nothing is downloaded: an unprepared
-dataset is a clear error naming `data.data_dir` and `data.path`.
+user reading a local folder) need none. An unprepared dataset is downloaded
+and prepared (`builder.download_and_prepare()`) when `data.download` is True
+(the default); offline, or with `data.download=False`, it is one clear error
+naming `data.path` (read a local copy instead) within seconds.
 """
 
+import contextlib
+import os
+import socket
+import threading
 from typing import Optional
 
 from absl import logging
@@ -17,21 +23,120 @@ from moco_jax.data import dataset
 from moco_jax.data import decode
 
 
-def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
-  """The decoded `split` of the prepared tfds dataset `data.name` (cached)."""
+# Seconds a download socket may wait (connect or read) before tfds' retries give up on it:
+# without it a host whose packets are dropped would wait forever.
+DOWNLOAD_SOCKET_TIMEOUT_S = 20
+# Offline, tfds retries each URL 10 times with exponential backoff (~3.5 min measured);
+# resolving and connecting to this host first (tfds' GCS mirror) fails in seconds instead.
+PROBE_HOST, PROBE_TIMEOUT_S = 'storage.googleapis.com', 5.0
+_PROXY_VARIABLES = ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY', 'all_proxy',
+                    'ALL_PROXY')
+
+
+def offline_reason(host: str = PROBE_HOST, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
+  """Why this host cannot reach `host` on port 443 (None if it can, or behind a proxy).
+
+  Name resolution runs in a daemon thread so a dead DNS server costs `timeout`
+  seconds at most; with a proxy configured, direct resolution says nothing
+  and the probe is skipped.
+  """
+  if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+    return None
+  result = {}
+
+  def resolve():
+    try:
+      result['addresses'] = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as e:
+      result['error'] = e
+
+  thread = threading.Thread(target=resolve, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if 'addresses' not in result:
+    return f'cannot resolve {host}: {result.get("error", f"no answer in {timeout:g} s")}'
+  family, kind, proto, _, address = result['addresses'][0]
+  try:
+    with socket.socket(family, kind, proto) as sock:
+      sock.settimeout(timeout)
+      sock.connect(address)
+  except OSError as e:
+    return f'cannot connect to {host}:443: {e}'
+  return None
+
+
+def _data_dir_text(data_dir) -> str:
+  return data_dir or '(tfds default, ~/tensorflow_datasets)'
+
+
+def prepared_builder(data_config):
+  """The tfds builder of `data.name`, downloaded and prepared first when it is not.
+
+  Args:
+    data_config: config.data (name, data_dir, download).
+  Raises:
+    DataError: unknown dataset; DataNotFoundError: not prepared and not
+      downloadable (data.download=False, offline, a manual-download dataset),
+      naming data.path.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_config.get('data_dir', '') or None
   try:
     builder = tfds.builder(data_config.name, data_dir=data_dir)
   except ValueError as e:  # DatasetNotFoundError and friends list every dataset: one line here.
     raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    return builder
+  where = (f'tfds dataset data.name={data_config.name!r} is not prepared in '
+           f'data.data_dir={_data_dir_text(data_dir)!r}')
+  local = ('read a local ImageFolder tree/archive with --config.data.path=... (e.g. '
+           '../shared/data/imagenette2-128sq.tgz), or point --config.data.data_dir at a prepared '
+           'tfds directory.')
+  if not data_config.get('download', True):
+    raise errors.DataNotFoundError(f'{where} and data.download=False: {local}')
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):  # imagenet2012 and the like.
     raise errors.DataNotFoundError(
-        f'tfds dataset data.name={data_config.name!r} is not prepared in '
-        f'data.data_dir={data_dir or "(tfds default, ~/tensorflow_datasets)"!r} '
-        '(this machine cannot download it). Point --config.data.data_dir at a prepared tfds '
-        'directory, or read a local ImageFolder tree/archive with --config.data.path=... '
-        '(e.g. ../shared/data/imagenette2-128sq.tgz).')
+        f'{where}, and tfds cannot download it (its files must be downloaded by hand first; see '
+        f'the tfds catalog page of {data_config.name!r}): {local}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # Every process would write the same directory at once.
+    raise errors.DataNotFoundError(
+        f'{where}, and {jax.process_count()} processes must not download it at once: prepare it '
+        f'with one process first (python -c "import tensorflow_datasets as tfds; '
+        f'tfds.builder({data_config.name!r}, data_dir={data_dir!r}).download_and_prepare()"), '
+        f'or {local}')
+  offline = offline_reason()
+  if offline:
+    raise errors.DataNotFoundError(f'{where} and this machine is offline ({offline}), so it '
+                                   f'cannot be downloaded: {local}')
+  logging.info('%s: downloading and preparing it (data.download=True; '
+               '--config.data.download=False refuses instead).', where)
+  try:
+    with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+      builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except  (offline, proxy, manual download)
+    first = (' '.join(str(e).split()) or type(e).__name__)[:300]
+    raise errors.DataNotFoundError(
+        f'{where} and downloading it failed ({type(e).__name__}: {first}). Offline or behind '
+        f'a firewall? {local[0].upper()}{local[1:]}') from e
+  return builder
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+  """socket.setdefaulttimeout for the block (tfds' requests sessions set none of their own)."""
+  previous = socket.getdefaulttimeout()
+  socket.setdefaulttimeout(seconds)
+  try:
+    yield
+  finally:
+    socket.setdefaulttimeout(previous)
+
+
+def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
+  """The decoded `split` of the tfds dataset `data.name` (downloaded if needed; cached)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = prepared_builder(data_config)
   field = dataset.split_field(split)
   available = list(builder.info.splits.keys())
   wanted = data_config[field]

@@ -1,4 +1,4 @@
-"""Export of the pretrained backbone with torchvision ResNet parameter names.
+"""Export of the pretrained backbone: torchvision names (.npz) or detectron2's pickle.
 
 The file is a NumPy .npz whose keys are torchvision's `state_dict` keys
 (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.weight`,
@@ -17,18 +17,27 @@ load it into torchvision with the classifier removed:
 
 A JSON sidecar (same name, .json) records the model config, so the reader
 knows the stem and width. npz needs no extra dependency (safetensors would).
+
+`config.export.format=detectron2` writes WORKDIR/backbone_detectron2.pkl instead:
+the same arrays under the names facebookresearch/moco's
+`detection/convert-pretrain-to-detectron2.py` gives them, in its pickle
+`{"model": {name: np.ndarray}, "__author__": "MOCO", "matching_heuristics": True}`,
+which detectron2's checkpointer reads as is (config snippet: docs/transfer.md).
+Plain NumPy in a pickle: reading it needs no torch.
 """
 
 import json
 import os
+import pickle
 import re
 
+from absl import logging
 import jax
 import numpy as np
 
+from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.evaluation import results
-from moco_jax.run import checkpoints
 
 # Flax BatchNorm variable -> torchvision BatchNorm2d buffer/parameter.
 _BN_PARAMS = {'scale': 'weight', 'bias': 'bias'}
@@ -90,6 +99,29 @@ def torchvision_state_dict(params: dict, batch_stats: dict) -> dict:
   return state
 
 
+def detectron2_name(torch_key: str) -> str:
+  """A torchvision key as the official converter renames it (its replacements, in its order).
+
+  'conv1.weight' -> 'stem.conv1.weight', 'bn1.running_mean' -> 'stem.conv1.norm.running_mean',
+  'layer2.0.bn1.weight' -> 'res3.0.conv1.norm.weight', 'layer2.0.downsample.0.weight' ->
+  'res3.0.shortcut.weight', 'layer2.0.downsample.1.bias' -> 'res3.0.shortcut.norm.bias'.
+  """
+  key = torch_key if 'layer' in torch_key else 'stem.' + torch_key
+  for t in (1, 2, 3, 4):
+    key = key.replace(f'layer{t}', f'res{t + 1}')
+  for t in (1, 2, 3):
+    key = key.replace(f'bn{t}', f'conv{t}.norm')
+  return key.replace('downsample.0', 'shortcut').replace('downsample.1', 'shortcut.norm')
+
+
+def detectron2_checkpoint(state: dict) -> dict:
+  """The official converter's pickle object for a torchvision-named backbone `state`."""
+  model = {detectron2_name(k): np.asarray(v) for k, v in state.items()}
+  if len(model) != len(state):
+    raise AssertionError('two torchvision keys map to one detectron2 key')
+  return {'model': model, '__author__': 'MOCO', 'matching_heuristics': True}
+
+
 def backbone_from_torchvision(state: dict, params: dict, batch_stats: dict):
   """The inverse of `torchvision_state_dict`: Flax backbone trees from torchvision arrays.
 
@@ -110,16 +142,16 @@ def backbone_from_torchvision(state: dict, params: dict, batch_stats: dict):
         out[name] = fill(leaf, prefix + (name,), stats)
         continue
       module = _torch_module_name(prefix)
-      if stats:
-        value = state[f'{module}.{_BN_STATS[name]}']
-      elif name == 'kernel':
-        value = np.asarray(state[f'{module}.weight']).transpose(2, 3, 1, 0)
-      else:
-        value = state[f'{module}.{_BN_PARAMS[name]}']
-      value = np.asarray(value, np.float32)
-      if value.shape != tuple(leaf.shape):
-        raise ValueError(f'{module} ({name}): torchvision shape {value.shape} does not match '
-                         f'{tuple(leaf.shape)}: another architecture or width.')
+      names = _BN_STATS if stats else {'kernel': 'weight', **_BN_PARAMS}
+      key = f'{module}.{names[name]}'
+      value = np.asarray(state[key], np.float32)
+      expected = tuple(leaf.shape)  # Kernels: ours HWIO, torchvision's OIHW.
+      expected = tuple(expected[i] for i in (3, 2, 0, 1)) if name == 'kernel' else expected
+      if value.shape != expected:
+        raise ValueError(f'{key}: torchvision shape {value.shape} does not match {expected}: '
+                         'another architecture or width.')
+      if name == 'kernel':
+        value = value.transpose(2, 3, 1, 0)
       out[name] = value
     return out
 
@@ -142,39 +174,73 @@ def _backbone_trees(state_or_params, batch_stats):
   return params, batch_stats
 
 
-def export_backbone(state_or_params, batch_stats, path: str, model_config=None) -> dict:
-  """Writes the backbone as torchvision-named arrays to `path` (.npz) + a .json sidecar.
+FORMATS = {  # export.format -> (file name in WORKDIR, what the sidecar says it is).
+    'torchvision': ('backbone_torchvision.npz',
+                    'torchvision ResNet state_dict without fc; conv weights OIHW'),
+    'detectron2': ('backbone_detectron2.pkl',
+                   'detectron2 pickle of detection/convert-pretrain-to-detectron2.py '
+                   '(facebookresearch/moco) without fc; conv weights OIHW'),
+}
+
+
+def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
+                    export_format: str = 'torchvision') -> dict:
+  """Writes the backbone to `path` in `export_format` + a .json sidecar.
 
   Args:
     state_or_params: a TrainState (its query encoder is exported), or the
       params of an encoder (with a 'backbone' subtree) or of a backbone.
     batch_stats: the matching batch stats (ignored for a TrainState).
-    path: output .npz path.
+    path: output path (.npz for torchvision, .pkl for detectron2).
     model_config: config.model, recorded in the sidecar (optional).
+    export_format: a key of `FORMATS`.
 
   Returns:
-    The exported {name: array} dict.
+    The exported {name: array} dict (torchvision names for both formats).
   """
+  check_format(export_format)
   params, batch_stats = _backbone_trees(state_or_params, batch_stats)
   state = torchvision_state_dict(params, batch_stats)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  files.atomic_write(path, lambda f: np.savez(f, **state), binary=True)
+  if export_format == 'detectron2':
+    checkpoint = detectron2_checkpoint(state)
+    files.atomic_write(path, lambda f: pickle.dump(checkpoint, f), binary=True)
+  else:
+    files.atomic_write(path, lambda f: np.savez(f, **state), binary=True)
   if model_config is not None:
     sidecar = os.path.splitext(path)[0] + '.json'
     with open(sidecar, 'w') as f:
-      json.dump({'model': model_config.to_dict(), 'format': 'torchvision ResNet state_dict '
-                 'without fc; conv weights OIHW'}, f, indent=2, sort_keys=True)
+      json.dump({'model': model_config.to_dict(), 'format': FORMATS[export_format][1]}, f,
+                indent=2, sort_keys=True)
   return state
 
 
-def run_export(config, workdir: str) -> str:
-  """Exports the latest checkpoint's query backbone to WORKDIR/backbone_torchvision.npz.
+def check_format(export_format: str):
+  """ConfigError naming export.format unless it is one of `FORMATS`."""
+  if export_format not in FORMATS:
+    raise errors.ConfigError(f'export.format={export_format!r} is not one of '
+                             f'{" | ".join(FORMATS)}: set --config.export.format=torchvision '
+                             '(.npz) or detectron2 (.pkl).')
 
-  With several processes, every one restores and process 0 alone writes.
+
+def run_export(config, workdir: str) -> str:
+  """Exports the latest checkpoint's query backbone to WORKDIR/backbone_<format>.<ext>.
+
+  With no checkpoint in WORKDIR and config.init_from set, the official
+  checkpoint's query backbone is exported (a converter for released weights).
+
+  config.export.format picks the format (`FORMATS`). With several processes,
+  every one restores and process 0 alone writes.
   """
-  params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
-  path = os.path.join(workdir, 'backbone_torchvision.npz')
+  export_format = config.get('export', {}).get('format', 'torchvision')
+  check_format(export_format)  # Before the restore: a typo costs no time.
+  from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top (a cycle)
+  params, batch_stats, step = features.query_encoder(config, workdir)
+  path = os.path.join(workdir, FORMATS[export_format][0])
+  if export_format == 'detectron2' and config.model.stem != 'imagenet':
+    logging.warning('model.stem=%r: detectron2\'s ResNet has the 7x7 ImageNet stem, so this '
+                    'conv1 will not load there (docs/transfer.md).', config.model.stem)
   if jax.process_index() == 0:
-    export_backbone(params, batch_stats, path, config.model)
+    export_backbone(params, batch_stats, path, config.model, export_format)
   results.write_results(workdir, {'export_step': step})
   return path

@@ -1,7 +1,8 @@
 """Frozen-backbone features: the one place every evaluation gets its inputs from.
 
 `load_backbone` gives the QUERY encoder's backbone (params + BatchNorm running
-statistics, no head) of the latest checkpoint of a workdir, or the randomly
+statistics, no head) of the latest checkpoint of a workdir (or, when it has
+none, of the official checkpoint `config.init_from`), or the randomly
 initialised encoder the pretraining started from (`config.eval.random_init`,
 the floor every result is compared with). `extract_features` runs it in
 inference mode on the deterministic eval view of every image of a split,
@@ -11,6 +12,7 @@ data-parallel over the mesh. kNN, the linear probe and the report use these.
 import functools
 from typing import Callable, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from moco_jax.augmentation import augment
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data.dataset import ImageDataset
+from moco_jax.evaluation import official_weights
 from moco_jax.methods import contrastive
 from moco_jax.methods import registry
 from moco_jax.run import checkpoints
@@ -110,6 +113,24 @@ def random_init_encoder(config):
                                              config.data.image_size)
 
 
+def query_encoder(config, workdir: str):
+  """(params, batch_stats, step) of the query encoder to evaluate or export.
+
+  The latest checkpoint of WORKDIR; with none there and config.init_from set,
+  the official checkpoint's query backbone (step 0: no step of ours).
+  """
+  path = config.get('init_from', '')
+  if path and not checkpoints.checkpoint_steps(workdir):
+    logging.info('No checkpoint in %s: using the query encoder of config.init_from=%s.',
+                 checkpoints.checkpoint_dir(workdir), path)
+    return (*official_weights.query_encoder(path, config), 0)
+  if path:
+    logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
+                 'new run, or is evaluated while WORKDIR has no checkpoint).',
+                 checkpoints.checkpoint_dir(workdir), path)
+  return checkpoints.restore_query_encoder(workdir, config.model)
+
+
 def load_backbone(config, workdir: str):
   """(backbone module, backbone variables, step, results key prefix) to evaluate.
 
@@ -121,7 +142,7 @@ def load_backbone(config, workdir: str):
     params, batch_stats = random_init_encoder(config)
     step, prefix = 0, 'random_init_'
   else:
-    params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+    params, batch_stats, step = query_encoder(config, workdir)
     prefix = ''
   variables = backbone_variables(params, batch_stats)
   return backbone, jax.device_get(variables), step, prefix

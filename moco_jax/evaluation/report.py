@@ -49,7 +49,6 @@ from moco_jax.evaluation import features
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import report_plots
 from moco_jax.evaluation import results
-from moco_jax.run import checkpoints
 from moco_jax.training import state as state_lib
 
 REPORT_DIR = 'report'
@@ -182,7 +181,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   drawn, panels = [], []
 
   try:
-    params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+    params, batch_stats, step = features.query_encoder(config, workdir)
   except FileNotFoundError as e:
     logging.warning('%s The report shows the curves, the augmentations and the random-init '
                     'encoder only.', e)

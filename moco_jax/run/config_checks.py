@@ -12,13 +12,14 @@ import ml_collections
 from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.methods import registry
+from moco_jax.training import optim
 
 _CHOICES = {
     ('model', 'name'): tuple(models.ARCHS),
     ('model', 'stem'): ('imagenet', 'cifar'),
     ('model', 'head'): ('mlp', 'linear'),
     ('model', 'dtype'): ('float32', 'bfloat16'),
-    ('optim', 'name'): ('sgd', 'adam', 'adamw', 'lars'),
+    ('optim', 'name'): optim.OPTIMIZERS,
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
     ('eval', 'linear_schedule'): ('step', 'cosine'),

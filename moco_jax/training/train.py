@@ -19,6 +19,7 @@ from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
+from moco_jax.evaluation import official_weights
 from moco_jax.run import checkpoints
 from moco_jax.run import config_checks
 from moco_jax.run import guard
@@ -57,7 +58,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream,
                                    num_examples=len(train_ds))
 
-  state = step_lib.init_state(config, setup, mesh)
+  official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
+  state = official_weights.init_state(step_lib.init_state(config, setup, mesh), official, config)
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
