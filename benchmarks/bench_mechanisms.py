@@ -28,33 +28,30 @@ sys.path.insert(0, ROOT)
 
 @dataclasses.dataclass
 class Row:
+  """One compiled step: its method, load and XLA's analyses (bytes per device)."""
   method: str
   batch_per_device: int
   devices: int
   gflops_per_device: float
-  argument_bytes: int
-  temp_bytes: int
-  output_bytes: int
-  alias_bytes: int
+  memory: dict  # argument, temp, output, alias: XLA's memory_analysis() sizes in bytes.
   compile_seconds: float
 
   @property
   def peak_bytes(self) -> int:
     """What the step holds at once: donated (aliased) state counted once."""
-    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+    m = self.memory
+    return m['argument'] + m['temp'] + m['output'] - m['alias']
 
 
 def compile_row(config, devices) -> Row:
   """Lowers and compiles the trainer's step of `config` on `devices`; runs nothing."""
-  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench_train  # pylint: disable=g-import-not-at-top
   from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import sources  # pylint: disable=g-import-not-at-top
   from moco_jax.run import config_checks  # pylint: disable=g-import-not-at-top
   from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
-  from moco_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   num_devices = len(devices)
@@ -64,14 +61,9 @@ def compile_row(config, devices) -> Row:
   num_examples = 1_281_167  # ImageNet train: the memory bank's rows.
   setup = step_lib.make_step_setup(config, num_devices, optim.create_optimizer(config, lr),
                                    num_examples=num_examples)
-  create = functools.partial(state_lib.create_train_state, method=setup.method, tx=setup.tx,
-                             image_size=config.data.image_size)
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.AXIS))
-  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                       jax.eval_shape(create, jax.random.PRNGKey(0)))
-  side = sources.image_side(config.data)
-  images = jax.ShapeDtypeStruct((config.batch_size, side, side, 3), np.uint8, sharding=split)
-  indices = jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=split)
+  state, images = bench_train.abstract_step_inputs(config, setup, mesh)
+  indices = jax.ShapeDtypeStruct((config.batch_size,), np.int32,
+                                 sharding=NamedSharding(mesh, P(parallel.AXIS)))
   start = time.perf_counter()
   compiled = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True).lower(
       state, images, indices).compile()
@@ -81,10 +73,9 @@ def compile_row(config, devices) -> Row:
   memory = compiled.memory_analysis()
   return Row(method=config.method, batch_per_device=config.batch_size // num_devices,
              devices=num_devices, gflops_per_device=float(cost.get('flops', 0.0)) / 1e9,
-             argument_bytes=int(memory.argument_size_in_bytes),
-             temp_bytes=int(memory.temp_size_in_bytes),
-             output_bytes=int(memory.output_size_in_bytes),
-             alias_bytes=int(memory.alias_size_in_bytes), compile_seconds=seconds)
+             memory={name: int(getattr(memory, f'{name}_size_in_bytes'))
+                     for name in ('argument', 'temp', 'output', 'alias')},
+             compile_seconds=seconds)
 
 
 def mechanism_config(method: str, batch_per_device: int, devices: int, scale: str = 'imagenet'):
@@ -106,8 +97,9 @@ def table(rows: list[Row]) -> str:
   for r in rows:
     ratio = f'{r.peak_bytes / base:.2f}' if base else '-'
     lines.append(f'| {r.method} | {r.batch_per_device} ({r.batch_per_device * r.devices}) '
-                 f'| {r.gflops_per_device:.0f} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} '
-                 f'| {gib(r.output_bytes)} | {gib(r.alias_bytes)} | {gib(r.peak_bytes)} '
+                 f'| {r.gflops_per_device:.0f} | '
+                 + ' | '.join(gib(r.memory[k]) for k in ('argument', 'temp', 'output', 'alias'))
+                 + f' | {gib(r.peak_bytes)} '
                  f'| {ratio} | {r.compile_seconds:.0f} |')
   return '\n'.join(lines)
 
@@ -131,7 +123,7 @@ def main(argv=None):
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'),
              XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={args.devices}').strip())
-  for spec in args.rows.split(','):
+  for spec in filter(None, args.rows.split(',')):  # --rows='' only prints --out's table.
     subprocess.run([sys.executable, os.path.abspath(__file__), f'--row={spec}',
                     f'--scale={args.scale}', f'--devices={args.devices}', f'--out={args.out}'],
                    check=True, env=env)
