@@ -27,7 +27,8 @@ class StepBatch(NamedTuple):
     key_view: the second view of the same images, same shape.
     indices: int32 [local_batch] dataset index of each example (the same image
       has the same index in every epoch), for methods that keep per-example
-      state; None where the loop does not know them.
+      state (the memory bank); the trainer passes them on every input path,
+      None only where a caller of the step does not.
     rng: this step's key for the method's own randomness (Shuffle BN's
       permutation, a bank's negative sampling); equal on every device.
   """
