@@ -174,7 +174,7 @@ def test_proximal_update_matches_a_reference():
   bank = _unit(rng.normal(size=(10, 4))).astype(np.float32)
   q = _unit(rng.normal(size=(3, 4))).astype(np.float32)
   indices = np.array([8, 2, 5], np.int32)
-  got = np.asarray(memory_bank.proximal_update(bank, indices, q, 0.5))
+  got = np.asarray(memory_bank.proximal_update(jnp.asarray(bank), indices, q, 0.5))
   want = bank.copy()
   for i, row in zip(indices, q):
     v = 0.5 * bank[i] + 0.5 * row
