@@ -58,6 +58,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.mocov3.momentum = 0.99  # m0 of the momentum encoder (1000 epochs: 0.996).
   config.mocov3.momentum_cosine = True  # m: m0 -> 1 over the run by half-cosine (--moco-m-cos).
 
+  # --- End-to-end (method=end_to_end: negatives = the other keys of the batch) ---------
+  config.end_to_end = ml_collections.ConfigDict()
+  config.end_to_end.temperature = 0.2  # T of InfoNCE (MoCo v1's ablations: 0.07).
+  # BatchNorm: shuffle (MoCo v1 Sec. 3.3 uses Shuffle BN for its end-to-end ablation too) | local
+  # (per device: the positive leaks through the statistics); sync is refused (methods/end_to_end.py).
+  config.end_to_end.bn_mode = 'shuffle'
+  config.end_to_end.bn_splits = -1  # As moco.bn_splits: BatchNorm groups per device, -1: 8 in all.
+
+  # --- Memory bank (method=memory_bank: InstDisc's bank with InfoNCE) -------------------
+  config.memory_bank = ml_collections.ConfigDict()
+  config.memory_bank.num_negatives = 4096  # K: bank rows drawn per step, shared by the batch.
+  config.memory_bank.temperature = 0.2  # T of InfoNCE (InstDisc, MoCo v1's ablations: 0.07).
+  config.memory_bank.momentum = 0.5  # m_b of the proximal update v <- norm(m_b v + (1 - m_b) q).
+  config.memory_bank.bn_mode = 'local'  # local (per device; no leak: the positive is a bank row) | sync.
+
   # --- Data ---------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'  # tfds (downloaded and prepared if needed) | folder | synthetic.

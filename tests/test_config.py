@@ -41,7 +41,8 @@ def test_shipped_configs_validate(name):
     ('model.head_dims', (16,), 'has no hidden layer'),
     ('model.head_dims', (8, 0, 16), 'must be a list of positive widths'),
     # Checked before any work, not after the run (issue 11).
-    ('method', 'simclr', "config.method='simclr' is not one of ['moco', 'mocov3']"),
+    ('method', 'simclr',
+     "config.method='simclr' is not one of ['end_to_end', 'memory_bank', 'moco', 'mocov3']"),
     ('num_train_steps', -5, 'config.num_train_steps=-5 must be -1'),
     ('keep_checkpoints', 0, 'config.keep_checkpoints=0 must be >= 1'),
     ('eval.knn_k', 0, 'config.eval.knn_k=0 must be > 0'),

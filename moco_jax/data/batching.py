@@ -89,7 +89,8 @@ def train_batches(ds: ImageDataset, *, global_batch: int, seed: int, start_step:
   The ragged tail of each epoch is dropped, so step s always reads the same
   examples: those at positions [b*s', b*(s'+1)) of epoch e's permutation, and
   a run resumed at `start_step` continues the uninterrupted sequence exactly.
-  Batches are {'image': uint8 [b, S, S, 3], 'label': int32 [b]} with
+  Batches are {'image': uint8 [b, S, S, 3], 'label': int32 [b], 'index': int32
+  [b] (dataset index of each example)} with
   b = global_batch / process_count; `prefetch` > 0 gathers them in a thread.
   """
   num = len(ds)
@@ -101,7 +102,8 @@ def train_batches(ds: ImageDataset, *, global_batch: int, seed: int, start_step:
   def produce(step):
     idx = train_indices(num, global_batch, seed, step)
     idx = idx[process_index * local:(process_index + 1) * local]
-    return {'image': np.take(images, idx, axis=0), 'label': np.take(labels, idx, axis=0)}
+    return {'image': np.take(images, idx, axis=0), 'label': np.take(labels, idx, axis=0),
+            'index': idx.astype(np.int32)}
 
   if prefetch > 0:
     yield from _prefetch(produce, start_step, prefetch)

@@ -27,7 +27,8 @@ class StepBatch(NamedTuple):
     key_view: the second view of the same images, same shape.
     indices: int32 [local_batch] dataset index of each example (the same image
       has the same index in every epoch), for methods that keep per-example
-      state; None where the loop does not know them.
+      state (the memory bank); the trainer passes them on every input path,
+      None only where a caller of the step does not.
     rng: this step's key for the method's own randomness (Shuffle BN's
       permutation, a bank's negative sampling); equal on every device.
   """
@@ -74,8 +75,16 @@ class Method(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def from_config(cls, config, num_devices: int) -> 'Method':
-    """The method `config` describes on `num_devices` devices (builds its encoder)."""
+  def from_config(cls, config, num_devices: int, num_examples: int = 0) -> 'Method':
+    """The method `config` describes on `num_devices` devices (builds its encoder).
+
+    Args:
+      config: the run's config.
+      num_devices: devices of the mesh.
+      num_examples: size of the train split, for methods that keep state per
+        example (a memory bank); 0 where it is not known (evaluations only need
+        the encoder).
+    """
 
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:

@@ -1,17 +1,21 @@
 """The pieces contrastive methods share: embeddings, InfoNCE, the queue, Shuffle BN, EMA.
 
 The L2-normalised embeddings, the logits [q.k+, q.negatives^T] / T and
-InfoNCE as cross-entropy, the FIFO queue of negatives (created and enqueued
-with the all-gathered keys), an encoder run under Shuffle BN, and the
-momentum (EMA) update. MoCo (`methods/moco.py`) is made of them; the other
-methods take the ones they need. Everything here is written for one device
-with `'data'` collectives (`moco_jax.core.parallel.AXIS`).
+InfoNCE as cross-entropy, the in-batch logits and labels of the global batch,
+the FIFO queue of negatives (created and enqueued with the all-gathered keys),
+the encoder of a BatchNorm mode and its checks, an encoder run under Shuffle
+BN, and the momentum (EMA) update. MoCo (`methods/moco.py`), end-to-end
+(`methods/end_to_end.py`) and the memory bank (`methods/memory_bank.py`) are
+made of them. Everything here is written for one device with `'data'`
+collectives (`moco_jax.core.parallel.AXIS`).
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from moco_jax import models
+from moco_jax.core import errors
 from moco_jax.core import parallel
 
 
@@ -65,6 +69,26 @@ def infonce_loss(queries, keys, queue, temperature):
   return loss, jnp.mean(jnp.argmax(logits, axis=1) == 0)
 
 
+def global_labels(local: int) -> jax.Array:
+  """Index of each of this device's `local` examples in the all-gathered global batch."""
+  return jax.lax.axis_index(parallel.AXIS) * local + jnp.arange(local)
+
+
+def in_batch_logits(queries: jax.Array, local_keys: jax.Array, temperature: float):
+  """(logits [local, global], labels [local]): every query against every key of the global batch.
+
+  The keys are all-gathered across devices (and processes): JAX transposes
+  `all_gather` into `psum_scatter`, which sums every device's cotangents back
+  onto the device that computed the key, so the keys' encoder gets the
+  gradient of every device's queries (tests/test_mechanisms.py checks it
+  against one device). The label of a query is its own key's global index.
+  """
+  keys = jax.lax.all_gather(local_keys, parallel.AXIS, tiled=True)
+  logits = jnp.dot(queries.astype(jnp.float32), keys.astype(jnp.float32).T,
+                   precision=jax.lax.Precision.HIGHEST) / temperature
+  return logits, global_labels(queries.shape[0])
+
+
 # --------------------------------------------------------------------------
 # The queue of negatives.
 
@@ -96,7 +120,41 @@ def enqueue_global(queue: jax.Array, pointer: jax.Array, local_keys: jax.Array):
 
 
 # --------------------------------------------------------------------------
-# Shuffle BN and the key encoder.
+# BatchNorm modes, Shuffle BN and the key encoder.
+
+
+BN_MODES = ('shuffle', 'sync', 'local')
+
+
+def create_encoder(model_config, bn_mode: str, bn_splits: int, num_devices: int):
+  """The encoder of `bn_mode` (a method's queries and keys share it; only params may differ).
+
+  shuffle: per-device statistics in `bn_splits` groups, keys shuffled across
+    devices (the paper's Shuffle BN; on one device the groups do the job).
+  sync: statistics over the global batch.
+  local: per-device statistics, no shuffling.
+  """
+  if bn_mode == 'sync':
+    return models.create_encoder(model_config, bn_axis_name=parallel.AXIS)
+  return models.create_encoder(model_config,
+                               bn_splits=bn_groups_per_device(bn_mode, bn_splits, num_devices))
+
+
+def check_bn_config(section: str, bn_mode: str, bn_splits: int, batch: int, num_devices: int,
+                    modes=BN_MODES):
+  """ConfigError unless `config.<section>.bn_mode` is one of `modes` and its groups divide the batch."""
+  if bn_mode not in modes:
+    raise errors.ConfigError(f'config.{section}.bn_mode={bn_mode!r} is not one of {list(modes)}.')
+  if not (bn_splits == -1 or bn_splits > 0):
+    raise errors.ConfigError(
+        f'config.{section}.bn_splits={bn_splits!r} must be -1 (8 groups) or > 0.')
+  splits = bn_groups_per_device(bn_mode, bn_splits, num_devices)
+  local = batch // num_devices
+  if local % splits:
+    raise errors.ConfigError(
+        f'config.{section}.bn_splits={bn_splits} ({splits} BatchNorm groups per device) does '
+        f'not divide the per-device batch {local} (batch_size / devices): set '
+        f'--config.{section}.bn_splits to a divisor of it.')
 
 
 def bn_groups_per_device(bn_mode: str, bn_splits: int, num_devices: int) -> int:

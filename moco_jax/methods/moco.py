@@ -39,18 +39,12 @@ class MocoState:
 
 
 def create_encoder(config, num_devices: int):
-  """The encoder of `moco.bn_mode` (queries and keys share it; only params differ).
+  """The encoder of `moco.bn_mode` (queries and keys share it; `contrastive.create_encoder`).
 
-  shuffle: per-device statistics in `bn_splits` groups, keys shuffled across
-    devices (the paper's Shuffle BN; on one device the groups do the job).
-  sync: statistics over the global batch.
-  local: per-device statistics, no shuffling (the ablation that leaks).
+  local is the ablation that leaks (no shuffling of MoCo's keys).
   """
-  if config.moco.bn_mode == 'sync':
-    return models.create_encoder(config.model, bn_axis_name=parallel.AXIS)
-  splits = contrastive.bn_groups_per_device(config.moco.bn_mode, config.moco.bn_splits,
-                                            num_devices)
-  return models.create_encoder(config.model, bn_splits=splits)
+  return contrastive.create_encoder(config.model, config.moco.bn_mode, config.moco.bn_splits,
+                                    num_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +72,8 @@ class MoCo(base.Method):
   resume_fields = ('moco.queue_size', 'moco.bn_mode')
 
   @classmethod
-  def from_config(cls, config, num_devices: int) -> 'MoCo':
+  def from_config(cls, config, num_devices: int, num_examples: int = 0) -> 'MoCo':
+    del num_examples  # MoCo keeps nothing per example.
     return cls(encoder=create_encoder(config, num_devices),
                temperature=config.moco.temperature, momentum=config.moco.momentum,
                shuffle_keys=config.moco.bn_mode == 'shuffle',
@@ -87,8 +82,6 @@ class MoCo(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     moco, batch = config.moco, config.batch_size
-    _require(moco.bn_mode in ('shuffle', 'sync', 'local'),
-             f"config.moco.bn_mode={moco.bn_mode!r} is not one of ['shuffle', 'sync', 'local'].")
     _require(moco.temperature > 0,
              f'config.moco.temperature={moco.temperature} must be > 0 (paper: 0.2).')
     _require(0 <= moco.momentum < 1,
@@ -96,14 +89,7 @@ class MoCo(base.Method):
     _require(moco.queue_size >= batch,
              f'config.moco.queue_size={moco.queue_size} must be >= config.batch_size={batch}: '
              'each step enqueues the whole global batch.')
-    _require(moco.bn_splits == -1 or moco.bn_splits > 0,
-             f'config.moco.bn_splits={moco.bn_splits!r} must be -1 (8 groups) or > 0.')
-    splits = contrastive.bn_groups_per_device(moco.bn_mode, moco.bn_splits, num_devices)
-    local = batch // num_devices
-    _require(local % splits == 0,
-             f'config.moco.bn_splits={moco.bn_splits} ({splits} BatchNorm groups per device) '
-             f'does not divide the per-device batch {local} (batch_size / devices): set '
-             '--config.moco.bn_splits to a divisor of it.')
+    contrastive.check_bn_config('moco', moco.bn_mode, moco.bn_splits, batch, num_devices)
 
   @staticmethod
   def describe_batch_norm(config, num_devices: int) -> str:

@@ -90,8 +90,8 @@ class MoCoV3(base.Method):
   resume_fields = ()
 
   @classmethod
-  def from_config(cls, config, num_devices: int) -> 'MoCoV3':
-    del num_devices
+  def from_config(cls, config, num_devices: int, num_examples: int = 0) -> 'MoCoV3':
+    del num_devices, num_examples  # SyncBN on any mesh; nothing kept per example.
     encoder = models.create_mocov3_encoder(config.model, bn_axis_name=parallel.AXIS)
     v3 = config.mocov3
     return cls(encoder=encoder, temperature=v3.temperature, momentum=v3.momentum,

@@ -2,12 +2,16 @@
 
 from moco_jax.core import errors
 from moco_jax.methods import base
+from moco_jax.methods import end_to_end
+from moco_jax.methods import memory_bank
 from moco_jax.methods import moco
 from moco_jax.methods import mocov3
 
 METHODS: dict[str, type[base.Method]] = {
     moco.MoCo.name: moco.MoCo,
     mocov3.MoCoV3.name: mocov3.MoCoV3,
+    end_to_end.EndToEnd.name: end_to_end.EndToEnd,
+    memory_bank.MemoryBank.name: memory_bank.MemoryBank,
 }
 
 
@@ -19,9 +23,12 @@ def method_class(config) -> type[base.Method]:
   return METHODS[name]
 
 
-def create(config, num_devices: int) -> base.Method:
-  """The method `config` describes, its encoder built for `num_devices` devices."""
-  return method_class(config).from_config(config, num_devices)
+def create(config, num_devices: int, num_examples: int = 0) -> base.Method:
+  """The method `config` describes, its encoder built for `num_devices` devices.
+
+  `num_examples` is the train split's size (0: unknown, enough for the encoder).
+  """
+  return method_class(config).from_config(config, num_devices, num_examples)
 
 
 def check_config(config, num_devices: int) -> None:

@@ -98,33 +98,44 @@ def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
 
 
 def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
-                      on_device_data: bool = False):
+                      on_device_data: bool = False, with_indices: bool = False):
   """jit(shard_map(train_step)): state replicated, the batch split on 'data'.
 
-  Called as step(state, images) with uint8 images [B, S, S, 3], or, with
-  `on_device_data`, as step(state, dataset, indices): the whole decoded split
-  stays on every device and the host sends only the int32 indices of the
-  batch, so no image crosses the host-device link during training.
+  Called as step(state, images) with uint8 images [B, S, S, 3]; with
+  `with_indices` as step(state, images, indices), the int32 [B] dataset indices
+  of the images sharded like them (the trainer always passes them: a method
+  may keep state per example); or, with `on_device_data`, as step(state,
+  dataset, indices): the whole decoded split stays on every device and the
+  host sends only the int32 indices of the batch, so no image crosses the
+  host-device link during training.
   The state is donated: its buffers (the queue above all) are reused in place.
   """
   step = functools.partial(train_step, setup=setup, learning_rate_fn=learning_rate_fn)
   def gather_and_step(state, dataset, indices):
     return step(state, jnp.take(dataset, indices, axis=0), indices=indices)
 
-  fn, in_specs = ((gather_and_step, (P(), P(), P(parallel.AXIS))) if on_device_data
-                  else (step, (P(), P(parallel.AXIS))))
+  def step_with_indices(state, images, indices):
+    return step(state, images, indices=indices)
+
+  if on_device_data:
+    fn, in_specs = gather_and_step, (P(), P(), P(parallel.AXIS))
+  elif with_indices:
+    fn, in_specs = step_with_indices, (P(), P(parallel.AXIS), P(parallel.AXIS))
+  else:
+    fn, in_specs = step, (P(), P(parallel.AXIS))
   sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))
 
 
 def make_step_setup(config, num_devices: int, tx, host_crops: bool = False,
-                    total_steps: int = 0) -> StepSetup:
+                    total_steps: int = 0, num_examples: int = 0) -> StepSetup:
   """The static pieces of the step `config` describes on `num_devices` devices.
 
-  `total_steps` (0: unknown) reaches methods whose schedules span the run.
+  `total_steps` (0: unknown) reaches methods whose schedules span the run;
+  `num_examples` is the train split's size (a memory bank has a row per example).
   """
-  method = registry.create(config, num_devices).with_total_steps(total_steps)
+  method = registry.create(config, num_devices, num_examples).with_total_steps(total_steps)
   return StepSetup(method=method, tx=tx, aug=config.aug,
                    image_size=config.data.image_size, dtype=jnp.dtype(config.model.dtype),
                    host_crops=host_crops)

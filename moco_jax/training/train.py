@@ -56,7 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
   setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream,
-                                  total_steps=total_steps)
+                                  total_steps=total_steps, num_examples=len(train_ds))
 
   official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
   state = official_weights.init_state(step_lib.init_state(config, setup, mesh), official, config)
@@ -73,7 +73,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   log_run_summary(config, setup, train_ds, steps_per_epoch, total_steps, start_step)
 
   on_device = config.data.on_device and not plan.stream
-  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device)
+  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device,
+                                      with_indices=True)
   if plan.stream:
     next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
     if config.data.on_device:
@@ -164,9 +165,10 @@ def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch
 def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
   """step -> the arguments after `state` of the sharded step, for that step.
 
-  Either a sharded uint8 batch from the host pipeline, or (with
-  `data.on_device`) the device-resident split and the batch's indices. Both
-  read the same examples at the same step: `batching.train_indices`.
+  Either a sharded uint8 batch from the host pipeline and its dataset indices,
+  or (with `data.on_device`) the device-resident split and the batch's
+  indices. Both read the same examples at the same step:
+  `batching.train_indices`.
   """
   process, processes = jax.process_index(), jax.process_count()
   if config.data.on_device:
@@ -182,11 +184,17 @@ def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
   batches = batching.train_batches(
       train_ds, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=process, process_count=processes)
-  return lambda step: (parallel.shard_batch(next(batches)['image'], mesh),)
+
+  def feed(step):
+    del step  # The batches start at start_step and come in order.
+    batch = next(batches)
+    return (parallel.shard_batch(batch['image'], mesh),
+            parallel.shard_batch(batch['index'], mesh))
+  return feed
 
 
 def _stream_feeder(config, source, mesh: Mesh, start_step: int, total_steps: int) -> Callable:
-  """step -> (sharded crops,) from the streaming loader; reports replaced unreadable files.
+  """step -> (sharded crops, sharded indices) from the streaming loader; reports replaced files.
 
   This process reads and decodes only its slice of each global batch, as
   uint8 [b, 2, image_size, image_size, 3]: both views' crops
@@ -211,7 +219,8 @@ def _stream_feeder(config, source, mesh: Mesh, start_step: int, total_steps: int
       replaced[0] += bad
       logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
                       'in this run; the warnings above name them).', bad, replaced[0])
-    return (parallel.shard_batch(batch['image'], mesh),)
+    return (parallel.shard_batch(batch['image'], mesh),
+            parallel.shard_batch(batch['index'].astype(np.int32), mesh))
 
   feed.close = batches.close
   return feed
