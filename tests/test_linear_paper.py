@@ -16,6 +16,8 @@ from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.evaluation import features
 from moco_jax.evaluation import linear_paper
+from moco_jax.evaluation import linear_paper_ops
+from moco_jax.evaluation import linear_paper_store
 from moco_jax.evaluation import linear_probe
 from moco_jax.run import stopping
 
@@ -48,7 +50,7 @@ def setup():
   train_ds = sources.load_split(config.data, 'train')
   eval_ds = sources.load_split(config.data, 'eval')
   mesh = parallel.make_mesh()
-  val_ds = linear_paper.center_crop_split(eval_ds, config.eval.linear_center_crop)
+  val_ds = linear_paper_ops.center_crop_split(eval_ds, config.eval.linear_center_crop)
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
                                            normalize=False)
   return config, backbone, variables, train_ds, eval_ds, val_features
@@ -56,15 +58,15 @@ def setup():
 
 def test_lr_schedule_is_the_official_adjust_learning_rate():
   config = _config(linear_lr=30.0, linear_step_epochs=(60, 80))
-  lr0 = linear_paper.base_lr(config.eval, 512)
+  lr0 = linear_paper_ops.base_lr(config.eval, 512)
   assert lr0 == 60.0  # 30 x 512 / 256.
   for epoch in range(100):
     drops = (epoch >= 60) + (epoch >= 80)
-    assert linear_paper.epoch_lr(lr0, epoch, (60, 80)) == pytest.approx(60.0 * 0.1**drops,
+    assert linear_paper_ops.epoch_lr(lr0, epoch, (60, 80)) == pytest.approx(60.0 * 0.1**drops,
                                                                         rel=1e-12)
-  assert linear_paper.epoch_lr(30.0, 59, (60, 80)) == 30.0
-  assert linear_paper.epoch_lr(30.0, 60, (60, 80)) == pytest.approx(3.0)
-  assert linear_paper.epoch_lr(30.0, 80, (60, 80)) == pytest.approx(0.3)
+  assert linear_paper_ops.epoch_lr(30.0, 59, (60, 80)) == 30.0
+  assert linear_paper_ops.epoch_lr(30.0, 60, (60, 80)) == pytest.approx(3.0)
+  assert linear_paper_ops.epoch_lr(30.0, 80, (60, 80)) == pytest.approx(0.3)
 
 
 def _step_inputs(config, train_ds, step, mesh):
@@ -76,9 +78,9 @@ def _step_inputs(config, train_ds, step, mesh):
 
 
 def _views_features(config, backbone, variables, images, indices, epoch, train):
-  norm = linear_paper._Norm(tuple(config.aug.mean), tuple(config.aug.std))  # pylint: disable=protected-access
-  views = jax.vmap(lambda i, im: linear_paper.train_view(
-      linear_paper.view_key(config.seed, epoch, i), im, config.data.image_size,
+  norm = linear_paper_ops.Norm(tuple(config.aug.mean), tuple(config.aug.std))
+  views = jax.vmap(lambda i, im: linear_paper_ops.train_view(
+      linear_paper_ops.view_key(config.seed, epoch, i), im, config.data.image_size,
       tuple(config.eval.linear_crop_scale), tuple(config.aug.crop_ratio), norm))(
           jnp.asarray(indices), jnp.asarray(images))
   if train:  # Training mode: BN normalises by the batch's statistics and updates its own.
@@ -119,7 +121,7 @@ def test_two_steps_match_a_numpy_reference_and_use_inference_mode(setup):
   step_fn = linear_paper.make_train_step(
       backbone, mesh, config.data.image_size, tuple(config.eval.linear_crop_scale),
       tuple(config.aug.crop_ratio),
-      linear_paper._Norm(tuple(config.aug.mean), tuple(config.aug.std)),  # pylint: disable=protected-access
+      linear_paper_ops.Norm(tuple(config.aug.mean), tuple(config.aug.std)),
       config.model.dtype, 0.0, config.seed)
   state = linear_paper.initial_state(config.seed, val_features.shape[1], num_classes, 0)
   cls, buf = state['params'], state['momentum']
@@ -183,7 +185,7 @@ def test_resume_after_kill_and_after_sigterm_is_bit_identical(setup, tmp_path, m
   for other in (resumed, after_stop):
     jax.tree.map(np.testing.assert_array_equal, other['params'], whole['params'])
     assert other['rows'] == whole['rows']
-  assert linear_paper.read_curve(stopped) == whole['rows']
+  assert linear_paper_store.read_curve(stopped) == whole['rows']
   assert os.path.exists(os.path.join(stopped, 'curves.png'))
 
 
@@ -213,7 +215,7 @@ def test_linear_eval_paper_writes_its_keys_and_curve(tmp_path):
   with open(os.path.join(workdir, 'eval.json')) as f:
     saved = json.load(f)
   assert saved['linear_top1'] == 1.5 and saved['random_init_linear_paper_epochs'] == 3
-  rows = linear_paper.read_curve(os.path.join(workdir, 'random_init_linear_paper'))
+  rows = linear_paper_store.read_curve(os.path.join(workdir, 'random_init_linear_paper'))
   assert [r['epoch'] for r in rows] == [1, 2, 3]
   assert rows[-1]['val_top1'] == found['random_init_linear_paper_top1']
 
@@ -234,7 +236,7 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   eval_ds = sources.load_split(config.data, 'eval')
   mesh = parallel.make_mesh()
   val_features = features.extract_features(
-      config, backbone, variables, linear_paper.center_crop_split(eval_ds, 0.875), mesh, False)
+      config, backbone, variables, linear_paper_ops.center_crop_split(eval_ds, 0.875), mesh, False)
 
   def run(directory, **kw):
     return linear_paper.train_paper_classifier(config, backbone, variables, plan.source,

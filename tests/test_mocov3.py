@@ -24,6 +24,7 @@ from moco_jax.core import parallel
 from moco_jax.evaluation import export
 from moco_jax.methods import base
 from moco_jax.methods import mocov3
+from moco_jax.models import describe
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
@@ -463,6 +464,6 @@ def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch)
 def test_vit_checkpoint_mismatch_names_the_vit():
   from moco_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
-  shapes = checkpoints.expected_backbone_shapes(config.model)
+  shapes = describe.expected_backbone_shapes(config.model)
   patch, dim, depth, _ = models.VIT_ARCHS['vit_tiny']
-  assert checkpoints.describe_backbone(shapes) == f'ViT (patch {patch}, width {dim}, depth {depth})'
+  assert describe.describe_backbone(shapes) == f'ViT (patch {patch}, width {dim}, depth {depth})'

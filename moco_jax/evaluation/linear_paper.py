@@ -39,21 +39,18 @@ top-1, val top-1/top-5) and redraws curves.png. Results: eval.json keys
 """
 
 import functools
-import json
 import math
 import os
 import time
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax.augmentation import image_ops
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import batching
@@ -62,87 +59,13 @@ from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.data.dataset import ImageDataset
 from moco_jax.evaluation import features
+from moco_jax.evaluation import linear_paper_ops as ops
+from moco_jax.evaluation import linear_paper_store as store
 from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import results
-from moco_jax.run import checkpoints
 from moco_jax.run import metrics_writer
 from moco_jax.run import stopping
 
-RESULT_DIR = 'linear_paper'
-MOMENTUM = 0.9  # main_lincls.py's default.
-_VIEW_TAG = 0x6C696E  # 'lin': keeps these views' keys apart from pretraining's.
-
-
-# --------------------------------------------------------------------------
-# The schedule and the optimiser (pure functions).
-
-
-def base_lr(eval_config, batch: int) -> float:
-  """eval.linear_lr x batch / 256 (30 at the paper's batch of 256)."""
-  return float(eval_config.linear_lr) * batch / 256
-
-
-def epoch_lr(lr: float, epoch: int, milestones) -> float:
-  """The official adjust_learning_rate: lr x 0.1 for each milestone epoch <= `epoch` (0-based)."""
-  for milestone in milestones:
-    lr *= 0.1 if epoch >= milestone else 1.0
-  return lr
-
-
-def sgd_momentum(params, buf, grads, lr, weight_decay: float, momentum: float = MOMENTUM):
-  """torch.optim.SGD (dampening 0, no Nesterov): g += wd w; buf = m buf + g; w -= lr buf.
-
-  A zero initial buffer gives torch's first step (buf = g) exactly.
-  """
-  grads = jax.tree.map(lambda g, w: g + weight_decay * w, grads, params)
-  buf = jax.tree.map(lambda b, g: momentum * b + g, buf, grads)
-  params = jax.tree.map(lambda w, b: w - lr * b, params, buf)
-  return params, buf
-
-
-# --------------------------------------------------------------------------
-# Views.
-
-
-class _Norm(NamedTuple):
-  """What `image_ops.normalize` reads (hashable, for the compile cache)."""
-  mean: tuple
-  std: tuple
-
-
-def view_key(seed: int, epoch, index) -> jax.Array:
-  """The key of example `index`'s train view in `epoch`: a pure function of the three."""
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), _VIEW_TAG)
-  return jax.random.fold_in(jax.random.fold_in(key, epoch), index)
-
-
-def train_view(key: jax.Array, image: jax.Array, image_size: int, scale, ratio,
-               norm, crop: bool = True) -> jax.Array:
-  """RandomResizedCrop + RandomHorizontalFlip + Normalize of one uint8 [H, W, 3] image.
-
-  With `crop=False` the image is the crop already cut on the host (streamed
-  input, `host_crops.linear_uniforms`): only the flip and Normalize remain.
-  """
-  u = jax.random.uniform(key, (image_ops.CROP_UNIFORMS + 1,))
-  x = image.astype(jnp.float32) / 255.0
-  if crop:
-    box = image_ops.crop_box_from_uniforms(u[:-1], x.shape[0], x.shape[1], scale, ratio)
-    x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
-  x = jnp.where(u[-1] < 0.5, image_ops.hflip(x), x)
-  return image_ops.normalize(x, norm)
-
-
-def center_crop_split(ds: ImageDataset, fraction: float) -> ImageDataset:
-  """The central `fraction` of each cached square (a view, no copy): Resize(S/f) + CenterCrop(S).
-
-  The cached images are already the centre squares of the originals, so their
-  central 224/256, resized to image_size, is main_lincls.py's val transform.
-  """
-  side = ds.images.shape[1]
-  crop = max(1, int(round(side * fraction)))
-  top = (side - crop) // 2
-  return ImageDataset(ds.images[:, top:top + crop, top:top + crop], ds.labels, ds.num_classes,
-                      ds.class_names)
 
 
 # --------------------------------------------------------------------------
@@ -151,7 +74,7 @@ def center_crop_split(ds: ImageDataset, fraction: float) -> ImageDataset:
 
 @functools.lru_cache(maxsize=4)
 def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: tuple,
-                    norm: _Norm, dtype: str, weight_decay: float, seed: int,
+                    norm: ops.Norm, dtype: str, weight_decay: float, seed: int,
                     host_cropped: bool = False):
   """jit(shard_map(step)): (cls, buf, variables, images, labels, indices, epoch, lr) ->
   (cls, buf, mean loss, correct count).
@@ -164,8 +87,8 @@ def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: 
   """
 
   def step(cls, buf, variables, images, labels, indices, epoch, lr):
-    keys = jax.vmap(lambda i: view_key(seed, epoch, i))(indices)
-    views = jax.vmap(lambda k, im: train_view(k, im, image_size, scale, ratio, norm,
+    keys = jax.vmap(lambda i: ops.view_key(seed, epoch, i))(indices)
+    views = jax.vmap(lambda k, im: ops.train_view(k, im, image_size, scale, ratio, norm,
                                               crop=not host_cropped))(keys, images)
     feats = backbone.apply(variables, views.astype(jnp.dtype(dtype)), train=False)
     feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
@@ -176,7 +99,7 @@ def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: 
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(cls)
     grads = jax.lax.pmean(grads, parallel.AXIS)
-    cls, buf = sgd_momentum(cls, buf, grads, lr, weight_decay)
+    cls, buf = ops.sgd_momentum(cls, buf, grads, lr, weight_decay)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
     return (cls, buf, jax.lax.pmean(loss, parallel.AXIS),
             jax.lax.psum(correct, parallel.AXIS))
@@ -189,7 +112,7 @@ def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: 
 
 
 # --------------------------------------------------------------------------
-# State, checkpoints, curve.
+# State (its checkpoints and curve: linear_paper_store.py).
 
 
 def initial_state(seed: int, num_features: int, num_classes: int, backbone_step: int) -> dict:
@@ -202,85 +125,6 @@ def initial_state(seed: int, num_features: int, num_classes: int, backbone_step:
   return {'params': cls, 'momentum': jax.tree.map(jnp.zeros_like, cls),
           'step': np.int64(0), 'loss_sum': np.float64(0.0), 'correct_sum': np.int64(0),
           'backbone_step': np.int64(backbone_step)}
-
-
-def result_dir(workdir: str, prefix: str) -> str:
-  """WORKDIR/linear_paper (WORKDIR/random_init_linear_paper for the floor), absolute."""
-  return os.path.abspath(os.path.join(workdir, prefix + RESULT_DIR))
-
-
-def _manager(directory: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True, cleanup_tmp_directories=True,
-      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
-  return ocp.CheckpointManager(os.path.join(directory, 'checkpoints'), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
-
-
-def _restore(manager: ocp.CheckpointManager, state: dict) -> dict:
-  """The latest saved state (or `state` when there is none); refuses another backbone's."""
-  step = manager.latest_step()
-  if step is None:
-    return state
-  try:
-    restored = checkpoints.restore(manager, step, jax.device_get(state))
-  except Exception as e:  # pylint: disable=broad-except
-    raise errors.CheckpointError(
-        f'The linear-protocol checkpoint at step {step} in {manager.directory} does not restore '
-        f'into this run ({type(e).__name__}: {str(e)[:200]}): another model or dataset wrote '
-        'it. Delete that directory to start the protocol over.') from e
-  if int(restored['backbone_step']) != int(state['backbone_step']):
-    raise errors.CheckpointError(
-        f'{manager.directory} holds a classifier trained on the backbone of pretraining step '
-        f'{int(restored["backbone_step"])}, but the latest checkpoint is step '
-        f'{int(state["backbone_step"])}: delete that directory to evaluate the new one.')
-  return restored
-
-
-def _save(manager: ocp.CheckpointManager, state: dict):
-  manager.save(int(state['step']), args=ocp.args.StandardSave(jax.device_get(state)),
-               force=True)
-  manager.wait_until_finished()
-
-
-def read_curve(directory: str) -> list:
-  """The rows of DIRECTORY/metrics.jsonl ([] when absent)."""
-  path = os.path.join(directory, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_curve(directory: str, rows: list):
-  """metrics.jsonl (rewritten whole: a resume drops rows after the restored epoch) + curves.png."""
-  path = os.path.join(directory, 'metrics.jsonl')
-  with open(path + '.tmp', 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  os.replace(path + '.tmp', path)
-  try:
-    _plot_curve(rows, os.path.join(directory, 'curves.png'))
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning('Could not draw %s/curves.png (%s); metrics.jsonl has the curve.', directory,
-                    e)
-
-
-def _plot_curve(rows: list, path: str):
-  """Train loss (left), train and val top-1 (right) against epoch."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(9, 3.5), dpi=100, layout='constrained')
-  loss_ax, acc_ax = fig.subplots(1, 2)
-  epochs = [r['epoch'] for r in rows]
-  loss_ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', markersize=3)
-  loss_ax.set(xlabel='epoch', title='train loss (augmented views)')
-  acc_ax.plot(epochs, [r['train_top1'] for r in rows], marker='o', markersize=3, label='train')
-  acc_ax.plot(epochs, [r['val_top1'] for r in rows], marker='o', markersize=3, label='val')
-  acc_ax.set(xlabel='epoch', title='top-1 (%)')
-  acc_ax.legend()
-  for ax in (loss_ax, acc_ax):
-    ax.grid(True, alpha=0.3)
-  fig.savefig(path)
 
 
 # --------------------------------------------------------------------------
@@ -372,20 +216,20 @@ def train_paper_classifier(config, backbone, variables, train_ds,
   steps_per_epoch = _check_batch(batch, num, mesh)
   epochs = int(ec.linear_epochs)
   total = epochs * steps_per_epoch
-  lr0 = base_lr(ec, batch)
+  lr0 = ops.base_lr(ec, batch)
   milestones = tuple(int(m) for m in ec.linear_step_epochs)
   step_fn = make_train_step(backbone, mesh, int(config.data.image_size),
                             tuple(float(v) for v in ec.linear_crop_scale),
                             tuple(float(v) for v in config.aug.crop_ratio),
-                            _Norm(tuple(config.aug.mean), tuple(config.aug.std)),
+                            ops.Norm(tuple(config.aug.mean), tuple(config.aug.std)),
                             config.model.dtype, float(ec.linear_weight_decay), int(config.seed),
                             host_cropped=isinstance(train_ds, streaming.StreamSource))
   os.makedirs(directory, exist_ok=True)
-  manager = _manager(directory)
-  state = _restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
+  manager = store.manager(directory)
+  state = store.restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
                                           backbone_step))
   start = int(state['step'])
-  rows = [r for r in read_curve(directory) if r['epoch'] <= start // steps_per_epoch]
+  rows = [r for r in store.read_curve(directory) if r['epoch'] <= start // steps_per_epoch]
   if start:
     logging.info('Resuming the paper linear protocol at step %d/%d (epoch %d) from %s.', start,
                  total, start // steps_per_epoch + 1, manager.directory)
@@ -401,7 +245,7 @@ def train_paper_classifier(config, backbone, variables, train_ds,
   with stopping.StopWatcher(jax.process_count()) as watcher:
     while step < end:
       epoch = step // steps_per_epoch
-      lr = epoch_lr(lr0, epoch, milestones)
+      lr = ops.epoch_lr(lr0, epoch, milestones)
       b = next(batches)
       images, labels, indices = (parallel.shard_batch(b[k], mesh)
                                  for k in ('image', 'label', 'index'))
@@ -433,9 +277,9 @@ def train_paper_classifier(config, backbone, variables, train_ds,
         state = {'params': cls, 'momentum': buf, 'step': np.int64(step),
                  'loss_sum': np.float64(loss_sum), 'correct_sum': np.int64(correct_sum),
                  'backbone_step': np.int64(backbone_step)}
-        _save(manager, state)
+        store.save(manager, state)
         if epoch_done and jax.process_index() == 0:
-          _write_curve(directory, rows)
+          store.write_curve(directory, rows)
       if stop:
         manager.close()
         raise stopping.Interrupted(watcher.signum, step, True, str(manager.directory))
@@ -463,14 +307,14 @@ def run_paper_linear_eval(config, workdir: str) -> dict:
   train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
   eval_ds = sources.load_split(config.data, 'eval')
   num_classes = max(_num_classes(train_ds), eval_ds.num_classes)
-  val_ds = center_crop_split(eval_ds, float(config.eval.linear_center_crop))
+  val_ds = ops.center_crop_split(eval_ds, float(config.eval.linear_center_crop))
   logging.info('Paper linear protocol: val features of %d images (centre %.3f of each, resized to '
                '%d px), once: the backbone is frozen.', len(val_ds), config.eval.linear_center_crop,
                config.data.image_size)
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
                                            normalize=False)
   logging.info('Val features %s in %.1f s.', val_features.shape, time.perf_counter() - start)
-  directory = result_dir(workdir, prefix)
+  directory = store.result_dir(workdir, prefix)
   out = train_paper_classifier(config, backbone, variables, train_ds, val_features,
                                eval_ds.labels, num_classes, mesh, directory, step)
   top1, top5 = val_accuracy(out['params'], val_features, eval_ds.labels)

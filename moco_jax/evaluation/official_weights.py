@@ -28,6 +28,7 @@ import numpy as np
 from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.evaluation import export
+from moco_jax.models import describe
 from moco_jax.run import checkpoints
 
 ENCODERS = ('encoder_q', 'encoder_k')
@@ -116,8 +117,8 @@ def backbone_from_official(tv_state: dict, params, batch_stats, model_config, wh
   try:
     return export.backbone_from_torchvision(tv_state, params, batch_stats)
   except (KeyError, ValueError) as e:
-    found = checkpoints.describe_backbone(_conv_shapes(tv_state))
-    expected = checkpoints.describe_backbone(checkpoints.expected_backbone_shapes(model_config))
+    found = describe.describe_backbone(_conv_shapes(tv_state))
+    expected = describe.describe_backbone(describe.expected_backbone_shapes(model_config))
     what = f'{e.args[0]} is missing' if isinstance(e, KeyError) else str(e).rstrip('.')
     raise errors.CheckpointError(
         f'{where}: {what}. The file holds a {found} backbone, the config builds a {expected} '

@@ -140,6 +140,21 @@ def create_encoder(model_config, bn_mode: str, bn_splits: int, num_devices: int)
                                bn_splits=bn_groups_per_device(bn_mode, bn_splits, num_devices))
 
 
+def check_temperature_and_momentum(config, section: str, temperature_hint: str,
+                                   momentum_hint: str = ''):
+  """ConfigError unless config.<section>.temperature > 0 and (if it has one) momentum in [0, 1).
+
+  The hints say the published values, e.g. 'paper: 0.2'.
+  """
+  values = config[section]
+  if not values.temperature > 0:
+    raise errors.ConfigError(f'config.{section}.temperature={values.temperature} must be > 0 '
+                             f'({temperature_hint}).')
+  if momentum_hint and not 0 <= values.momentum < 1:
+    raise errors.ConfigError(f'config.{section}.momentum={values.momentum} must be in [0, 1) '
+                             f'({momentum_hint}).')
+
+
 def check_bn_config(section: str, bn_mode: str, bn_splits: int, batch: int, num_devices: int,
                     modes=BN_MODES):
   """ConfigError unless `config.<section>.bn_mode` is one of `modes` and its groups divide the batch."""

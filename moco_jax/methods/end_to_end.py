@@ -60,9 +60,7 @@ class EndToEnd(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     section = config.end_to_end
-    if not section.temperature > 0:
-      raise errors.ConfigError(
-          f'config.end_to_end.temperature={section.temperature} must be > 0 (MoCo v1: 0.07).')
+    contrastive.check_temperature_and_momentum(config, 'end_to_end', 'MoCo v1: 0.07')
     if config.batch_size < 2:
       raise errors.ConfigError(
           f'config.batch_size={config.batch_size}: end-to-end needs >= 2 (its negatives are '

@@ -102,9 +102,7 @@ class MemoryBank(base.Method):
     section = config.memory_bank
     contrastive.check_bn_config('memory_bank', section.bn_mode, -1, config.batch_size,
                                 num_devices, modes=('local', 'sync'))
-    if not section.temperature > 0:
-      raise errors.ConfigError(
-          f'config.memory_bank.temperature={section.temperature} must be > 0 (InstDisc: 0.07).')
+    contrastive.check_temperature_and_momentum(config, 'memory_bank', 'InstDisc: 0.07')
     if not section.num_negatives > 0:
       raise errors.ConfigError(f'config.memory_bank.num_negatives={section.num_negatives} must '
                                'be > 0 (InstDisc: 4096).')

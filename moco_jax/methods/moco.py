@@ -82,10 +82,7 @@ class MoCo(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     moco, batch = config.moco, config.batch_size
-    _require(moco.temperature > 0,
-             f'config.moco.temperature={moco.temperature} must be > 0 (paper: 0.2).')
-    _require(0 <= moco.momentum < 1,
-             f'config.moco.momentum={moco.momentum} must be in [0, 1) (paper: 0.999).')
+    contrastive.check_temperature_and_momentum(config, 'moco', 'paper: 0.2', 'paper: 0.999')
     _require(moco.queue_size >= batch,
              f'config.moco.queue_size={moco.queue_size} must be >= config.batch_size={batch}: '
              'each step enqueues the whole global batch.')

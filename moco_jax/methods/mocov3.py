@@ -102,11 +102,9 @@ class MoCoV3(base.Method):
 
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
-    v3, model = config.mocov3, config.model
-    _require(v3.temperature > 0,
-             f'config.mocov3.temperature={v3.temperature} must be > 0 (ResNet 1.0, ViT 0.2).')
-    _require(0 <= v3.momentum < 1,
-             f'config.mocov3.momentum={v3.momentum} must be in [0, 1) (paper: 0.99).')
+    model = config.model
+    contrastive.check_temperature_and_momentum(config, 'mocov3', 'ResNet 1.0, ViT 0.2',
+                                               'paper: 0.99')
     _require(model.mlp_dim > 0 and model.embed_dim > 0,
              f'config.model.mlp_dim={model.mlp_dim} and config.model.embed_dim='
              f'{model.embed_dim} must be > 0 (paper: 4096 and 256).')

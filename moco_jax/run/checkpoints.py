@@ -7,20 +7,18 @@ so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import threading
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from absl import logging
 
-from moco_jax import models
 from moco_jax.core import errors
+from moco_jax.models import describe
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -145,9 +143,9 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   if found == _shapes(target):
     return
   params = _trained_params(metadata) if hasattr(metadata, 'get') else None
-  backbone = _flat_shapes(params.get('backbone', {})) if params is not None else {}
-  described = describe_backbone(backbone) if backbone else 'an unknown backbone'
-  wanted = describe_backbone(_flat_shapes(target.params.get('backbone', {})))
+  backbone = describe.flat_shapes(params.get('backbone', {})) if params is not None else {}
+  described = describe.describe_backbone(backbone) if backbone else 'an unknown backbone'
+  wanted = describe.describe_backbone(describe.flat_shapes(target.params.get('backbone', {})))
   raise errors.CheckpointError(
       f'The checkpoint at step {step} in {manager.directory} holds another train state '
       f'({described}, {len(found)} arrays; this config builds {wanted}, '
@@ -209,59 +207,12 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 # --------------------------------------------------------------------------
-# Describing and checking backbones.
-
-
-def _flat_shapes(tree) -> dict:
-  """{'layer1_0/conv1/kernel': (3, 3, 8, 8), ...} of a nested dict of arrays/metadata."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    key = '/'.join(str(getattr(p, 'key', p)) for p in path)
-    out[key] = tuple(leaf.shape)
-  return out
-
-
-def describe_backbone(param_shapes: dict) -> str:
-  """'resnet18 (stem cifar, width 16, 128 features)' from flat backbone param shapes."""
-  patch = param_shapes.get('patch_kernel')
-  if patch is not None:  # models/vit.py: patch_kernel [P, P, 3, D], blocks block0, block1, ...
-    depth = len({k.split('/')[0] for k in param_shapes if k.startswith('block')})
-    return f'ViT (patch {patch[0]}, width {patch[-1]}, depth {depth})'
-  stem_kernel = param_shapes.get('conv1/kernel')
-  if stem_kernel is None:
-    return 'an unknown network (no conv1/kernel)'
-  stem = {7: 'imagenet', 3: 'cifar'}.get(stem_kernel[0], f'{stem_kernel[0]}x{stem_kernel[0]}')
-  blocks = {}
-  for key in param_shapes:
-    match = re.match(r'layer(\d+)_(\d+)/', key)
-    if match:
-      stage, block = int(match.group(1)), int(match.group(2))
-      blocks[stage] = max(blocks.get(stage, 0), block + 1)
-  stage_sizes = tuple(blocks[s] for s in sorted(blocks))
-  bottleneck = 'layer1_0/conv3/kernel' in param_shapes
-  name = 'custom resnet'
-  for arch, (sizes, block_cls) in models.ARCHS.items():
-    if tuple(sizes) == stage_sizes and (block_cls is models.Bottleneck) == bottleneck:
-      name = arch
-  last = f'layer{len(stage_sizes)}_{stage_sizes[-1] - 1}/' if stage_sizes else ''
-  out_kernel = param_shapes.get(last + ('conv3/kernel' if bottleneck else 'conv2/kernel'))
-  features = out_kernel[-1] if out_kernel else '?'
-  return (f'{name} (stages {list(stage_sizes)}, stem {stem}, width {stem_kernel[-1]}, '
-          f'{features} features)')
-
-
-def expected_backbone_shapes(model_config) -> dict:
-  """Flat param shapes of the backbone `model_config` describes (no compute)."""
-  backbone = models.create_backbone(model_config)
-  dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x, train=False),
-                             dummy)
-  return _flat_shapes(variables['params'])
+# Checking backbones.
 
 
 def check_backbone_matches(found: dict, model_config, where: str, workdir: str):
   """Raises ValueError naming both architectures if `found` is not `model_config`'s backbone."""
-  expected = expected_backbone_shapes(model_config)
+  expected = describe.expected_backbone_shapes(model_config)
   if found == expected:
     return
   diffs = []
@@ -271,8 +222,8 @@ def check_backbone_matches(found: dict, model_config, where: str, workdir: str):
                    f'{expected.get(key, "missing")}')
   hint = _pretraining_model_hint(workdir)
   raise errors.CheckpointError(
-      f'{where} holds a {describe_backbone(found)} backbone, but the config asks for '
-      f'{describe_backbone(expected)} (config.model.name={model_config.name!r}, '
+      f'{where} holds a {describe.describe_backbone(found)} backbone, but the config asks for '
+      f'{describe.describe_backbone(expected)} (config.model.name={model_config.name!r}, '
       f'stem={model_config.stem!r}, width={model_config.width}). First differences: '
       f'{"; ".join(diffs[:3])}. Evaluate with the model of the pretraining run{hint}.')
 
@@ -332,7 +283,7 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
         params = _trained_params(metadata) if metadata is not None else None
         if params is None:
           raise errors.CheckpointError(f'{where} is not a train state of this code (no params).')
-        found = _flat_shapes(params.get('backbone', {}))
+        found = describe.flat_shapes(params.get('backbone', {}))
         check_backbone_matches(found, model_config, where, workdir)
         # Onto this process's first device: the checkpoint may come from another topology
         # (pretrained on 8 GPUs, evaluated on 1).
