@@ -424,35 +424,16 @@ def test_mocov3_solarize_and_per_view_probabilities():
 
 def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
-  import time  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import batching  # pylint: disable=g-import-not-at-top
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
   from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
   config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
   straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
   workdir = tmp_path / 'resumed'
-  real_batches = batching.train_batches
-
-  def crashing_batches(*args, **kwargs):
-    for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if i == 3:
-        deadline = time.time() + 60
-        while not (workdir / 'checkpoints' / '2').is_dir() and time.time() < deadline:
-          time.sleep(0.1)
-        raise KeyboardInterrupt('simulated kill')
-      yield batch
-
-  monkeypatch.setattr(batching, 'train_batches', crashing_batches)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(workdir))
-  monkeypatch.setattr(batching, 'train_batches', real_batches)
-  resumed = jax.device_get(train.train_and_evaluate(config, str(workdir)))
-  leaves_a, tree_a = jax.tree.flatten(straight)
-  leaves_b, tree_b = jax.tree.flatten(resumed)
-  assert tree_a == tree_b
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  resumed = jax.device_get(
+      test_resume.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
+  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
   assert int(resumed.method_state.step) == 4
   # Every evaluation reads the ViT backbone from the checkpoint: class-token features.
   backbone, variables, step, _ = features.load_backbone(config, str(workdir))

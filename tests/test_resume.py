@@ -80,18 +80,15 @@ def straight(tmp_path_factory):
                                                  str(tmp_path_factory.mktemp('straight'))))
 
 
-def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, straight):
-  config = _config(steps=6)
-
-  workdir = tmp_path / 'resumed'
+def crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint: int):
+  """Trains until checkpoint `checkpoint` is complete, dies at the next batch, reruns; the final state."""
   real_batches = batching.train_batches
 
   def crashing_batches(*args, **kwargs):
-    """Serves 4 batches, waits for the step-3 checkpoint to be complete, then dies."""
     for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if i == 4:
+      if i == checkpoint + 1:
         deadline = time.time() + 60
-        while not (workdir / 'checkpoints' / '3').is_dir() and time.time() < deadline:
+        while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
           time.sleep(0.1)
         raise KeyboardInterrupt('simulated kill')
       yield batch
@@ -100,7 +97,14 @@ def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, st
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(workdir))
   monkeypatch.setattr(batching, 'train_batches', real_batches)
-  resumed = train.train_and_evaluate(config, str(workdir))
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, straight):
+  config = _config(steps=6)
+  workdir = tmp_path / 'resumed'
+  # Serves 4 batches, waits for the step-3 checkpoint to be complete, then dies.
+  resumed = crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=3)
   _assert_same_state(straight, resumed)
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   # The rerun started from the checkpoint at step 3, not from scratch.
