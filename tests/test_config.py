@@ -64,6 +64,7 @@ def test_shipped_configs_validate(name):
     ('aug.std', (0.2, 0.0, 0.2), 'config.aug.std=(0.2, 0.0, 0.2) must be 3 numbers > 0'),
     ('optim.base_lr', float('nan'), 'config.optim.base_lr=nan must be > 0'),
     ('optim.step_epochs', (160, 120), 'config.optim.step_epochs=(160, 120) must be ascending'),
+    ('model.dtype', 'float64', "config.model.dtype='float64' needs JAX_ENABLE_X64=1"),
 ])
 def test_bad_values_are_rejected_with_the_field_name(field, value, needle):
   config = tiny.get_config()

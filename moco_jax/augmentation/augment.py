@@ -62,8 +62,8 @@ def view_probs(aug_config, name: str) -> tuple:
 
 
 def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
-                crop: bool = True, second_view=False) -> jax.Array:
-  """One MoCo view of one uint8 image [S, S, 3]: float32 [size, size, 3], normalised.
+                crop: bool = True, second_view=False, dtype=jnp.float32) -> jax.Array:
+  """One MoCo view of one uint8 image [S, S, 3]: `dtype` [size, size, 3], normalised.
 
   All of a view's random numbers come from one `uniform` draw: each
   jax.random call inlines a threefry hash, and a dozen of them per view made
@@ -74,6 +74,8 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
   `second_view` (a traced bool) picks the second view's blur and solarize
   probabilities (`view_probs`). Solarize draws one more uniform, only when
   some view uses it, so configs without it draw exactly what they drew before.
+  `dtype` is float32, or float64 in a float64 run: then no float32 rounding
+  (whose last bit XLA may round differently for another batch size) enters.
   """
   blur_probs, solarize_probs = view_probs(aug_config, 'blur'), view_probs(aug_config, 'solarize')
   solarize = max(solarize_probs) > 0
@@ -82,7 +84,7 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
   u_factors, u_order = u[0:4], u[4:8]
   u_jitter, u_gray, u_sigma, u_blur, u_flip = u[8], u[9], u[10], u[11], u[12]
 
-  x = image.astype(jnp.float32) / 255.0
+  x = image.astype(dtype) / 255.0
   if crop:
     box = image_ops.crop_box_from_uniforms(u_crop, x.shape[0], x.shape[1],
                                            tuple(aug_config.crop_scale),
@@ -130,8 +132,9 @@ def two_views(rng, images, example_ids, aug_config, image_size, dtype=jnp.float3
   batch = images.shape[0]
   # Both views in one vmap over 2B examples: one copy of the program to
   # compile (half the compile time) and twice the work per kernel launch.
+  compute = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 in a float64 run.
   views = jax.vmap(lambda k, im, second: random_view(k, im, aug_config, image_size,
-                                                     second_view=second))(
+                                                     second_view=second, dtype=compute))(
       _view_keys(rng, example_ids), jnp.concatenate([images, images]), _second_view(batch))
   views = views.astype(dtype)
   return views[:batch], views[batch:]
@@ -165,8 +168,9 @@ def two_views_from_crops(rng, crops, example_ids, aug_config, image_size, dtype=
     per-example uniforms as `two_views` draws them.
   """
   batch = crops.shape[0]
+  compute = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 in a float64 run.
   views = jax.vmap(lambda k, im, second: random_view(k, im, aug_config, image_size, crop=False,
-                                                     second_view=second))(
+                                                     second_view=second, dtype=compute))(
       _view_keys(rng, example_ids), jnp.concatenate([crops[:, 0], crops[:, 1]]),
       _second_view(batch))
   views = views.astype(dtype)

@@ -84,7 +84,8 @@ def in_batch_logits(queries: jax.Array, local_keys: jax.Array, temperature: floa
   against one device). The label of a query is its own key's global index.
   """
   keys = jax.lax.all_gather(local_keys, parallel.AXIS, tiled=True)
-  logits = jnp.dot(queries.astype(jnp.float32), keys.astype(jnp.float32).T,
+  dtype = jnp.promote_types(queries.dtype, jnp.float32)  # float64 stays float64.
+  logits = jnp.dot(queries.astype(dtype), keys.astype(dtype).T,
                    precision=jax.lax.Precision.HIGHEST) / temperature
   return logits, global_labels(queries.shape[0])
 

@@ -31,7 +31,7 @@ class MLP(nn.Module):
     out_dim: output width (dim, 256).
     last_bn: end in BatchNorm without affine.
     bn_axis_name: mapped axis for SyncBN, or None.
-    dtype: compute dtype (output is float32).
+    dtype: compute dtype (output is float32, float64 for a float64 run).
   """
   num_layers: int
   hidden_dim: int
@@ -52,7 +52,7 @@ class MLP(nn.Module):
         x = nn.relu(norm(name=f'bn{i + 1}')(x))
       elif self.last_bn:
         x = norm(affine=False, name=f'bn{i + 1}')(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64.
 
 
 class MoCoV3Encoder(nn.Module):

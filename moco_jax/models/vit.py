@@ -81,7 +81,8 @@ class EncoderBlock(nn.Module):
     qkv = qkv.reshape(batch, tokens, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     attn = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+    attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)),
+                          axis=-1).astype(self.dtype)
     y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(batch, tokens, self.dim)
     x = x + dense(self.dim, 'proj')(y)
     y = dense(self.dim * self.mlp_ratio, 'fc1')(norm('norm2')(x))

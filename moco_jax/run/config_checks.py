@@ -7,6 +7,7 @@ costs a second, not a traceback from inside XLA after minutes of compilation.
 import math
 import numbers
 
+import jax
 import ml_collections
 
 from moco_jax import models
@@ -18,7 +19,7 @@ _CHOICES = {
     ('model', 'name'): models.NAMES,
     ('model', 'stem'): ('imagenet', 'cifar'),
     ('model', 'head'): ('mlp', 'linear'),
-    ('model', 'dtype'): ('float32', 'bfloat16'),
+    ('model', 'dtype'): ('float32', 'bfloat16', 'float64'),
     ('optim', 'name'): optim.OPTIMIZERS,
     ('optim', 'schedule'): ('cosine', 'step', 'constant'),
     ('data', 'source'): ('tfds', 'folder', 'synthetic'),
@@ -40,6 +41,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     value = config[section][field]
     _require(value in choices,
              f'config.{section}.{field}={value!r} is not one of {list(choices)}.')
+  _require(config.model.dtype != 'float64' or jax.config.jax_enable_x64,
+           "config.model.dtype='float64' needs JAX_ENABLE_X64=1 in the environment (float64 is "
+           'for numerical checks: XLA:CPU runs it several times slower than float32).')
   batch = config.batch_size
   _require(isinstance(batch, int) and batch > 0, f'config.batch_size={batch!r} must be > 0.')
   _require(batch % num_devices == 0,

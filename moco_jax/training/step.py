@@ -150,5 +150,23 @@ def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
   """
   create = functools.partial(state_lib.create_train_state, method=setup.method, tx=setup.tx,
                              image_size=config.data.image_size)
+  if setup.dtype == jnp.float64:  # Numerical checks: the whole state in float64 (x64 enabled).
+    create = _in_float64(create)
   return jax.jit(create, out_shardings=NamedSharding(mesh, P()))(
       jax.random.PRNGKey(config.seed))
+
+
+def _in_float64(create: Callable) -> Callable:
+  """`create` with every floating leaf of the state it returns cast to float64.
+
+  With `model.dtype='float64'` the network computes in float64, but Flax and
+  optax initialise in float32; casting the parameters, statistics, optimiser
+  and method state too leaves no float32 rounding anywhere, so two runs that
+  differ only in summation order (1 vs 8 devices, 1 vs 2 processes) differ by
+  float64 rounding alone (tests/rounding.py).
+  """
+  def create64(rng):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        create(rng))
+  return create64
