@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
+import rounding
 from configs import tiny
 from moco_jax import models
 from moco_jax.core import parallel
@@ -369,12 +370,12 @@ def test_mocov3_one_and_eight_devices_agree(variant):
   config = tiny.get_config(variant)
   # Small enough to compile quickly on 8 simulated devices (2 examples each).
   config.batch_size, config.data.image_size, config.model.width = 16, 16, 4
-  one, one_losses = _run(config, jax.devices()[:1])
-  eight, eight_losses = _run(config, jax.devices()[:8])
-  np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-4)
-  for name in ('params', 'batch_stats', 'method_state'):
-    for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(eight, name))):
-      np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5, err_msg=name)
+  with rounding.precise(config):  # Equal to float64 rounding (tests/rounding.py).
+    one, one_losses = _run(config, jax.devices()[:1])
+    eight, eight_losses = _run(config, jax.devices()[:8])
+  rounding.assert_logged_agree([{'loss': x} for x in eight_losses],
+                               [{'loss': x} for x in one_losses])
+  rounding.assert_agree_to_rounding(eight, one, f'{variant} state')
   assert int(one.method_state.step) == 2
 
 

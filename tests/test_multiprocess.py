@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import pytest
 
+import rounding
 from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
@@ -44,8 +45,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 HEARTBEAT_S = 15  # Short, so that the SIGKILL test is quick; long enough for a loaded CI box.
 RUN_TIMEOUT_S = 240
-# 2 processes vs 1 process: float32 sums in another order (see the checkpoint test).
-RTOL, ATOL = 1e-4, 1e-6
+
+
+# Both sides run in float64 (tests/rounding.py): 2 processes and 1 then differ by
+# float64 rounding alone, a bound that holds on any CPU.
 
 
 def _config():
@@ -53,12 +56,13 @@ def _config():
   config.num_train_steps = STEPS
   config.checkpoint_every_steps = 4
   config.log_every_steps = 1
+  config.model.dtype = rounding.DTYPE
   return config
 
 
 def _flags():
   return [f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=4',
-          '--config.log_every_steps=1']
+          '--config.log_every_steps=1', f'--config.model.dtype={rounding.DTYPE}']
 
 
 def _free_port() -> int:
@@ -76,6 +80,7 @@ class TwoProcesses:
     env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                               env.get('XLA_FLAGS', ''))
     env.pop('MOCO_TEST_GATE', None)
+    env['JAX_ENABLE_X64'] = '1' if rounding.DTYPE == 'float64' else '0'
     if gate:
       env['MOCO_TEST_GATE'] = gate
     self.logs = [os.path.join(logdir, f'{name}.{i}.log') for i in range(2)]
@@ -195,9 +200,10 @@ def chain(tmp_path_factory):
 def reference(tmp_path_factory):
   """The uninterrupted run on 1 process x 8 devices, in this process."""
   workdir = tmp_path_factory.mktemp('one_process')
-  state = train.train_and_evaluate(_config(), str(workdir))
-  return {'workdir': workdir, 'state': jax.device_get(state),
-          'knn': knn.run_knn(_config(), str(workdir))}
+  with rounding.precise(_config()) as config:
+    state = train.train_and_evaluate(config, str(workdir))
+    return {'workdir': workdir, 'state': jax.device_get(state),
+            'knn': knn.run_knn(config, str(workdir))}
 
 
 def _restore(workdir, step):
@@ -239,28 +245,17 @@ def test_sigterm_both_saves_the_same_step_and_the_rerun_resumes(chain):
 
 
 def test_two_processes_give_the_one_process_checkpoint(chain, reference):
-  """Equal up to float32 summation order: RTOL, ATOL.
+  """Equal up to float64 summation order (tests/rounding.py).
 
   Gradients and BatchNorm statistics are averaged over the 8 devices by an
   all-reduce: within one process XLA adds the 8 values in one order; across
   2 processes gloo adds each process's 4 and then the 2 partial sums, which
-  rounds differently (about 1 ulp), and 8 SGD steps carry that on. Integers
-  (step, queue pointer, RNG key) must match exactly.
+  rounds differently, and 8 SGD steps carry that on. Integers (step, queue
+  pointer, RNG key) must match exactly.
   """
-  two = _restore(chain['workdir'], STEPS)
-  one = reference['state']
-  leaves_two, tree_two = jax.tree.flatten(two)
-  leaves_one, tree_one = jax.tree.flatten(one)
-  assert tree_two == tree_one
-  worst = 0.0
-  for a, b in zip(leaves_two, leaves_one):
-    a, b = np.asarray(a), np.asarray(b)
-    if not np.issubdtype(a.dtype, np.floating):
-      np.testing.assert_array_equal(a, b)
-      continue
-    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
-    worst = max(worst, float(np.max(np.abs(a - b) / (ATOL + RTOL * np.abs(b)))))
-  print(f'largest difference: {worst:.3f} of the tolerance')
+  with jax.enable_x64(rounding.DTYPE == 'float64'):
+    two = _restore(chain['workdir'], STEPS)
+  rounding.assert_agree_to_rounding(two, reference['state'], '2 processes vs 1, step 8')
 
 
 def test_knn_on_two_processes_equals_one_process(chain, reference):
@@ -287,12 +282,15 @@ def test_only_process_0_writes_metrics_and_config(chain):
 
 
 def test_export_of_a_two_process_checkpoint(chain, reference):
-  path_two = export.run_export(_config(), str(chain['workdir']))
-  path_one = export.run_export(_config(), str(reference['workdir']))
+  with jax.enable_x64(rounding.DTYPE == 'float64'):
+    path_two = export.run_export(_config(), str(chain['workdir']))
+    path_one = export.run_export(_config(), str(reference['workdir']))
   two, one = np.load(path_two), np.load(path_one)
   assert sorted(two.files) == sorted(one.files) and 'conv1.weight' in two.files
-  for key in one.files:
-    np.testing.assert_allclose(two[key], one[key], rtol=RTOL, atol=ATOL, err_msg=key)
+  for key in one.files:  # float32 files of float64 runs: rounding, then two float32 roundings.
+    if rounding.DTYPE == 'float64':
+      np.testing.assert_allclose(two[key], one[key], rtol=np.finfo(np.float32).eps,
+                                 atol=rounding.RTOL * max(np.abs(one[key]).max(), 1), err_msg=key)
 
 
 def test_pmean_packed_is_pmean_in_one_all_reduce():
