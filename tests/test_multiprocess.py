@@ -72,9 +72,13 @@ def _free_port() -> int:
 
 
 class TwoProcesses:
-  """`python tests/multiprocess_main.py` x 2 on 127.0.0.1, 4 CPU devices each."""
+  """`python tests/multiprocess_main.py` x 2 on 127.0.0.1, 4 CPU devices each.
 
-  def __init__(self, workdir, logdir, name, gate=None, extra=()):
+  `flags`: the --config overrides of both processes (default: this module's
+  `_flags()`: STEPS steps of configs/tiny.py); `extra`: more flags after them.
+  """
+
+  def __init__(self, workdir, logdir, name, gate=None, extra=(), flags=None):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}')
     env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
@@ -90,7 +94,7 @@ class TwoProcesses:
                  f'--workdir={workdir}', '--cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
                  '--num_processes=2', f'--process_id={i}',
                  f'--heartbeat_timeout_seconds={HEARTBEAT_S}', '--initialization_timeout=120',
-                 *_flags(), *extra]
+                 *(_flags() if flags is None else flags), *extra]
       with open(self.logs[i], 'w') as log:
         self.procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                            stderr=subprocess.STDOUT))
