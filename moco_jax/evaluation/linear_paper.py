@@ -189,8 +189,12 @@ def local_batches(config, train_ds, batch: int, start: int, end: int) -> Iterato
         start_step=start, end_step=end, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=threads, num_processes=processes,
         uniforms=host_crops.linear_uniforms)
-    for b in stream:
-      yield {'image': b['image'][:, 0], 'label': b['label'], 'index': b['index'].astype(np.int32)}
+    try:
+      for b in stream:
+        yield {'image': b['image'][:, 0], 'label': b['label'], 'index': b['index'].astype(np.int32)}
+    finally:
+      if hasattr(stream, 'close'):
+        stream.close()
     return
   first = jax.process_index() * local
   for step in range(start, end):
