@@ -316,6 +316,15 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
 
   subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
+  # A train split of another size cannot resume the bank (one row per image): one line naming
+  # the bank's two shapes, even with the config change allowed.
+  grown = subprocess.run(
+      command(tmp_path / 'straight') + [f'--config.num_train_steps={steps + 2}',
+                                        '--config.data.synthetic_examples=128',
+                                        '--config.allow_config_change=True'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert grown.returncode == 2 and 'Traceback' not in grown.stderr, grown.stderr[-2000:]
+  assert 'method_state/bank [256, 16] in the checkpoint, [128, 16] now' in grown.stderr
   killed = tmp_path / 'killed'
   finished_before_kill = test_resume._sigkill_after_checkpoint(command(killed), killed, env, steps)
   subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
@@ -339,3 +348,17 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
                 - np.asarray(_setup(config, 2, 256)[2].method_state.bank)).max() > 0
   result = knn.run_knn(config, str(killed))
   assert 0 <= result['knn_top1'] <= 100
+
+
+def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
+  """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from tests import test_resume  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.method = 'end_to_end'
+  config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
+  straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
+  resumed = test_resume.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
+                                                         monkeypatch, checkpoint=2)
+  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
+  assert int(straight.step) == 4

@@ -134,6 +134,28 @@ def _shapes(tree) -> list:
   return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape'))
 
 
+def _key_name(key) -> str:
+  for field in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey.
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
+def _named_shapes(tree) -> dict:
+  """'method_state/bank' -> shape, for every array of a train state or its metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in flat if hasattr(leaf, 'shape')}
+
+
+def _shape_changes(found, wanted, limit: int = 3) -> str:
+  """The first `limit` arrays whose shape differs between two train states, as text."""
+  found, wanted = _named_shapes(found), _named_shapes(wanted)
+  changed = [f'{name} {list(found[name])} in the checkpoint, {list(shape)} now'
+             for name, shape in wanted.items() if name in found and found[name] != shape]
+  return '; '.join(changed[:limit]) + (' ...' if len(changed) > limit else '')
+
+
 def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   """CheckpointError if checkpoint `step` holds another model's state (read from metadata)."""
   metadata = manager.item_metadata(step)
@@ -146,6 +168,15 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   backbone = describe.flat_shapes(params.get('backbone', {})) if params is not None else {}
   described = describe.describe_backbone(backbone) if backbone else 'an unknown backbone'
   wanted = describe.describe_backbone(describe.flat_shapes(target.params.get('backbone', {})))
+  changes = _shape_changes(metadata, target)
+  if changes and described == wanted:
+    # Same model: the method's state differs, e.g. a memory bank's rows (one per training
+    # image) after the train split changed size.
+    raise errors.CheckpointError(
+        f'The checkpoint at step {step} in {manager.directory} holds the same model but '
+        f'method state of other sizes ({changes}): the method\'s sizes (e.g. moco.queue_size) '
+        'or, for method=memory_bank (one bank row per training image), the train split\'s size '
+        'changed. Rerun with the config and data that wrote it, or pass a new --workdir.')
   raise errors.CheckpointError(
       f'The checkpoint at step {step} in {manager.directory} holds another train state '
       f'({described}, {len(found)} arrays; this config builds {wanted}, '
