@@ -8,6 +8,7 @@ directory, runs main.py as a user would, and classifies what happened:
   clean    the expected ending: one `Error (<kind>): ...` line, exit code 2, no
            traceback (or, for inputs that must work, exit 0 with the skip counted)
   TRACE    a Python traceback reached the user
+  NOISE    a library's warning reached the user (grain's leaked shared memory)
   SILENT   exit 0 where the input should have been refused, or no count of a skip
   HANG     still running after --timeout seconds
   other    any other ending (wrong exit code, message missing)
@@ -398,7 +399,40 @@ def second_catalogue():
   add('checkpoints', 'checkpoint save over a file-size limit (ulimit -f)',
       lambda t: ([], [*TINY, wd(t), *SMALL_RUN, f'{_FSIZE}{200 * 1024}']))
   add('config', '--config.seed=-1', lambda t: ([], [*TINY, wd(t), '--config.seed=-1']))
+  _mechanism_cases(add, wd, stream)
   return c
+
+
+def _mechanism_cases(add, wd, stream):
+  """Issue 21's methods (config.method): values, resumes that cannot hold, streamed runs."""
+  add('mechanisms', '--config.method=end-to-end (typo)',
+      lambda t: ([], [*TINY, wd(t), '--config.method=end-to-end']))
+  add('mechanisms', 'method=memory_bank with memory_bank.num_negatives=0',
+      lambda t: ([], [*TINY, wd(t), '--config.method=memory_bank',
+                      '--config.memory_bank.num_negatives=0']))
+
+  def bank_run(t, *extra):
+    src = _tree(t)
+    return [*TINY, f'--workdir={os.path.join(t, "run")}', f'--config.data.path={src}',
+            *FOLDER_RUN, '--config.method=memory_bank', *extra]
+
+  def bank_images_added(t):
+    first = bank_run(t)
+    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
+              f'import bad_inputs, os; open(os.path.join({first[2].split("=", 1)[1]!r}, "train", '
+              '"a", "new.png"), "wb").write(bad_inputs._png(99))')
+    return [first, ['-c', script]], [*first, '--config.num_train_steps=4']
+  add('mechanisms', 'memory_bank resumed after an image was added to its (in-memory) folder',
+      bank_images_added)
+
+  def bank_resumed_as_moco(t):
+    first = bank_run(t)
+    return [first], [*first, '--config.num_train_steps=4', '--config.method=moco']
+  add('mechanisms', 'memory_bank run resumed with --config.method=moco', bank_resumed_as_moco)
+  add('mechanisms', 'memory_bank on a streamed folder (the loader hands it indices)',
+      lambda t: ([], bank_run(t, *stream)), 'step 2')
+  add('mechanisms', 'end_to_end on a streamed folder',
+      lambda t: ([], [*bank_run(t, *stream), '--config.method=end_to_end']), 'step 2')
 
 
 def _transfer_cases(add, wd):
@@ -425,6 +459,8 @@ def classify(rc, stderr, expect):
     return 'HANG', ''
   if 'Traceback' in stderr:
     return 'TRACE', last
+  if 'leaked shared_memory' in stderr:  # A loader that did not release its memory.
+    return 'NOISE', next(l for l in lines if 'leaked shared_memory' in l)
   if expect == 'error':
     if rc == 0:
       return 'SILENT', last
@@ -445,7 +481,7 @@ def _shorten(line: str, limit: int = 230) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--only', default='', help='run only cases whose text contains this')
+  parser.add_argument('--only', default='', help='run only cases whose text contains this, or of this kind')
   parser.add_argument('--timeout', type=int, default=300)
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--second', action='store_true',
@@ -454,7 +490,8 @@ def main():
   rows, counts = [], {}
   first_of_second = len(cases()) - len(second_catalogue()) + 1
   for n, (group, what, setup, expect) in enumerate(cases(), 1):
-    if (args.only and args.only not in what) or (args.second and n < first_of_second):
+    chosen = not args.only or args.only in what or args.only == group
+    if not chosen or (args.second and n < first_of_second):
       continue
     tmp = tempfile.mkdtemp(prefix='bad_inputs_')
     try:
