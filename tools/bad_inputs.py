@@ -115,6 +115,13 @@ def _train(tmp, name, extra=()):
   return workdir, ['--mode=train', *TINY, f'--workdir={workdir}', *SMALL_RUN, *extra]
 
 
+def _add_image(src):
+  """A prepare command that adds one more image to `src`'s train/a (between a run and its resume)."""
+  return ['-c', f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
+                f'import bad_inputs, os; open(os.path.join({src!r}, "train", "a", "new.png"), '
+                '"wb").write(bad_inputs._png(99))']
+
+
 def _corrupt(step_dir):
   for dirpath, _, filenames in os.walk(step_dir):
     if os.path.basename(dirpath) == 'd':
@@ -334,10 +341,7 @@ def second_catalogue():
     src = _tree(t)
     workdir = os.path.join(t, 'run')
     first = [*TINY, f'--workdir={workdir}', f'--config.data.path={src}', *FOLDER_RUN, *stream]
-    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
-              f'import bad_inputs, os; open(os.path.join({src!r}, "train", "a", "new.png"), '
-              '"wb").write(bad_inputs._png(99))')
-    return [first, ['-c', script]], [*first, '--config.num_train_steps=4']
+    return [first, _add_image(src)], [*first, '--config.num_train_steps=4']
   add('streaming', 'files added to a streamed folder between a run and its resume',
       files_added_before_resume)
 
@@ -418,10 +422,7 @@ def _mechanism_cases(add, wd, stream):
 
   def bank_images_added(t):
     first = bank_run(t)
-    script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
-              f'import bad_inputs, os; open(os.path.join({first[2].split("=", 1)[1]!r}, "train", '
-              '"a", "new.png"), "wb").write(bad_inputs._png(99))')
-    return [first, ['-c', script]], [*first, '--config.num_train_steps=4']
+    return [first, _add_image(os.path.join(t, 'top'))], [*first, '--config.num_train_steps=4']
   add('mechanisms', 'memory_bank resumed after an image was added to its (in-memory) folder',
       bank_images_added)
 
