@@ -48,6 +48,17 @@ def _config(method, **overrides):
   return config
 
 
+def run_config(method, steps, num_negatives=100):
+  """configs/tiny.py as a short run of `method`: `steps` steps, a checkpoint at the last, a
+  metrics row per step (this module's and the evaluation and multi-process modules' runs)."""
+  config = tiny.get_config()
+  config.method = method
+  config.num_train_steps = config.checkpoint_every_steps = steps
+  config.log_every_steps = 1
+  config.memory_bank.num_negatives = num_negatives
+  return config
+
+
 def _setup(config, num_devices, num_examples):
   lr = optim.create_learning_rate_fn(config, steps_per_epoch=4, total_steps=8)
   setup = step_lib.make_step_setup(config, num_devices, optim.create_optimizer(config, lr),
@@ -354,9 +365,8 @@ def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monk
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
   from moco_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests import test_resume  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.method = 'end_to_end'
-  config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
+  config = run_config('end_to_end', steps=4)
+  config.checkpoint_every_steps = 2
   straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
   resumed = test_resume.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
                                                          monkeypatch, checkpoint=2)

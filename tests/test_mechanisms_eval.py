@@ -24,7 +24,6 @@ from PIL import Image
 import pytest
 
 import main
-from configs import tiny
 from moco_jax import cli
 from moco_jax import models
 from moco_jax.core import parallel
@@ -39,18 +38,14 @@ from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import report
 from moco_jax.evaluation import results
 from moco_jax.training import train
+from tests import test_mechanisms
 
 STEPS = 3
 _EXTRACT = features.extract_features  # The real one, whatever a test patches in.
 
 
 def _config(method):
-  config = tiny.get_config()
-  config.method = method
-  config.num_train_steps = STEPS
-  config.checkpoint_every_steps = STEPS
-  config.log_every_steps = 1
-  config.memory_bank.num_negatives = 100
+  config = test_mechanisms.run_config(method, STEPS)
   # The smallest evaluations that still run every piece: 2 probe epochs, 1 paper epoch
   # of 4 steps, 64 t-SNE points (exact t-SNE, < 1 s).
   config.eval.batch_size = 128

@@ -25,12 +25,12 @@ import jax
 import pytest
 
 import rounding
-from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.run import checkpoints
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 from moco_jax.training import train
+from tests import test_mechanisms
 from tests import test_multiprocess
 
 METHODS = ('end_to_end', 'memory_bank')
@@ -48,12 +48,7 @@ def _flags(method):
 
 def _config(method):
   """What `_flags(method)` makes of configs/tiny.py."""
-  config = tiny.get_config()
-  config.method = method
-  config.num_train_steps = STEPS
-  config.checkpoint_every_steps = STEPS
-  config.log_every_steps = 1
-  config.memory_bank.num_negatives = NUM_NEGATIVES
+  config = test_mechanisms.run_config(method, STEPS, NUM_NEGATIVES)
   config.model.dtype = rounding.DTYPE
   return config
 

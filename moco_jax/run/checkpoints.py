@@ -168,8 +168,8 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   backbone = describe.flat_shapes(params.get('backbone', {})) if params is not None else {}
   described = describe.describe_backbone(backbone) if backbone else 'an unknown backbone'
   wanted = describe.describe_backbone(describe.flat_shapes(target.params.get('backbone', {})))
-  changes = _shape_changes(metadata, target)
-  if changes and described == wanted:
+  changes = _shape_changes(metadata, target) if described == wanted else ''
+  if changes:
     # Same model: the method's state differs, e.g. a memory bank's rows (one per training
     # image) after the train split changed size.
     raise errors.CheckpointError(
