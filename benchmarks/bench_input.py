@@ -4,7 +4,7 @@
   python benchmarks/bench_input.py --peer_python=/tmp/peervenv/bin/python --append_docs
 
 Measures, on real archives from ../shared/data:
-  * host pipeline: `sources.load_split` with a cold cache (list the
+  * host pipeline: `Source.load` with a cold cache (list the
     archive, decode every JPEG with Pillow threads, write the .npy cache) and a
     warm one (load the .npy), then `train_batches` images/s at batch 256. One
     image delivered = the source of both views (views are made on device).
@@ -41,6 +41,7 @@ from moco_jax.augmentation import augment
 from moco_jax.augmentation import image_ops
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import spec
 
 DOCS_PATH = report.DOCS_PATH
 DATA = os.path.join(os.path.dirname(_ROOT), 'shared', 'data')
@@ -92,7 +93,7 @@ print(json.dumps({'images_per_s': count / (time.perf_counter() - start), 'images
 INPUT_INTRO = """What the host does per run, and what `benchmarks/bench_input.py` times
 (train split of the real archives in `../shared/data`, read as is):
 
-- **Cold**: `sources.load_split` with an empty `data.cache_dir`. An
+- **Cold**: `Source.load` with an empty `data.cache_dir`. An
   archive is decompressed once: the same pass lists it (to find the split and
   class folders and check them) and hands the files of the wanted split to
   Pillow decode threads; each image is resized (shorter side to S, centre
@@ -163,10 +164,10 @@ def bench_host(archive: str, side: int, cache_dir: str, batch: int, steps: int) 
   """Cold decode, warm cache load and batch gathering of the train split."""
   config = data_config(archive, side, cache_dir)
   start = time.perf_counter()
-  ds = sources.load_split(config, 'train')
+  ds = sources.open_source(spec.from_config(config)).load('train')
   cold = time.perf_counter() - start
   start = time.perf_counter()
-  ds = sources.load_split(config, 'train')
+  ds = sources.open_source(spec.from_config(config)).load('train')
   warm = time.perf_counter() - start
   batches = batching.train_batches(ds, global_batch=batch, seed=0)
   next(batches)

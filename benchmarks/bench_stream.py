@@ -137,7 +137,7 @@ def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: i
   config = default.get_config().data
   config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
-  source = streaming.open_source(config)
+  source = _source(config).open('train')
   it = host_crops.train_batches(source, global_batch=batch, seed=0, image_size=size,
                                crop_scale=(0.2, 1.0), num_threads=1, num_processes=cores,
                                prefetch=2)
@@ -162,7 +162,7 @@ def run_ours_loop(data: str, images: int, size: int) -> dict:
   config = default.get_config().data
   config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
-  source = streaming.open_source(config)
+  source = _source(config).open('train')
   load = host_crops.LoadExample(source, global_batch=256, seed=0, process_index=0, process_count=1,
                                image_size=size, crop_scale=(0.2, 1.0),
                                crop_ratio=(3 / 4, 4 / 3))

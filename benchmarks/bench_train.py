@@ -56,6 +56,7 @@ from benchmarks import report
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import spec as data_spec
 from moco_jax.run import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
@@ -240,13 +241,13 @@ class StepBench:
     self.metrics = None
     self.flops_per_image = 0.0
 
-    side = sources.image_side(config.data)
+    side = data_spec.decoded_side(config.data)
     local_batch = config.batch_size // jax.process_count()
     self._batches = None
     if feed == 'host':
       data_config = config.data.copy_and_resolve_references()
       data_config.synthetic_examples = max(2 * config.batch_size, 512)
-      ds = sources.load_split(data_config, 'train')
+      ds = sources.open_source(data_spec.from_config(data_config)).load('train')
       self._batches = batching.train_batches(
           ds, global_batch=config.batch_size, seed=0, process_index=jax.process_index(),
           process_count=jax.process_count())
@@ -397,7 +398,7 @@ def abstract_step_inputs(config, setup, mesh):
   replicated = NamedSharding(mesh, P())
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                        state)
-  side = sources.image_side(config.data)
+  side = data_spec.decoded_side(config.data)
   images = jax.ShapeDtypeStruct((config.batch_size, side, side, 3), np.uint8,
                                 sharding=NamedSharding(mesh, P(parallel.AXIS)))
   return state, images

@@ -40,3 +40,102 @@ def test_only_the_registry_imports_method_modules(monkeypatch):
       if any(importer == o or importer.startswith(o + '.') for o in outside):
         wrong.append(f'{importer} imports {module}')
   assert not wrong, 'Reach methods through moco_jax.methods.registry: ' + '; '.join(wrong)
+
+
+def _import_cycles(graph) -> list:
+  """Strongly connected groups of more than one module in `graph` (Tarjan's algorithm)."""
+  modules = sorted(graph.modules)
+  edges = {m: sorted(set(graph.find_modules_directly_imported_by(m)) & set(modules))
+           for m in modules}
+  index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+  def visit(v):
+    index[v] = low[v] = counter[0]
+    counter[0] += 1
+    stack.append(v)
+    on_stack.add(v)
+    for w in edges[v]:
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      group = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        group.append(w)
+        if w == v:
+          break
+      if len(group) > 1:
+        cycles.append(sorted(group))
+
+  for module in modules:
+    if module not in index:
+      visit(module)
+  return cycles
+
+
+def test_the_import_graph_has_no_circle(monkeypatch):
+  """Function-level imports count too: grimp reads every import statement."""
+  monkeypatch.chdir(ROOT)
+  graph = grimp.build_graph('moco_jax', cache_dir=None)
+  assert _import_cycles(graph) == []
+  # The detector finds a circle when there is one.
+  graph.add_import(importer='moco_jax.core.errors', imported='moco_jax.cli')
+  assert _import_cycles(graph)
+
+
+def _python_files(folder: str):
+  for dirpath, _, filenames in os.walk(os.path.join(ROOT, folder)):
+    for name in sorted(filenames):
+      if name.endswith('.py'):
+        yield os.path.join(dirpath, name)
+
+
+def test_no_module_uses_another_modules_private_names():
+  """`module._name` across modules is a seam that nobody declared: make it public or move it."""
+  import ast  # pylint: disable=g-import-not-at-top
+  wrong = []
+  for path in _python_files('moco_jax'):
+    tree = ast.parse(open(path).read(), path)
+    imported = {alias.asname or alias.name.split('.')[-1]  # Names bound to moco_jax modules.
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('moco_jax')
+                or isinstance(node, ast.Import)
+                and any(a.name.startswith('moco_jax') for a in node.names)
+                for alias in node.names}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('moco_jax'):
+        wrong += [f'{path}: from {node.module} import {a.name}' for a in node.names
+                  if a.name.startswith('_')]
+      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+          and not node.attr.startswith('__') and isinstance(node.value, ast.Name)
+          and node.value.id in imported):
+        wrong.append(f'{os.path.relpath(path, ROOT)}:{node.lineno}: {node.value.id}.{node.attr}')
+  assert not wrong, wrong
+
+
+def test_only_the_data_package_reads_the_data_section():
+  """`config.data` is resolved once, into `data.spec.DataSpec`, by the data package.
+
+  Outside it, code holds a `sources.Source` (or its spec). The network's input
+  size, `config.data.image_size`, is read by the model-side code that builds
+  the step and the feature function; nothing else of the section is.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  wrong = []
+  for path in _python_files('moco_jax'):
+    if os.sep + os.path.join('moco_jax', 'data') + os.sep in path:
+      continue
+    tree = ast.parse(open(path).read(), path)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Attribute) and node.attr == 'data' and (
+          isinstance(node.value, ast.Name) and node.value.id == 'config'):
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute) and parent.attr == 'image_size':
+          continue
+        wrong.append(f'{os.path.relpath(path, ROOT)}:{node.lineno}')
+  assert not wrong, 'Build the source once (data.sources.from_config) and pass it: ' + str(wrong)

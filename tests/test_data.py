@@ -27,6 +27,7 @@ from moco_jax.data import batching
 from moco_jax.data import dataset
 from moco_jax.data import decode
 from moco_jax.data import sources
+from moco_jax.data import spec
 from moco_jax.data import tfds_source
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -49,6 +50,11 @@ def jpegs():
         if all(len(v) == 5 for v in found.values()):
           break
   return found
+
+
+def _source(data):
+  """The source of a data section (what `sources.from_config` opens for a whole config)."""
+  return sources.open_source(spec.from_config(data))
 
 
 def _rgb(data: bytes) -> np.ndarray:
@@ -123,7 +129,7 @@ def test_folder_tree_decodes_converts_and_skips_bad_files(tree, tmp_path, caplog
   root, expected = tree
   config = _config(root, cache_dir=str(tmp_path / 'cache'))
   with caplog.at_level(logging.WARNING):
-    ds = sources.load_split(config, 'train')
+    ds = _source(config).load('train')
   train = sorted(n for n in expected if n.startswith('train/') and not isinstance(expected[n], str))
   assert len(ds) == len(train) == 9 + 5
   assert ds.images.dtype == np.uint8 and ds.images.shape == (14, 32, 32, 3)
@@ -143,13 +149,13 @@ def test_folder_tree_decodes_converts_and_skips_bad_files(tree, tmp_path, caplog
 
 def test_archives_read_as_is_equal_the_folder(tree, tmp_path):
   root, _ = tree
-  folder = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), 'eval')
+  folder = _source(_config(root, cache_dir=str(tmp_path / 'c0'))).load('eval')
   tgz = _tar(root, tmp_path / 'mini.tgz', top='mini/')  # One top-level dir, like imagenette2.
   tar = _tar(root, tmp_path / 'flat.tar', mode='w')  # train/ at the top.
   for archive in (tgz, tar):
     for split in ('train', 'eval'):
-      got = sources.load_split(_config(archive, cache_dir=str(tmp_path / 'c1')), split)
-      want = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c0')), split)
+      got = _source(_config(archive, cache_dir=str(tmp_path / 'c1'))).load(split)
+      want = _source(_config(root, cache_dir=str(tmp_path / 'c0'))).load(split)
       np.testing.assert_array_equal(got.images, want.images)
       np.testing.assert_array_equal(got.labels, want.labels)
       assert got.class_names == want.class_names
@@ -161,9 +167,9 @@ def test_second_load_hits_the_cache_and_changes_invalidate_it(tree, tmp_path):
   tgz = _tar(root, tmp_path / 'mini.tar.gz', top='mini/')
   for path in (root, tgz):
     config = _config(path, cache_dir=str(tmp_path / 'cache'))
-    first = sources.load_split(config, 'train')
+    first = _source(config).load('train')
     with mock.patch.object(decode, 'decode_image', side_effect=AssertionError('decoded')):
-      second = sources.load_split(config, 'train')
+      second = _source(config).load('train')
     np.testing.assert_array_equal(first.images, second.images)
     assert first.class_names == second.class_names
   assert len(list((tmp_path / 'cache').glob('*.images.npy'))) == 2
@@ -171,7 +177,7 @@ def test_second_load_hits_the_cache_and_changes_invalidate_it(tree, tmp_path):
   airplane = root / 'train' / 'airplane'
   (airplane / '0.jpg').write_bytes((airplane / '1.jpg').read_bytes())
   with mock.patch.object(decode, 'decode_image', wraps=decode.decode_image) as spy:
-    sources.load_split(_config(root, cache_dir=str(tmp_path / 'cache')), 'train')
+    _source(_config(root, cache_dir=str(tmp_path / 'cache'))).load('train')
   assert spy.call_count == 16
 
 
@@ -179,45 +185,45 @@ def test_missing_eval_split_falls_back_to_test(tmp_path, jpegs, caplog):
   root = tmp_path / 'cifar'
   _make_tree(root, jpegs, eval_dir='test')
   with caplog.at_level(logging.INFO):
-    ds = sources.load_split(_config(root, cache_dir=str(tmp_path / 'c')), 'eval')
+    ds = _source(_config(root, cache_dir=str(tmp_path / 'c'))).load('eval')
   assert len(ds) == 6 and ds.class_names == list(CLASSES)
   assert any("using split 'test'" in r.getMessage() for r in caplog.records)
   with pytest.raises(ValueError, match=r'data\.eval_split=.nope. is not in'):
     dataset.pick_split('nope', ['train'], 'eval_split', 'here', allow_fallback=True)
   with pytest.raises(ValueError, match=r'data\.train_split'):
-    sources.load_split(_config(root, train_split='test2'), 'train')
+    _source(_config(root, train_split='test2')).load('train')
 
 
 def test_bad_paths_fail_early_naming_the_field(tmp_path, jpegs):
   with pytest.raises(FileNotFoundError, match=r'data\.path=.*does not exist'):
-    sources.load_split(_config(tmp_path / 'nope.tgz'), 'train')
+    _source(_config(tmp_path / 'nope.tgz')).load('train')
   not_archive = tmp_path / 'x.zip'
   not_archive.write_bytes(b'PK')
   with pytest.raises(ValueError, match=r'data\.path=.*not a \.tar'):
-    sources.load_split(_config(not_archive), 'train')
+    _source(_config(not_archive)).load('train')
   only_val = tmp_path / 'only_val'
   (only_val / 'val' / 'a').mkdir(parents=True)
   (only_val / 'val' / 'a' / '0.jpg').write_bytes(jpegs['bird'][0])
   with pytest.raises(ValueError, match=r"no 'train' folder"):
-    sources.load_split(_config(only_val), 'train')
+    _source(_config(only_val)).load('train')
   with pytest.raises(ValueError, match=r"no 'train' folder"):
-    sources.load_split(_config(_tar(only_val, tmp_path / 'only_val.tgz')), 'train')
+    _source(_config(_tar(only_val, tmp_path / 'only_val.tgz'))).load('train')
   empty = tmp_path / 'empty'
   _make_tree(empty, jpegs)
   (empty / 'train' / 'zebra').mkdir()
   with pytest.raises(ValueError, match=r'class folder train/zebra/ has no image files'):
-    sources.load_split(_config(empty, cache_dir=str(tmp_path / 'c')), 'train')
+    _source(_config(empty, cache_dir=str(tmp_path / 'c'))).load('train')
   unreadable = tmp_path / 'junk'
   (unreadable / 'train' / 'a').mkdir(parents=True)
   (unreadable / 'train' / 'a' / 'x.jpg').write_bytes(b'junk')
   with pytest.raises(ValueError, match='No readable image'):
-    sources.load_split(_config(unreadable, cache_dir=str(tmp_path / 'c')), 'train')
+    _source(_config(unreadable, cache_dir=str(tmp_path / 'c'))).load('train')
   config = _config()
   config.source = 'folder'
   with pytest.raises(ValueError, match='data.path'):
-    sources.load_split(config, 'train')
+    _source(config).load('train')
   with pytest.raises(ValueError, match="'train' or 'eval'"):
-    sources.load_split(_config(source='synthetic'), 'test')
+    _source(_config(source='synthetic')).load('test')
 
 
 def test_decode_resizes_shorter_side_then_centre_crops(jpegs):
@@ -237,8 +243,9 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = _config(source='tfds', name='cifar10', image_size=16, cache_dir=str(tmp_path / 'c'))
   with tfds.testing.mock_data(num_examples=6), \
-      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
-    ds = sources.load_split(config, 'train')
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True), \
+      mock.patch.object(tfds_source, 'split_counts', return_value={'train': 6, 'test': 6}):
+    ds = _source(config).load('train')
   assert ds.images.shape == (6, 16, 16, 3) and ds.images.dtype == np.uint8
   assert ds.labels.shape == (6,) and ds.num_classes == 10
 
@@ -251,7 +258,7 @@ def test_tfds_not_prepared_with_download_off_fails_at_once_pointing_at_data_path
   with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
                          side_effect=AssertionError('must not download')), \
       pytest.raises(FileNotFoundError, match=r'not prepared.*download=False.*--config\.data\.path'):
-    sources.load_split(config, 'train')
+    _source(config).load('train')
   assert time.time() - start < 20  # tfds.load would retry downloads for minutes.
 
 
@@ -267,7 +274,7 @@ def test_tfds_offline_download_fails_at_once_pointing_at_data_path(tmp_path):
                          side_effect=offline) as download, \
       mock.patch.object(tfds_source, 'offline_reason', return_value=None), \
       pytest.raises(FileNotFoundError) as info:
-    sources.load_split(config, 'train')
+    _source(config).load('train')
   assert time.time() - start < 20
   assert download.call_count == 1
   message = str(info.value)
@@ -287,7 +294,7 @@ def test_tfds_download_on_a_host_without_dns_fails_in_seconds_without_trying(tmp
                         side_effect=AssertionError('must not try')), \
       pytest.raises(FileNotFoundError,
                     match=r'offline \(cannot resolve .*Name or service.*--config\.data\.path'):
-    sources.load_split(config, 'train')
+    _source(config).load('train')
   assert time.time() - start < 20
 
 
@@ -297,7 +304,7 @@ def test_tfds_manual_download_dataset_is_refused_without_trying(tmp_path):
   with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
                          side_effect=AssertionError('must not try')), \
       pytest.raises(FileNotFoundError, match=r'imagenet2012.*by hand.*--config\.data\.path'):
-    sources.load_split(config, 'train')
+    _source(config).load('train')
 
 
 def test_tfds_unprepared_dataset_is_downloaded_and_read(tmp_path):
@@ -310,11 +317,12 @@ def test_tfds_unprepared_dataset_is_downloaded_and_read(tmp_path):
     prepared.append(builder.name)
 
   with tfds.testing.mock_data(num_examples=6), \
+      mock.patch.object(tfds_source, 'split_counts', return_value={'train': 6, 'test': 6}), \
       mock.patch.object(tfds_source, 'offline_reason', return_value=None), \
       mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', lambda b: bool(prepared)), \
       mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare', download_and_prepare):
-    ds = sources.load_split(config, 'train')
-    again = sources.load_split(config, 'eval')  # Prepared now: no second download.
+    ds = _source(config).load('train')
+    again = _source(config).load('eval')  # Prepared now: no second download.
   assert prepared == ['cifar10']
   assert ds.images.shape == (6, 16, 16, 3) and ds.labels.shape == (6,) and len(again) == 6
 
@@ -325,7 +333,7 @@ def test_tfds_unprepared_dataset_is_downloaded_and_read(tmp_path):
 
 def _synthetic(n=50, side=4):
   config = _config(source='synthetic', image_size=side, synthetic_examples=n)
-  return sources.load_split(config, 'train')
+  return _source(config).load('train')
 
 
 def test_train_order_is_deterministic_and_resumable():
@@ -382,5 +390,5 @@ def test_eval_batches_cover_every_example_once_with_mask():
 
 def test_synthetic_source_uses_cache_size():
   config = _config(source='synthetic', cache_size=40, synthetic_examples=6)
-  ds = sources.load_split(config, 'eval')
+  ds = _source(config).load('eval')
   assert ds.images.shape == (6, 40, 40, 3) and len(ds.class_names) == ds.num_classes

@@ -79,7 +79,7 @@ def test_monitor_steps():
 def test_sharded_extraction_with_a_padded_last_batch_equals_a_plain_forward():
   config = tiny.get_config()
   config.eval.batch_size = 12  # Rounded up to 16 on 8 devices; 40 images = 2.5 batches.
-  ds = sources.load_split(config.data, 'train')
+  ds = sources.from_config(config).load('train')
   ds = sources.ImageDataset(ds.images[:40], ds.labels[:40], ds.num_classes,
                                    ds.class_names)
   backbone = models.create_backbone(config.model)

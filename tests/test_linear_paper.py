@@ -47,8 +47,8 @@ def setup():
   backbone = models.create_backbone(config.model)
   params, batch_stats = features.random_init_encoder(config)
   variables = jax.device_get(features.backbone_variables(params, batch_stats))
-  train_ds = sources.load_split(config.data, 'train')
-  eval_ds = sources.load_split(config.data, 'eval')
+  train_ds = sources.from_config(config).load('train')
+  eval_ds = sources.from_config(config).load('eval')
   mesh = parallel.make_mesh()
   val_ds = linear_paper_ops.center_crop_split(eval_ds, config.eval.linear_center_crop)
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
@@ -228,18 +228,18 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   config.model.stem = 'cifar'
   config.data.update(dict(source='folder', path=str(root), cache_dir=str(tmp_path / 'cache'),
                           max_in_memory_gb=1e-6, stream_processes=0, num_workers=2))
-  plan = linear_paper.streaming.plan_train_input(config.data)
+  plan = streaming.plan(sources.from_config(config))
   assert plan.stream
   backbone = models.create_backbone(config.model)
   params, batch_stats = features.random_init_encoder(config)
   variables = jax.device_get(features.backbone_variables(params, batch_stats))
-  eval_ds = sources.load_split(config.data, 'eval')
+  eval_ds = sources.from_config(config).load('eval')
   mesh = parallel.make_mesh()
   val_features = features.extract_features(
       config, backbone, variables, linear_paper_ops.center_crop_split(eval_ds, 0.875), mesh, False)
 
   def run(directory, **kw):
-    return linear_paper.train_paper_classifier(config, backbone, variables, plan.source,
+    return linear_paper.train_paper_classifier(config, backbone, variables, plan.reader,
                                                val_features, eval_ds.labels, 3, mesh,
                                                str(tmp_path / directory), **kw)
 
@@ -250,7 +250,7 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed['params'], whole['params'])
   assert resumed['rows'] == whole['rows']
   # The host cuts one image_size crop per example (the device only flips and normalises).
-  batch = next(linear_paper.local_batches(config, plan.source, 8, 0, 1))
+  batch = next(linear_paper.local_batches(config, plan.reader, 8, 0, 1))
   assert batch['image'].shape == (8, 16, 16, 3) and batch['index'].dtype == np.int32
 
 

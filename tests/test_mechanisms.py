@@ -195,7 +195,7 @@ def test_proximal_update_matches_a_reference():
 
 
 def _images_and_indices(config, step):
-  ds = sources.load_split(config.data, 'train')
+  ds = sources.from_config(config).load('train')
   batch = next(batching.train_batches(ds, global_batch=config.batch_size, seed=0,
                                       start_step=step, prefetch=0))
   return batch['image'], batch['index'], len(ds)

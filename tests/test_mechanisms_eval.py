@@ -80,8 +80,8 @@ def run(request, tmp_path_factory):
   for got, init in zip(jax.tree.leaves(variables['batch_stats']),
                        jax.tree.leaves(start['batch_stats'])):
     assert np.abs(np.asarray(got) - np.asarray(init)).max() > 1e-6
-  return Run(config, workdir, state, variables, sources.load_split(config.data, 'train'),
-             sources.load_split(config.data, 'eval'))
+  return Run(config, workdir, state, variables, sources.from_config(config).load('train'),
+             sources.from_config(config).load('eval'))
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
 from moco_jax.data import sources
+from moco_jax.data import spec
 from moco_jax.data import streaming
 from moco_jax.run import checkpoints
 from moco_jax.run import guard
@@ -90,6 +91,10 @@ def _tree(root, with_strays=True):
   return root
 
 
+def _source(data):
+  return sources.open_source(spec.from_config(data))
+
+
 def _data(path, tmp_path):
   config = default.get_config().data
   config.update(path=str(path), image_size=32, num_workers=2,
@@ -104,7 +109,7 @@ def test_stray_files_are_ignored_and_counted_in_trees_and_archives(tmp_path, cap
     tar.add(root / 'top', arcname='top')
   for path in (root, archive):
     caplog.clear()
-    ds = sources.load_split(_data(path, tmp_path), 'train')
+    ds = _source(_data(path, tmp_path)).load('train')
     assert len(ds) == 8 and ds.class_names == ['a', 'b']
     messages = ' '.join(r.getMessage() for r in caplog.records)
     assert 'Ignored 2 files' in messages and 'README.txt' in messages, messages
@@ -122,7 +127,7 @@ def test_truncated_archive_names_its_path(tmp_path):
   data = archive.read_bytes()
   archive.write_bytes(data[:len(data) // 2])
   with pytest.raises(errors.DataError, match=r'cut\.tgz.*truncated or corrupt'):
-    sources.load_split(_data(archive, tmp_path), 'train')
+    _source(_data(archive, tmp_path)).load('train')
 
 
 def test_typo_in_a_tfds_name_is_one_line(tmp_path):
@@ -130,13 +135,13 @@ def test_typo_in_a_tfds_name_is_one_line(tmp_path):
   config = _data('', tmp_path)
   config.update(source='tfds', name='cifar1O', data_dir=str(tmp_path))
   with pytest.raises(errors.DataError, match="data.name='cifar1O'.*did you mean 'cifar10'") as e:
-    sources.load_split(config, 'train')
+    _source(config).load('train')
   assert '\n' not in str(e.value)
   with pytest.raises(errors.DataError, match="did you mean 'cifar10'"):  # What train calls first.
-    streaming.plan_train_input(config)
+    streaming.plan(_source(config))
   config.name = 'imagenette/160px-v2'
   with pytest.raises(errors.DataNotFoundError, match='is not prepared'):
-    streaming.plan_train_input(config)
+    streaming.plan(_source(config))
 
 
 # --------------------------------------------------------------------------

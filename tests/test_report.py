@@ -108,7 +108,7 @@ def test_augmentation_preview_redraws_the_train_steps_views(run):
   # The report derives the run's rng from the seed: it is the state's.
   np.testing.assert_array_equal(jax.device_get(state_lib.run_rng(config.seed)),
                                 jax.device_get(state.rng))
-  train_ds = sources.load_split(config.data, 'train')
+  train_ds = sources.from_config(config).load('train')
   images, _, query, key = report.augmentation_preview(config, train_ds, step=3, count=4)
   assert images.shape == query.shape == key.shape == (4, 32, 32, 3)
   assert query.dtype == np.uint8 and not np.array_equal(query, key)

@@ -22,6 +22,8 @@ from configs import tiny
 from moco_jax import cli
 from moco_jax.core import errors
 from moco_jax.data import host_crops
+from moco_jax.data import sources
+from moco_jax.data import spec
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
@@ -33,6 +35,10 @@ from moco_jax.run import stopping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+
+def _source(data):
+  return sources.open_source(spec.from_config(data))
 
 def _main(args, timeout=60):
   """(exit code, stderr) of `python main.py args` on one CPU device."""
@@ -180,12 +186,12 @@ def test_loader_processes_are_capped_to_the_usable_cores(monkeypatch, caplog):
   data = default.get_config().data
   data.stream_processes = 32
   with caplog.at_level('WARNING'):
-    assert host_crops.loader_workers(data) == (2, 1)
+    assert host_crops.loader_workers(spec.from_config(data)) == (2, 1)
   assert 'stream_processes=32 is more than the 2 cores' in caplog.text
   data.stream_processes = -1
-  assert host_crops.loader_workers(data) == (1, 1)  # One per core but one, for the train loop.
+  assert host_crops.loader_workers(spec.from_config(data)) == (1, 1)  # One per core but one, for the train loop.
   data.stream_processes = 0
-  assert host_crops.loader_workers(data)[0] == 0
+  assert host_crops.loader_workers(spec.from_config(data))[0] == 0
 
 
 # --------------------------------------------------------------------------
@@ -248,13 +254,13 @@ def test_a_streamed_resume_refuses_a_changed_file_list(tmp_path, caplog):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   config = tiny.get_config()
-  first = streaming.file_list_fingerprint(streaming.open_source(data))
+  first = _source(data).open('train').fingerprint()
   guard.check_file_list(str(workdir), first, 0, config)  # The run starts: recorded.
   assert json.loads((workdir / guard.FILE_LIST).read_text())['count'] == 8
   guard.check_file_list(str(workdir), first, 4, config)  # Same list: resumes.
   time.sleep(0.01)  # A new mtime for the class directory.
   _tree(tmp_path / 'data', 10)  # Two files added between the run and its resume.
-  changed = streaming.file_list_fingerprint(streaming.open_source(data))
+  changed = _source(data).open('train').fingerprint()
   with pytest.raises(errors.CheckpointError,
                      match=r'Refusing to resume from step 4: the streamed file list of .* changed '
                            r'\(8 files when the run started, 10 now.*allow_config_change=True'):

@@ -9,7 +9,7 @@ from configs import imagenette
 from configs import tiny
 from moco_jax import cli
 from moco_jax.core import errors
-from moco_jax.data import dataset
+from moco_jax.data import spec as data_spec
 from moco_jax.run import metrics_writer
 from moco_jax.run import run_config
 
@@ -88,12 +88,12 @@ def test_main_defaults_to_the_run_s_config_json(tmp_path):
 
 def test_the_decoded_size_follows_image_size_unless_pinned():
   config = imagenette.get_config()
-  assert dataset.image_side(config.data) == 146  # 128 / 0.875
+  assert data_spec.decoded_side(config.data) == 146  # 128 / 0.875
   config.data.image_size = 96
-  assert dataset.image_side(config.data) == 110
+  assert data_spec.decoded_side(config.data) == 110
   config.data.cache_size = 100
-  assert dataset.image_side(config.data) == 100
-  assert dataset.image_side(tiny.get_config().data) == 32
+  assert data_spec.decoded_side(config.data) == 100
+  assert data_spec.decoded_side(tiny.get_config().data) == 32
 
 
 def test_progress_leaves_monitor_time_out_and_prints_every_30_s():

@@ -119,7 +119,7 @@ def test_streamed_knn_equals_the_in_memory_knn(tree, tmp_path, caplog):
   # The stored features are the in-memory ones rounded to float16 (the broken file is invalid).
   config = _config(tree, tmp_path)
   backbone, variables, _, _ = features.load_backbone(config, '')
-  train_ds = sources.load_split(config.data, 'train')
+  train_ds = sources.from_config(config).load('train')
   want = features.extract_features(config, backbone, variables, train_ds, parallel.make_mesh(),
                                    normalize=False)
   store = [p for p in os.listdir(tmp_path / 'streamed' / 'features') if p.startswith('train')
@@ -156,8 +156,9 @@ def test_feature_cache_is_reused_only_with_the_same_key(tree, tmp_path, caplog):
   # A marker whose key does not match (e.g. an edited or older file) is refused and rebuilt.
   config = _config(tree, tmp_path, **streamed)
   backbone, variables, _, _ = features.load_backbone(config, workdir)
-  source = streaming.open_source(config.data, 'train')
-  key = feature_store.feature_key(config, source, 'train',
+  data = sources.from_config(config)
+  source = data.open('train')
+  key = feature_store.feature_key(config, data.spec, source, 'train',
                                   feature_store.variables_digest(variables))
   path = feature_store.feature_path(workdir, 'train', key)
   marker = json.load(open(path + '.json'))

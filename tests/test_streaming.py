@@ -15,8 +15,12 @@ import pytest
 from configs import default
 from moco_jax.data import batching
 from moco_jax.data import folder
+from moco_jax.data import folder_reader
 from moco_jax.data import host_crops
+from moco_jax.data import sources
+from moco_jax.data import spec
 from moco_jax.data import streaming
+from moco_jax.data import tfds_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -44,6 +48,10 @@ def _config(path, tmp_path, **overrides):
   config.update(dict(path=str(path), image_size=16, cache_dir=str(tmp_path / 'cache'),
                      max_in_memory_gb=0.0), **overrides)
   return config
+
+
+def _source(data):
+  return sources.open_source(spec.from_config(data))
 
 
 def _take(source, steps, **kwargs):
@@ -96,7 +104,7 @@ def test_two_crops_cut_the_whole_image_with_draft_decoding():
 
 
 def test_order_resume_and_per_process_shards(tmp_path):
-  source = streaming.open_source(_config(make_tree(tmp_path / 'tree'), tmp_path))
+  source = _source(_config(make_tree(tmp_path / 'tree'), tmp_path)).open('train')
   assert len(source) == 18 and source.class_names == ['class0000', 'class0001', 'class0002']
   full = _take(source, 6)
   for step, batch in enumerate(full):
@@ -109,18 +117,18 @@ def test_order_resume_and_per_process_shards(tmp_path):
     np.testing.assert_array_equal(a['image'], b['image'])
   # Two processes: each reads only its half of every global batch, and the
   # halves (crops included) are the one-process batch.
-  original = streaming.FolderSource.read
+  original = folder_reader.FolderReader.read
   for step in range(3):
     halves = []
     for p in range(2):
-      read, own = [], streaming.open_source(_config(tmp_path / 'tree', tmp_path))
+      read, own = [], _source(_config(tmp_path / 'tree', tmp_path)).open('train')
 
       def spy(self, i, own=own, read=read):
         if self is own:  # Not the reads of the iterators above, still prefetching.
           read.append(i)
         return original(self, i)
 
-      with mock.patch.object(streaming.FolderSource, 'read', autospec=True, side_effect=spy):
+      with mock.patch.object(folder_reader.FolderReader, 'read', autospec=True, side_effect=spy):
         halves.append(_take(own, 1, start_step=step, process_index=p, process_count=2,
                             prefetch=0, num_threads=1, end_step=step + 1)[0])
       assert sorted(read) == sorted(batching.train_indices(18, 4, 3, step)[2 * p:2 * p + 2])
@@ -132,7 +140,7 @@ def test_unreadable_files_are_replaced_deterministically_and_counted(tmp_path):
   root = make_tree(tmp_path / 'tree', classes=2, per_class=4)
   (root / 'train' / 'class0000' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff' + b'x' * 50)
   (root / 'train' / 'class0001' / 'notes.txt').write_text('not an image')
-  source = streaming.open_source(_config(root, tmp_path))
+  source = _source(_config(root, tmp_path)).open('train')
   assert len(source) == 10
   batches = _take(source, 5, global_batch=5, seed=0)
   skipped = sum(int(b['skipped'].sum()) for b in batches)
@@ -152,47 +160,48 @@ def test_unreadable_files_are_replaced_deterministically_and_counted(tmp_path):
 def test_plan_logs_its_choice_and_the_index_is_cached(tmp_path, caplog):
   root = make_tree(tmp_path / 'tree')
   with caplog.at_level(logging.INFO):
-    plan = streaming.plan_train_input(_config(root, tmp_path, max_in_memory_gb=1.0))
+    plan = streaming.plan(_source(_config(root, tmp_path, max_in_memory_gb=1.0)))
   assert not plan.stream and 'decoding it into memory' in plan.reason
   assert any('Input: the train split (18 images' in r.getMessage() for r in caplog.records)
-  plan = streaming.plan_train_input(_config(root, tmp_path, max_in_memory_gb=1e-6))
-  assert plan.stream and 'streaming it' in plan.reason and len(plan.source) == 18
+  plan = streaming.plan(_source(_config(root, tmp_path, max_in_memory_gb=1e-6)))
+  assert plan.stream and 'streaming it' in plan.reason and len(plan.reader) == 18
   # -1: a quarter of the host's RAM.
-  budget, text = streaming.memory_budget_bytes(_config(root, tmp_path, max_in_memory_gb=-1))
-  assert budget == streaming.host_memory_bytes() // 4 and '25%' in text
+  budget, text = spec.memory_budget(_config(root, tmp_path, max_in_memory_gb=-1))
+  assert budget == spec.host_memory_bytes() // 4 and '25%' in text
   # A warm run lists nothing; a new file in a class changes the key.
   with mock.patch.object(folder, 'Tree', side_effect=AssertionError('listed again')):
-    assert len(streaming.open_source(_config(root, tmp_path))) == 18
+    assert len(_source(_config(root, tmp_path)).open('train')) == 18
   _photo(np.random.default_rng(0), 20, 20).save(root / 'train' / 'class0001' / 'new.jpg')
-  assert len(streaming.open_source(_config(root, tmp_path))) == 19
+  assert len(_source(_config(root, tmp_path)).open('train')) == 19
 
 
 def test_bad_layouts_get_the_in_memory_errors(tmp_path):
   root = make_tree(tmp_path / 'tree')
   (root / 'train' / 'zebra').mkdir()
   with pytest.raises(ValueError, match=r'class folder train/zebra/ has no image files'):
-    streaming.open_source(_config(root, tmp_path))
+    _source(_config(root, tmp_path)).open('train')
   with pytest.raises(ValueError, match=r"no 'nope' folder"):
-    streaming.open_source(_config(root, tmp_path, train_split='nope'))
+    _source(_config(root, tmp_path, train_split='nope')).open('train')
   # An archive too large for the budget is refused with what to do instead.
   (root / 'train' / 'zebra').rmdir()
   archive = tmp_path / 'tree.tar'
   subprocess.run(['tar', 'cf', str(archive), '-C', str(root), 'train'], check=True)
   with pytest.raises(ValueError, match='large sets must be directories.*tar xf'):
-    streaming.plan_train_input(_config(archive, tmp_path, max_in_memory_gb=1e-6))
-  assert not streaming.plan_train_input(_config(archive, tmp_path, max_in_memory_gb=1)).stream
+    streaming.plan(_source(_config(archive, tmp_path, max_in_memory_gb=1e-6)))
+  assert not streaming.plan(_source(_config(archive, tmp_path, max_in_memory_gb=1))).stream
 
 
 def test_tfds_imagenet2012_streams_through_its_data_source(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = _config('', tmp_path, source='tfds', name='imagenet2012')
   with tfds.testing.mock_data(num_examples=12), \
-      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
-    plan = streaming.plan_train_input(config)
-    assert plan.stream and 'tfds imagenet2012:train' in plan.reason
-    assert len(plan.source) == 12 and len(plan.source.class_names) == 1000
-    batches = _take(plan.source, 4, global_batch=4)
-  labels = [plan.source.label(int(i)) for i in batches[0]['index']]
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True), \
+      mock.patch.object(tfds_source, 'split_counts', return_value={'train': 12}):
+    plan = streaming.plan(_source(config))
+    assert plan.stream and 'tfds imagenet2012' in plan.reason
+    assert len(plan.reader) == 12 and len(plan.reader.class_names) == 1000
+    batches = _take(plan.reader, 4, global_batch=4)
+  labels = [plan.reader.label(int(i)) for i in batches[0]['index']]
   np.testing.assert_array_equal(batches[0]['label'], labels)
   assert batches[0]['image'].shape == (4, 2, 16, 16, 3)
 
@@ -207,14 +216,16 @@ import sys
 sys.modules['tensorflow'] = None  # Any import of TensorFlow now fails.
 from configs import default
 from moco_jax.data import host_crops
+from moco_jax.data import sources
+from moco_jax.data import spec
 from moco_jax.data import streaming
 
 def main():
   config = default.get_config().data
   config.update(dict(path={str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, image_size=8,
                      max_in_memory_gb=0.0))
-  plan = streaming.plan_train_input(config)
-  it = host_crops.train_batches(plan.source, global_batch=4, seed=0, image_size=8,
+  plan = streaming.plan(sources.open_source(spec.from_config(config)))
+  it = host_crops.train_batches(plan.reader, global_batch=4, seed=0, image_size=8,
                                num_threads=1, num_processes=1)
   held = [next(it) for _ in range(3)]  # Alive at exit, as a train loop's last batch is.
   assert held[0]['image'].shape == (4, 2, 8, 8, 3)

@@ -42,7 +42,7 @@ def _setup(config, num_devices):
 
 
 def _images(config, step=0):
-  ds = sources.load_split(config.data, 'train')
+  ds = sources.from_config(config).load('train')
   return next(batching.train_batches(ds, global_batch=config.batch_size, seed=0,
                                            start_step=step))['image']
 

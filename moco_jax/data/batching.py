@@ -36,7 +36,7 @@ def train_indices(num_examples: int, global_batch: int, seed: int, step: int) ->
   return perm[offset * global_batch:(offset + 1) * global_batch].copy()
 
 
-def _local_batch(global_batch: int, process_count: int) -> int:
+def local_batch(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
     raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
                      'processes.')
@@ -96,7 +96,7 @@ def train_batches(ds: ImageDataset, *, global_batch: int, seed: int, start_step:
   num = len(ds)
   if num // global_batch == 0:
     raise ValueError(f'batch_size={global_batch} is larger than the dataset ({num} examples).')
-  local = _local_batch(global_batch, process_count)
+  local = local_batch(global_batch, process_count)
   images, labels = ds.images, ds.labels
 
   def produce(step):
@@ -123,7 +123,7 @@ def eval_batches(ds: ImageDataset, *, global_batch: int, process_index: int = 0,
   metrics weight by the mask.
   """
   num = len(ds)
-  local = _local_batch(global_batch, process_count)
+  local = local_batch(global_batch, process_count)
   for start in range(0, num, global_batch):
     first = start + process_index * local
     positions = np.arange(first, first + local)

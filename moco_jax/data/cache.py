@@ -1,6 +1,6 @@
 """The decoded-array cache: a split decoded once is read back as .npy next time.
 
-Entries live under `data.cache_dir` (default ~/.cache/moco_jax), named by a
+Entries live under `DataSpec.cache_dir` (`data.cache_dir`, default ~/.cache/moco_jax), named by a
 readable stem and a hash of their key (the source's identity, the split, the
 decoded side and `CACHE_VERSION`), so a changed file, size or decoder never
 reads a stale entry.
@@ -20,17 +20,11 @@ from moco_jax.core import files
 CACHE_VERSION = 2  # 2: 16-bit and float images scaled to 8 bits (were clipped).
 
 
-def cache_dir(data_config) -> str:
-  """Where decoded arrays are cached ('' in the config = ~/.cache/moco_jax)."""
-  path = data_config.get('cache_dir', '') or os.path.join('~', '.cache', 'moco_jax')
-  return os.path.abspath(os.path.expanduser(path))
-
-
-def cache_path(data_config, key: dict, stem: str) -> str:
-  """CACHE_DIR/<stem>-<hash of key>: readable, and unique per key."""
+def cache_path(cache_dir: str, key: dict, stem: str) -> str:
+  """CACHE_DIR/<stem>-<hash of key>: readable, and unique per key (`DataSpec.cache_dir`)."""
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)
-  return os.path.join(cache_dir(data_config), f'{safe}-{digest}')
+  return os.path.join(cache_dir, f'{safe}-{digest}')
 
 
 def read_cache(path: str):

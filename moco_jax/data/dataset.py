@@ -1,13 +1,14 @@
 """What every source returns, and the helpers they share.
 
-`ImageDataset` is a decoded split in host memory and `StreamSource` the
-random-access reader of a split (every source offers both: folder,
-tfds, synthetic); `decoded_split` is the one
-tail every decoding source ends with (assemble in order, drop what did not
-decode, cache, wrap); the split helpers resolve config names to splits.
+`Source` is one kind of data resolved from a `DataSpec` (`moco_jax.data.sources`
+picks it); it offers each split two ways: `ImageDataset`, decoded into host
+memory, and `StreamSource`, the split's random-access reader. `decoded_split`
+is the one tail every decoding source ends with (assemble in order, drop what
+did not decode, cache, wrap); `pick_split` resolves a configured split name.
 """
 
 import dataclasses
+import hashlib
 from typing import Iterable
 
 from absl import logging
@@ -16,11 +17,8 @@ import numpy as np
 from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import decode
-
-# Splits tried, in order, when the configured eval split is missing:
-# ImageFolder archives use val/ (Imagenette) or test/ (CIFAR-10-images).
-EVAL_FALLBACKS = ('val', 'validation', 'test')
-
+from moco_jax.data import spec as spec_lib
+from moco_jax.data.spec import DataSpec, EVAL_FALLBACKS
 
 @dataclasses.dataclass
 class ImageDataset:
@@ -32,25 +30,6 @@ class ImageDataset:
 
   def __len__(self) -> int:
     return int(self.images.shape[0])
-
-
-def image_side(data_config) -> int:
-  """The square side S images are decoded to (and cached at).
-
-  `data.cache_size` when set (> 0), else round(image_size x data.cache_ratio):
-  the decoded size follows image_size unless it is pinned.
-  """
-  cache_size = int(data_config.get('cache_size', -1))
-  if cache_size > 0:
-    return cache_size
-  return int(round(int(data_config.image_size) * float(data_config.get('cache_ratio', 1.0))))
-
-
-def split_field(split: str) -> str:
-  """The config field naming the split: 'train' -> train_split, 'eval' -> eval_split."""
-  if split not in ('train', 'eval'):
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-  return f'{split}_split'
 
 
 def pick_split(wanted: str, available: Iterable[str], field: str, where: str,
@@ -111,3 +90,45 @@ class StreamSource:
 
   def name(self, index: int) -> str:
     return f'#{index}'
+
+  def fingerprint(self) -> dict:
+    """{count, sha256, where} of the split's list of examples: a streamed resume compares it.
+
+    This default hashes the count only (a prepared tfds split's files are
+    immutable); a reader of a mutable list (a folder) hashes its names and labels.
+    """
+    digest = hashlib.sha256(str(len(self)).encode())
+    return {'count': len(self), 'sha256': digest.hexdigest(), 'where': self.where}
+
+
+class Source:
+  """One kind of data, resolved from a `DataSpec`: what every caller of the data layer holds.
+
+  Each kind (`moco_jax.data.sources.KINDS`) implements `load` and `open` and
+  says what it is; planning (`moco_jax.data.streaming.open_split`) decides
+  which of the two a split gets.
+  """
+  streamable = True  # Whether `open` can give a reader (archives and synthetic data: no).
+
+  def __init__(self, spec: DataSpec):
+    self.spec = spec
+
+  def count(self, split: str) -> int:
+    """Images in `split` ('train' or 'eval'), counted as cheaply as the kind allows."""
+    return len(self.open(split))
+
+  def load(self, split: str) -> ImageDataset:
+    """`split` decoded into host memory at `spec.side` (cached)."""
+    raise NotImplementedError
+
+  def open(self, split: str) -> StreamSource:
+    """`split`'s random-access reader."""
+    raise NotImplementedError
+
+  def identity(self) -> dict:
+    """What names this data without reading it (`spec.identity`)."""
+    return spec_lib.identity(self.spec)
+
+  def describe(self) -> str:
+    """One line for the log."""
+    raise NotImplementedError

@@ -19,10 +19,8 @@ import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import decode
-from moco_jax.data import sources
 from moco_jax.data import streaming
-from moco_jax.data import dataset
-from moco_jax.data.dataset import ImageDataset
+from moco_jax.data.dataset import ImageDataset, Source
 
 
 def read_decoded(source, index: int, side: int) -> Optional[np.ndarray]:
@@ -98,24 +96,22 @@ def decode_subset(source, indices: np.ndarray, side: int, num_workers: int,
 SUBSET_FLOOR = 1000
 
 
-def bounded_split(data_config, split: str, what: str) -> ImageDataset:
+def bounded_split(source: Source, split: str, what: str) -> ImageDataset:
   """`split` decoded into memory, or, when it is streamed, a fixed random subset that fits.
 
   The report and the kNN monitor need images in memory; for a split larger
   than `data.max_in_memory_gb` they get a deterministic subset (seed 0) of
   max(SUBSET_FLOOR, budget / 2 / image) images, and the log says which.
   """
-  plan = streaming.plan_split(data_config, split, log=False, evaluation=True)
-  if not plan.stream:
-    return sources.load_split(data_config, split)
-  side = dataset.image_side(data_config)
-  budget, budget_text = streaming.memory_budget_bytes(data_config)
-  per_image = side * side * 3
-  wanted = max(SUBSET_FLOOR, budget // 2 // per_image)
-  indices = subset_indices(len(plan.source), wanted)
+  opened = streaming.open_split(source, split, evaluation=True, log=False)
+  if not opened.stream:
+    return opened.data
+  spec, reader = source.spec, opened.data
+  per_image = spec.side * spec.side * 3
+  wanted = max(SUBSET_FLOOR, spec.memory_budget // 2 // per_image)
+  indices = subset_indices(len(reader), wanted)
   logging.info('%s: the %s split is streamed (%s); using a fixed random subset of %d of its %d '
                'images (seed 0; half of %s), decoded into memory (%.2f GiB at %d px).', what,
-               split, plan.reason, len(indices), len(plan.source), budget_text,
-               len(indices) * per_image / 2**30, side)
-  return decode_subset(plan.source, indices, side, int(data_config.num_workers))
-
+               split, opened.plan.reason, len(indices), len(reader), spec.memory_budget_text,
+               len(indices) * per_image / 2**30, spec.side)
+  return decode_subset(reader, indices, spec.side, spec.num_workers)

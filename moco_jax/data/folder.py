@@ -19,12 +19,8 @@ from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
-
-ARCHIVE_SUFFIXES = ('.tar', '.tgz', '.tar.gz')
-
-
-def _is_archive(path: str) -> bool:
-  return path.lower().endswith(ARCHIVE_SUFFIXES)
+from moco_jax.data import spec as spec_lib
+from moco_jax.data.spec import ARCHIVE_SUFFIXES, DataSpec, is_archive_name
 
 
 def _member_name(member: tarfile.TarInfo) -> str:
@@ -79,7 +75,7 @@ class Tree:
           f'data.path={path!r} does not exist. Set --config.data.path to an ImageFolder '
           'directory ROOT/{train,val}/<class>/<image> or a .tar/.tgz/.tar.gz archive of one.')
     self.is_archive = os.path.isfile(self.path)
-    if self.is_archive and not (_is_archive(self.path) and tarfile.is_tarfile(self.path)):
+    if self.is_archive and not (is_archive_name(self.path) and tarfile.is_tarfile(self.path)):
       raise errors.DataError(f'data.path={path!r} is a file but not a .tar/.tgz/.tar.gz archive; '
                        'point it at an ImageFolder directory or a tar archive of one.')
     self.files = self._list_files()  # Relative names, '/'-separated.
@@ -195,19 +191,34 @@ class Tree:
         yield name, f.read()
 
 
-def _folder_split(tree: Tree, data_config, split: str) -> tuple[str, list[str], dict]:
+def labelled_files(tree: Tree, spec: DataSpec, split: str) -> tuple[str, list, list, list]:
+  """(split dir, class names, file names, labels) of `split` ('train' or 'eval'), checked.
+
+  Labels index the sorted union of train and this split's classes, so train
+  and eval labels agree even if one split lacks a class. Both the decoded split
+  and the folder's reader list a split with this function.
+  """
+  split_dir, class_names, by_class = _folder_split(tree, spec, split)
+  names, labels = [], []
+  for name in by_class:
+    names.extend(by_class[name])
+    labels.extend([class_names.index(name)] * len(by_class[name]))
+  return split_dir, class_names, names, labels
+
+
+def _folder_split(tree: Tree, spec: DataSpec, split: str) -> tuple[str, list[str], dict]:
   """Checks the tree and returns (split dir, class names, {class: files}) for `split`."""
   available = tree.splits()
   where = f'data.path={tree.path!r}' + (f' (inside {tree.root!r})' if tree.root else '')
-  train_dir = data_config.train_split
+  train_dir = spec.train_split
   if train_dir not in available:
     raise errors.DataError(
         f'{where} has no {train_dir!r} folder of class folders (found: {available or "nothing"}). '
         f'Expected ROOT/{train_dir}/<class>/<image>, optionally inside one top-level folder; fix '
         '--config.data.path or --config.data.train_split.')
-  field = dataset.split_field(split)
-  split_dir = dataset.pick_split(data_config[field], available, field, where,
-                         allow_fallback=(split == 'eval'))
+  field = spec_lib.split_field(split)
+  split_dir = dataset.pick_split(spec.split_name(split), available, field, where,
+                                 allow_fallback=(split == 'eval'))
   by_class = tree.classes(split_dir)
   for name in tree.class_dirs(split_dir):
     if not by_class.get(name):
@@ -223,58 +234,70 @@ def _folder_split(tree: Tree, data_config, split: str) -> tuple[str, list[str], 
   return split_dir, class_names, by_class
 
 
-def _archive_key(path: str) -> Optional[dict]:
+def archive_key(spec: DataSpec) -> Optional[dict]:
   """Cache identity of an archive from os.stat alone: a warm run never reads it."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not (os.path.isfile(path) and _is_archive(path)):
+  if spec.kind != 'archive':
     return None
+  path = spec.path
   st = os.stat(path)
   return {'archive': path, 'mtime_ns': st.st_mtime_ns, 'size': st.st_size}
 
 
-def load_folder(data_config, split: str, side: int) -> dataset.ImageDataset:
-  """The decoded `split` of the ImageFolder tree or archive at `data.path` (cached)."""
-  field = dataset.split_field(split)
-  stem = os.path.basename(os.path.abspath(os.path.expanduser(data_config.path)))
+def load_folder(spec: DataSpec, split: str) -> dataset.ImageDataset:
+  """The decoded `split` of the ImageFolder tree or archive at `spec.path` (cached)."""
+  side, wanted = spec.side, spec.split_name(split)
+  stem = os.path.basename(spec.path)
   for suffix in ARCHIVE_SUFFIXES:
     stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
-  base_key = {'kind': 'folder', 'side': side, 'train_split': data_config.train_split,
-              'split': data_config[field], 'fallback': split == 'eval',
-              'version': cache.CACHE_VERSION}
-  archive_key = _archive_key(data_config.path)
-  if archive_key is not None:  # Archives: look the cache up before listing them.
-    path = cache.cache_path(data_config, {**base_key, **archive_key},
-                            f'{stem}-{data_config[field]}-{side}px')
+  base_key = {'kind': 'folder', 'side': side, 'train_split': spec.train_split,
+              'split': wanted, 'fallback': split == 'eval', 'version': cache.CACHE_VERSION}
+  key_of_archive = archive_key(spec)
+  if key_of_archive is not None:  # Archives: look the cache up before listing them.
+    path = cache.cache_path(spec.cache_dir, {**base_key, **key_of_archive},
+                            f'{stem}-{wanted}-{side}px')
     hit = cache.read_cache(path)
     if hit is not None:
       images, labels, meta = hit
       return dataset.ImageDataset(images, labels, len(meta['class_names']), meta['class_names'])
   decode_splits = None
-  if archive_key is not None:
-    candidates = {data_config[field]} | (set(dataset.EVAL_FALLBACKS) if split == 'eval' else set())
+  if key_of_archive is not None:
+    candidates = {wanted} | (set(spec_lib.EVAL_FALLBACKS) if split == 'eval' else set())
     decode_splits = {'splits': candidates, 'side': side, 'decode': decode.decode_image,
-                     'workers': int(data_config.num_workers)}
+                     'workers': spec.num_workers}
     logging.info('Reading %s once: listing it and decoding %s/ at %dx%d with %d threads.',
-                 data_config.path, '/, '.join(sorted(candidates)), side, side,
-                 data_config.num_workers)
-  tree = Tree(data_config.path, decode_splits)
-  split_dir, class_names, by_class = _folder_split(tree, data_config, split)
-  names, labels = [], []
-  for name in by_class:
-    names.extend(by_class[name])
-    labels.extend([class_names.index(name)] * len(by_class[name]))
-  if archive_key is None:  # Directories: the listing (names, sizes, mtimes) is the key.
+                 spec.path, '/, '.join(sorted(candidates)), side, side, spec.num_workers)
+  tree = Tree(spec.path, decode_splits)
+  split_dir, class_names, names, labels = labelled_files(tree, spec, split)
+  if key_of_archive is None:  # Directories: the listing (names, sizes, mtimes) is the key.
     key = {**base_key, 'data': tree.fingerprint(names)}
-    path = cache.cache_path(data_config, key, f'{stem}-{split_dir}-{side}px')
+    path = cache.cache_path(spec.cache_dir, key, f'{stem}-{split_dir}-{side}px')
     hit = cache.read_cache(path)
     if hit is not None:
       return dataset.ImageDataset(hit[0], hit[1], len(class_names), class_names)
   decoded = tree.decoded  # Archives: decoded while listing.
   if decoded is None:
     logging.info('Decoding %d images of %s/%s at %dx%d with %d threads.', len(names), tree.path,
-                 split_dir, side, side, data_config.num_workers)
-    decoded = decode.decode_stream(tree.read(names), side, int(data_config.num_workers),
-                                   decode.decode_image)
+                 split_dir, side, side, spec.num_workers)
+    decoded = decode.decode_stream(tree.read(names), side, spec.num_workers, decode.decode_image)
   tree.decoded = None
   return dataset.decoded_split(decoded, names, labels, class_names, side,
                                f'{tree.path}/{split_dir}', path, split_dir)
+
+
+def archive_train_count(spec: DataSpec) -> int:
+  """Train images of an archive: one listing pass (headers only), cached by (path, mtime, size).
+
+  A compressed archive still has to be decompressed once to list it; the count
+  is what planning needs before deciding to decode it into memory.
+  """
+  key = {**archive_key(spec), 'kind': 'archive-count', 'train_split': spec.train_split,
+         'version': 1}
+  path = cache.cache_path(spec.cache_dir, key, 'archive-count') + '.json'
+  cached = cache.read_json(path)
+  if cached is not None and isinstance(cached.get('count'), int):
+    return cached['count']
+  tree = Tree(spec.path)
+  train_dir = spec.train_split
+  count = sum(len(v) for v in tree.classes(train_dir).values()) if train_dir in tree.splits() else 0
+  cache.write_json(path, {'count': count})
+  return count

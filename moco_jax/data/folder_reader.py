@@ -18,15 +18,15 @@ import numpy as np
 from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.data import cache
-from moco_jax.data import dataset
 from moco_jax.data import folder
 from moco_jax.data.dataset import StreamSource
+from moco_jax.data.spec import DataSpec
 
 # Bump when the index format changes.
 INDEX_VERSION = 1
 
 
-class FolderSource(StreamSource):
+class FolderReader(StreamSource):
   """An ImageFolder split on disk, from its cached index (.npy files opened with mmap).
 
   Pickles as its paths only: grain worker processes map the same index pages.
@@ -60,6 +60,15 @@ class FolderSource(StreamSource):
     with open(os.path.join(self.root, self.name(index)), 'rb') as f:
       return f.read()
 
+  def fingerprint(self) -> dict:
+    """Hashes the indexed names and labels (about 0.1 s per million files)."""
+    self._open()
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(self._names).tobytes())
+    digest.update(np.ascontiguousarray(self._labels).tobytes())
+    digest.update(str(len(self)).encode())
+    return {'count': len(self), 'sha256': digest.hexdigest(), 'where': self.where}
+
 
 def _split_dirs_key(root: str, split_dir: str) -> list:
   """(name, mtime) of the split directory and each of its class directories.
@@ -77,10 +86,9 @@ def _split_dirs_key(root: str, split_dir: str) -> list:
   return key
 
 
-def open_folder_source(data_config, which: str = 'train') -> FolderSource:
+def open_folder_reader(spec: DataSpec, which: str = 'train') -> FolderReader:
   """Lists a split once (same checks and errors as the in-memory path), then caches it."""
-  path = os.path.abspath(os.path.expanduser(data_config.path))
-  split = data_config[dataset.split_field(which)]
+  path, split = spec.path, spec.split_name(which)
   stem = os.path.basename(path)
   base = {'kind': 'folder-index', 'path': path, 'train_split': split, 'version': INDEX_VERSION}
   if which != 'train':
@@ -91,30 +99,25 @@ def open_folder_source(data_config, which: str = 'train') -> FolderSource:
     if top is None or not os.path.isdir(os.path.join(path, top, split)):
       continue
     key = {**base, 'top': top, 'dirs': _split_dirs_key(os.path.join(path, top), split)}
-    train_dir = os.path.join(path, top, data_config.train_split)
+    train_dir = os.path.join(path, top, spec.train_split)
     if which != 'train' and os.path.isdir(train_dir):  # Labels index train + eval classes.
-      key['train_dirs'] = _split_dirs_key(os.path.join(path, top), data_config.train_split)
-    index_path = cache.cache_path(data_config, key, f'{stem}-{split}-index')
+      key['train_dirs'] = _split_dirs_key(os.path.join(path, top), spec.train_split)
+    index_path = cache.cache_path(spec.cache_dir, key, f'{stem}-{split}-index')
     meta = cache.read_json(index_path + '.json')
     if meta is not None and os.path.exists(index_path + '.names.npy'):
       logging.info('Using the cached file list of %s (%d files): %s.names.npy.',
                    meta['where'], meta['count'], index_path)
-      return FolderSource(path, index_path, meta['class_names'], meta['where'])
+      return FolderReader(path, index_path, meta['class_names'], meta['where'])
     break
   else:
     index_path = None
   logging.info('Listing %s once (the list is cached under data.cache_dir).', path)
   tree = folder.Tree(path)
-  split_dir, class_names, by_class = folder._folder_split(  # pylint: disable=protected-access
-      tree, data_config, which)
-  names, labels = [], []
-  for name in by_class:
-    names.extend(by_class[name])
-    labels.extend([class_names.index(name)] * len(by_class[name]))
+  split_dir, class_names, names, labels = folder.labelled_files(tree, spec, which)
   where = f'{path}/{tree.root}{split_dir}'
   if index_path is None:  # Unusual layout: key on the listing itself.
     digest = hashlib.sha256('\n'.join(names).encode('utf-8', 'surrogateescape')).hexdigest()
-    index_path = cache.cache_path(data_config, {**base, 'names': digest},
+    index_path = cache.cache_path(spec.cache_dir, {**base, 'names': digest},
                                   f'{stem}-{split}-index')
   encoded = np.array([n.encode('utf-8', 'surrogateescape') for n in names], dtype=np.bytes_)
   try:
@@ -122,13 +125,13 @@ def open_folder_source(data_config, which: str = 'train') -> FolderSource:
     for suffix, array in (('.names.npy', encoded), ('.labels.npy', np.asarray(labels, np.int32))):
       files.atomic_write(index_path + suffix, lambda f, a=array: np.save(f, a), binary=True)
     cache.write_json(index_path + '.json', {'count': len(names), 'class_names': class_names,
-                                       'where': where})
+                                            'where': where})
   except OSError as e:
     raise errors.DataError(f'Cannot write the file list of {where} under data.cache_dir '
-                  f'({e}); set --config.data.cache_dir to a writable directory.') from e
+                           f'({e}); set --config.data.cache_dir to a writable directory.') from e
   logging.info('Indexed %d files of %s (%d classes) at %s.names.npy.', len(names), where,
                len(class_names), index_path)
-  return FolderSource(path, index_path, class_names, where)
+  return FolderReader(path, index_path, class_names, where)
 
 
 def _single_subdir(path: str) -> Optional[str]:

@@ -31,6 +31,7 @@ from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
 from moco_jax.data.dataset import StreamSource
+from moco_jax.data.spec import DataSpec
 
 
 # Uniforms one RandomResizedCrop consumes (as image_ops.CROP_UNIFORMS): 10 area
@@ -219,7 +220,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   num = len(source)
   if num // global_batch == 0:
     raise ValueError(f'batch_size={global_batch} is larger than the dataset ({num} examples).')
-  local = batching._local_batch(global_batch, process_count)  # pylint: disable=protected-access
+  local = batching.local_batch(global_batch, process_count)
   end_step = end_step if end_step is not None else 2**40
   load = LoadExample(source, global_batch=global_batch, seed=seed, process_index=process_index,
                      process_count=process_count, image_size=image_size, crop_scale=crop_scale,
@@ -277,7 +278,7 @@ def _ignore_ctrl_c(worker_index: int, worker_count: int):
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader_workers(data_config) -> tuple[int, int]:
+def loader_workers(spec: DataSpec) -> tuple[int, int]:
   """(worker processes, threads per process) of the streaming loader.
 
   data.stream_processes (-1: one per core but one, for the train loop) worker
@@ -286,7 +287,7 @@ def loader_workers(data_config) -> tuple[int, int]:
   decoding and resizing, the Python around it does not).
   """
   cores = usable_cores()
-  processes = int(data_config.get('stream_processes', -1))
+  processes = spec.stream_processes
   if processes < 0:
     processes = max(1, cores - 1)
   elif processes > cores:
@@ -295,7 +296,7 @@ def loader_workers(data_config) -> tuple[int, int]:
     logging.warning('config.data.stream_processes=%d is more than the %d cores this process may '
                     'use: using %d loader processes.', processes, cores, cores)
     processes = cores
-  threads = 1 if processes > 0 else max(1, int(data_config.num_workers))
+  threads = 1 if processes > 0 else max(1, spec.num_workers)
   return processes, threads
 
 

@@ -1,83 +1,119 @@
-"""Input: decoded uint8 images in host memory, from the source `config.data` names.
+"""The kinds of data, one `Source` each, and the one function that opens the configured one.
 
-The host only decodes (and caches) images at a fixed square size S; random
-crops, colour jitter, blur and flips run on the accelerator
-(`moco_jax.augmentation.augment`). Keeping the host's work to one decode per image per run
-(and none on a warm cache) is what lets a 2-core host feed a GPU: per step the
-host only gathers rows of one big uint8 array (`moco_jax.data.batching`).
+`from_config(config)` is where the data layer begins: `config.data` becomes a
+`DataSpec` (`moco_jax.data.spec`) and the spec the `Source` of its kind. Every
+caller (pretraining, each evaluation) holds that source and asks it for a
+split; which of the two forms a split gets, decoded into memory or streamed
+through its reader, is `moco_jax.data.streaming.open_split`'s decision.
 
-Sources, chosen by config (`resolve_source`):
-  * folder (`moco_jax.data.folder`): `data.path` names an ImageFolder tree
-    ROOT/{train,val}/<class>/* or a .tar/.tgz/.tar.gz archive of one.
+The host only decodes (and caches) images at a fixed square side S
+(`DataSpec.side`: the shorter side resized to S, bilinear and antialiased, the
+centre S x S square kept, `moco_jax.data.decode.fit_square`); random crops,
+colour jitter, blur and flips run on the accelerator
+(`moco_jax.augmentation.augment`). Decoded splits are cached
+(`moco_jax.data.cache`), so a second run skips decoding; every process loads
+the whole split and takes its own slice of each batch.
+
+Kinds:
+  * folder (`moco_jax.data.folder`, `folder_reader`): `data.path` names an
+    ImageFolder tree ROOT/{train,val}/<class>/*.
+  * archive (`moco_jax.data.folder`): a .tar/.tgz/.tar.gz of such a tree,
+    read as is; tar is sequential, so it is never streamed.
   * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`,
     downloaded and prepared first if it is not (`data.download`).
-  * synthetic: random uint8 images, for throughput benchmarks and tests.
-
-Every source returns images resized to S x S, S = data.cache_size if > 0 else
-round(data.image_size x data.cache_ratio) (`image_side`): the shorter side is resized to S (bilinear, antialiased) and
-the centre S x S square is kept (`moco_jax.data.decode.fit_square`). Decoded
-splits are cached (`moco_jax.data.cache`), so a second run skips decoding.
-Every process loads the whole split and takes its own slice of each batch.
+  * synthetic (`moco_jax.data.synthetic`): random images, for benchmarks and tests.
 """
-
-import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import folder
+from moco_jax.data import folder_reader
+from moco_jax.data import spec as spec_lib
+from moco_jax.data import synthetic
 from moco_jax.data import tfds_source
-from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_field
+from moco_jax.data.dataset import ImageDataset, Source, StreamSource
+from moco_jax.data.spec import DataSpec
 
 
-def resolve_source(data_config) -> str:
-  """Which source to read: a set `data.path` always means the folder source."""
-  if data_config.get('path', ''):
-    return 'folder'
-  source = data_config.source
-  if source not in ('tfds', 'folder', 'synthetic'):
-    raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
-  if source == 'folder':
-    raise errors.ConfigError('data.source=folder needs data.path: set --config.data.path to an '
-                     'ImageFolder directory ROOT/{train,val}/<class>/* or a .tar/.tgz of one.')
-  return source
+class FolderSource(Source):
+  """An ImageFolder directory: decoded whole, or streamed from its cached file index."""
+
+  def load(self, split: str) -> ImageDataset:
+    return folder.load_folder(self.spec, split)
+
+  def open(self, split: str) -> StreamSource:
+    return folder_reader.open_folder_reader(self.spec, split)
+
+  def describe(self) -> str:
+    return f'the ImageFolder directory {self.spec.path}'
 
 
-def load_synthetic(data_config, split: str, side: int) -> ImageDataset:
-  n = int(data_config.synthetic_examples)
-  rng = np.random.default_rng(0 if split == 'train' else 1)
-  images = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
-  labels = rng.integers(0, data_config.synthetic_classes, size=(n,)).astype(np.int32)
-  names = [f'class_{i}' for i in range(data_config.synthetic_classes)]
-  return ImageDataset(images, labels, int(data_config.synthetic_classes), names)
+class ArchiveSource(Source):
+  """A tar archive of an ImageFolder tree: decoded in the pass that lists it, never streamed."""
+  streamable = False
+
+  def count(self, split: str) -> int:
+    if split != 'train':
+      raise ValueError('Only the train split of an archive is counted before decoding it.')
+    return folder.archive_train_count(self.spec)
+
+  def load(self, split: str) -> ImageDataset:
+    return folder.load_folder(self.spec, split)
+
+  def open(self, split: str) -> StreamSource:
+    raise errors.DataError(f'data.path={self.spec.path!r} is an archive: archives cannot be '
+                           'streamed; unpack it into a directory and point data.path at it.')
+
+  def describe(self) -> str:
+    return f'the archive {self.spec.path}'
 
 
-class SyntheticSource(StreamSource):
-  """The synthetic split as a random-access reader (decoded arrays; for tests and benchmarks)."""
+class TfdsSource(Source):
+  """A tfds dataset (downloaded and prepared when it can be), decoded or read at random."""
 
-  def __init__(self, data_config, split: str):
-    self._ds = load_synthetic(data_config, split, image_side(data_config))
-    self.class_names, self.where = self._ds.class_names, f'synthetic:{split}'
+  def count(self, split: str) -> int:
+    return tfds_source.split_count(self.spec, split)
 
-  def __len__(self) -> int:
-    return len(self._ds)
+  def load(self, split: str) -> ImageDataset:
+    return tfds_source.load_tfds(self.spec, split)
 
-  def label(self, index: int) -> int:
-    return int(self._ds.labels[index])
+  def open(self, split: str) -> StreamSource:
+    return tfds_source.open_tfds_reader(self.spec, split)
 
-  def read(self, index: int):
-    return self._ds.images[index]
+  def describe(self) -> str:
+    return f'tfds {self.spec.name}'
 
 
-def load_split(data_config, split: str) -> ImageDataset:
-  """Loads `split` ('train' or 'eval') of the dataset described by `data_config`.
+class SyntheticSource(Source):
+  """Random images generated in memory (never streamed: there is nothing to read)."""
+  streamable = False
 
-  Returns uint8 images [N, S, S, 3] (S = `image_side`) and int32 labels.
-  Raises FileNotFoundError / ValueError naming the config field to fix.
+  def count(self, split: str) -> int:
+    return self.spec.synthetic_examples
+
+  def load(self, split: str) -> ImageDataset:
+    spec_lib.split_field(split)  # 'train' or 'eval' only, as every other kind.
+    return synthetic.load_synthetic(self.spec, split)
+
+  def open(self, split: str) -> StreamSource:
+    return synthetic.SyntheticReader(self.spec, split)
+
+  def describe(self) -> str:
+    return (f'{self.spec.synthetic_examples} synthetic images of '
+            f'{self.spec.synthetic_classes} classes')
+
+
+KINDS = {'folder': FolderSource, 'archive': ArchiveSource, 'tfds': TfdsSource,
+         'synthetic': SyntheticSource}
+
+
+def open_source(spec: DataSpec) -> Source:
+  """The `Source` of `spec.kind`."""
+  return KINDS[spec.kind](spec)
+
+
+def from_config(config) -> Source:
+  """`config.data` resolved once into its spec and opened as a source.
+
+  Raises ConfigError naming the field when `config.data` names no kind of data.
   """
-  split_field(split)
-  side = image_side(data_config)
-  source = resolve_source(data_config)
-  if source == 'synthetic':
-    return load_synthetic(data_config, split, side)
-  if source == 'folder':
-    return folder.load_folder(data_config, split, side)
-  return tfds_source.load_tfds(data_config, split, side)
+  return open_source(spec_lib.from_config(config.data))

@@ -24,7 +24,9 @@ from moco_jax.core import errors
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
+from moco_jax.data import spec as spec_lib
 from moco_jax.data.dataset import StreamSource
+from moco_jax.data.spec import DataSpec
 
 
 # Seconds a download socket may wait (connect or read) before tfds' retries give up on it:
@@ -73,41 +75,41 @@ def _data_dir_text(data_dir) -> str:
   return data_dir or '(tfds default, ~/tensorflow_datasets)'
 
 
-def prepared_builder(data_config):
+def prepared_builder(spec: DataSpec):
   """The tfds builder of `data.name`, downloaded and prepared first when it is not.
 
   Args:
-    data_config: config.data (name, data_dir, download).
+    spec: the data spec (name, data_dir, download).
   Raises:
     DataError: unknown dataset; DataNotFoundError: not prepared and not
       downloadable (data.download=False, offline, a manual-download dataset),
       naming data.path.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = data_config.get('data_dir', '') or None
+  data_dir = spec.data_dir or None
   try:
-    builder = tfds.builder(data_config.name, data_dir=data_dir)
+    builder = tfds.builder(spec.name, data_dir=data_dir)
   except ValueError as e:  # DatasetNotFoundError and friends list every dataset: one line here.
-    raise errors.DataError(unknown_dataset_message(tfds, data_config.name, e)) from e
+    raise errors.DataError(unknown_dataset_message(tfds, spec.name, e)) from e
   if builder.is_prepared():
     return builder
-  where = (f'tfds dataset data.name={data_config.name!r} is not prepared in '
+  where = (f'tfds dataset data.name={spec.name!r} is not prepared in '
            f'data.data_dir={_data_dir_text(data_dir)!r}')
   local = ('read a local ImageFolder tree/archive with --config.data.path=... (e.g. '
            '../shared/data/imagenette2-128sq.tgz), or point --config.data.data_dir at a prepared '
            'tfds directory.')
-  if not data_config.get('download', True):
+  if not spec.download:
     raise errors.DataNotFoundError(f'{where} and data.download=False: {local}')
   if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):  # imagenet2012 and the like.
     raise errors.DataNotFoundError(
         f'{where}, and tfds cannot download it (its files must be downloaded by hand first; see '
-        f'the tfds catalog page of {data_config.name!r}): {local}')
+        f'the tfds catalog page of {spec.name!r}): {local}')
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:  # Every process would write the same directory at once.
     raise errors.DataNotFoundError(
         f'{where}, and {jax.process_count()} processes must not download it at once: prepare it '
         f'with one process first (python -c "import tensorflow_datasets as tfds; '
-        f'tfds.builder({data_config.name!r}, data_dir={data_dir!r}).download_and_prepare()"), '
+        f'tfds.builder({spec.name!r}, data_dir={data_dir!r}).download_and_prepare()"), '
         f'or {local}')
   offline = offline_reason()
   if offline:
@@ -137,16 +139,17 @@ def _socket_timeout(seconds: float):
     socket.setdefaulttimeout(previous)
 
 
-def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
+def load_tfds(spec: DataSpec, split: str) -> dataset.ImageDataset:
   """The decoded `split` of the tfds dataset `data.name` (downloaded if needed; cached)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder, split_name = builder_and_split(data_config, split)
+  side = spec.side
+  builder, split_name = builder_and_split(spec, split)
   label_feature = builder.info.features['label']
   class_names = list(label_feature.names)
-  key = {'kind': 'tfds', 'name': data_config.name, 'dir': str(builder.data_dir),
+  key = {'kind': 'tfds', 'name': spec.name, 'dir': str(builder.data_dir),
          'version': str(builder.info.version), 'split': split_name, 'side': side,
          'cache': cache.CACHE_VERSION}
-  path = cache.cache_path(data_config, key, f'tfds-{data_config.name}-{split_name}-{side}px')
+  path = cache.cache_path(spec.cache_dir, key, f'tfds-{spec.name}-{split_name}-{side}px')
 
   hit = cache.read_cache(path)
   if hit is not None:
@@ -160,11 +163,11 @@ def load_tfds(data_config, split: str, side: int) -> dataset.ImageDataset:
       labels.append(int(example['label']))
       yield index, example['image']
 
-  logging.info('Decoding tfds %s:%s at %dx%d with %d threads.', data_config.name, split_name,
-               side, side, data_config.num_workers)
-  decoded = decode.decode_stream(items(), side, int(data_config.num_workers), decode.decode_value)
+  logging.info('Decoding tfds %s:%s at %dx%d with %d threads.', spec.name, split_name,
+               side, side, spec.num_workers)
+  decoded = decode.decode_stream(items(), side, spec.num_workers, decode.decode_value)
   return dataset.decoded_split(decoded, list(range(len(labels))), labels, class_names, side,
-                               f'tfds {data_config.name}:{split_name}', path, split_name)
+                               f'tfds {spec.name}:{split_name}', path, split_name)
 
 
 def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
@@ -189,7 +192,7 @@ def unknown_dataset_message(tfds, name: str, error: Exception) -> str:
           'or read a local ImageFolder tree/archive with --config.data.path=...')
 
 
-class TfdsSource(StreamSource):
+class TfdsReader(StreamSource):
   """A prepared tfds split through `tfds.data_source` (random access; array_record files)."""
 
   def __init__(self, data_source, class_names: list, where: str):
@@ -205,29 +208,36 @@ class TfdsSource(StreamSource):
     return self.data_source[index]['image']
 
 
-def builder_and_split(data_config, which: str = 'train'):
+def builder_and_split(spec: DataSpec, which: str = 'train'):
   """(prepared builder, split name of `which`: 'train' or 'eval', the latter with fallbacks)."""
-  builder = prepared_builder(data_config)
-  available = list(builder.info.splits.keys())
-  field = dataset.split_field(which)
-  wanted = data_config[field]
-  # A mocked builder (tfds.testing.mock_data) lists no splits: the name is taken as is.
-  split = wanted if not available else dataset.pick_split(
-      wanted, available, field, f'tfds {data_config.name!r}', allow_fallback=(which == 'eval'))
+  builder = prepared_builder(spec)
+  split = dataset.pick_split(spec.split_name(which), split_counts(builder),
+                             spec_lib.split_field(which), f'tfds {spec.name!r}',
+                             allow_fallback=(which == 'eval'))
   return builder, split
 
 
-def open_tfds_source(data_config, which: str = 'train') -> TfdsSource:
+def split_counts(builder) -> dict:
+  """{split name: number of examples} of a prepared builder (from its metadata: no reading)."""
+  return {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+
+
+def split_count(spec: DataSpec, which: str = 'train') -> int:
+  builder, split = builder_and_split(spec, which)
+  return split_counts(builder)[split]
+
+
+def open_tfds_reader(spec: DataSpec, which: str = 'train') -> TfdsReader:
   """`which` split's random-access reader; one line when it has no array_record files."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder, split = builder_and_split(data_config, which)
+  builder, split = builder_and_split(spec, which)
   try:
     source = builder.as_data_source(split=split,
                                     decoders={'image': tfds.decode.SkipDecoding()})
   except (NotImplementedError, ValueError, FileNotFoundError) as e:
     raise errors.DataError(
-        f'tfds {data_config.name}:{split} has no random-access files ({e}). Streaming needs '
+        f'tfds {spec.name}:{split} has no random-access files ({e}). Streaming needs '
         'it prepared as array_record (tfds build --file_format=array_record), or an '
         'ImageFolder directory via --config.data.path=DIR.') from e
   class_names = list(builder.info.features['label'].names)
-  return TfdsSource(source, class_names, f'tfds {data_config.name}:{split}')
+  return TfdsReader(source, class_names, f'tfds {spec.name}:{split}')

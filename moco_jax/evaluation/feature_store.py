@@ -81,13 +81,13 @@ def variables_digest(variables) -> str:
   return digest.hexdigest()
 
 
-def feature_key(config, source, split: str, weights: str) -> dict:
+def feature_key(config, spec, source, split: str, weights: str) -> dict:
   """Everything a stored feature depends on; any change means a new file."""
   # A folder's index file is named by its directories' mtimes: files added, removed or renamed
   # give another index, hence another key.
   return {'version': FEATURE_VERSION, 'weights': weights, 'split': split, 'where': source.where,
-          'count': len(source), 'index': getattr(source, 'index_path', None), 'side': dataset.image_side(config.data),
-          'image_size': int(config.data.image_size), 'mean': list(config.aug.mean),
+          'count': len(source), 'index': getattr(source, 'index_path', None), 'side': spec.side,
+          'image_size': spec.image_size, 'mean': list(config.aug.mean),
           'std': list(config.aug.std), 'dtype': config.model.dtype,
           'model': config.model.to_dict() if hasattr(config.model, 'to_dict') else
                    dict(config.model),
@@ -132,20 +132,21 @@ def _read_marker(path: str) -> Optional[dict]:
     return None
 
 
-def stored_features(config, backbone, variables, source, split: str, mesh: Mesh,
+def stored_features(config, spec, backbone, variables, source, split: str, mesh: Mesh,
                     workdir: str) -> StoredFeatures:
-  """The raw features of every example of `source` (a StreamSource), stored or extracted now."""
-  key = feature_key(config, source, split, variables_digest(variables))
+  """The raw features of every example of `source` (a StreamSource of `spec`), stored or now."""
+  key = feature_key(config, spec, source, split, variables_digest(variables))
   path = feature_path(workdir, split, key)
   found = open_stored(path, key)
   if found is not None:
     logging.info('Reusing the stored %s features %s.f16 (%d x %d, same weights and config).',
                  split, path, *found.features.shape)
     return found
-  return _extract(config, backbone, variables, source, split, mesh, path, key)
+  return _extract(config, spec, backbone, variables, source, split, mesh, path, key)
 
 
-def _extract(config, backbone, variables, source, split, mesh, path, key) -> StoredFeatures:
+def _extract(config, spec, backbone, variables, source, split, mesh, path,
+             key) -> StoredFeatures:
   """Streams `source` through the backbone into `path`.f16, then writes the marker."""
   num = len(source)
   batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
@@ -161,15 +162,14 @@ def _extract(config, backbone, variables, source, split, mesh, path, key) -> Sto
   labels = np.asarray([source.label(i) for i in range(num)], np.int32)
   valid = np.zeros((num,), bool)
   dim, written, start, last_log = None, 0, time.perf_counter(), time.perf_counter()
-  side = dataset.image_side(config.data)
+  side = spec.side
   logging.info('Extracting %s features of %d images of %s by streaming (%d per batch, '
                'decoding with %d threads) into %s.f16.', split, num, source.where, batch,
-               int(config.data.num_workers), path)
+               spec.num_workers, path)
   try:
     with open(tmp, 'wb') as out:
       reads = eval_reader.decoded_batches(
-          source, (np.minimum(p, num - 1) for p in positions), side,
-          int(config.data.num_workers))
+          source, (np.minimum(p, num - 1) for p in positions), side, spec.num_workers)
       for p, (images, ok) in zip(positions, reads):
         mask = p < num
         out_batch = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))

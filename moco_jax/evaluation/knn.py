@@ -195,13 +195,16 @@ class KnnEvaluator:
   run follows the trend on that subset.
   """
 
-  def __init__(self, config, mesh: Mesh, train_ds=None, eval_ds=None):
+  def __init__(self, config, mesh: Mesh, train_ds=None, eval_ds=None, data=None):
+    """`data` (a `sources.Source`, default the one `config` names) gives the splits not passed."""
     self.config = config
     self.mesh = mesh
+    if train_ds is None or eval_ds is None:
+      data = data or sources.from_config(config)
     if train_ds is None:
-      train_ds = eval_reader.bounded_split(config.data, 'train', 'kNN monitor')
+      train_ds = eval_reader.bounded_split(data, 'train', 'kNN monitor')
     if eval_ds is None:
-      eval_ds = eval_reader.bounded_split(config.data, 'eval', 'kNN monitor')
+      eval_ds = eval_reader.bounded_split(data, 'eval', 'kNN monitor')
     self.train_ds, self.eval_ds = train_ds, eval_ds
     self.backbone = models.create_backbone(config.model)
     if self.train_ds.num_classes < 2:
@@ -252,7 +255,7 @@ def monitor_steps(every_epochs: float, steps_per_epoch: int, total_steps: int) -
   return steps
 
 
-def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: int, writer,
+def make_monitor_hooks(config, data, mesh: Mesh, steps_per_epoch: int, total_steps: int, writer,
                        evaluator: Optional[KnnEvaluator] = None, train_ds=None):
   """Hooks `hook(step, state)` for the pretraining loop: the kNN monitor.
 
@@ -264,7 +267,7 @@ def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: in
   steps = monitor_steps(config.eval.knn_every_epochs, steps_per_epoch, total_steps)
   if not steps:
     return []
-  evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds)
+  evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds, data=data)
   logging.info('kNN monitor: %d train / %d eval images, %d classes, after steps %s.',
                len(evaluator.train_ds), len(evaluator.eval_ds),
                max(evaluator.train_ds.num_classes, evaluator.eval_ds.num_classes),
@@ -284,21 +287,20 @@ def _steps_text(steps: list) -> str:
       f'{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)')
 
 
-def stored_splits(config, backbone, variables, train_source, workdir: str):
+def stored_splits(config, data, backbone, variables, train_reader, workdir: str):
   """(train, eval) `feature_store.StoredFeatures` of a streamed run (extracted or reused)."""
   mesh = parallel.make_mesh()
-  train = feature_store.stored_features(config, backbone, variables, train_source, 'train', mesh,
-                                        workdir)
-  eval_source = streaming.open_source(config.data, 'eval')
-  evals = feature_store.stored_features(config, backbone, variables, eval_source, 'eval', mesh,
-                                        workdir)
+  train = feature_store.stored_features(config, data.spec, backbone, variables, train_reader,
+                                        'train', mesh, workdir)
+  evals = feature_store.stored_features(config, data.spec, backbone, variables, data.open('eval'),
+                                        'eval', mesh, workdir)
   return train, evals
 
 
-def streamed_knn_top1(config, backbone, variables, train_source, workdir: str) -> float:
+def streamed_knn_top1(config, data, backbone, variables, train_reader, workdir: str) -> float:
   """kNN top-1 (percent) over features streamed to WORKDIR/features (the split is too large)."""
   start = time.perf_counter()
-  train, evals = stored_splits(config, backbone, variables, train_source, workdir)
+  train, evals = stored_splits(config, data, backbone, variables, train_reader, workdir)
   if not evals.valid.any() or not train.valid.any():
     raise errors.DataError(f'No readable image in {"the eval" if train.valid.any() else "the train"} '
                            'split: every file failed to decode; check config.data.path.')
@@ -321,12 +323,13 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {'<prefix>knn_top1': percent, '<prefix>knn_step': step}.
   """
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
-  plan = streaming.plan_split(config.data, 'train', evaluation=True)
-  if plan.stream:
-    top1 = streamed_knn_top1(config, backbone, variables, plan.source, workdir)
+  data = sources.from_config(config)
+  train = streaming.open_split(data, 'train', evaluation=True)
+  if train.stream:
+    top1 = streamed_knn_top1(config, data, backbone, variables, train.data, workdir)
   else:  # The evaluator builds the same backbone from config.model.
-    evaluator = KnnEvaluator(config, parallel.make_mesh(), train_ds=sources.load_split(
-        config.data, 'train'), eval_ds=sources.load_split(config.data, 'eval'))
+    evaluator = KnnEvaluator(config, parallel.make_mesh(), train_ds=train.data,
+                             eval_ds=data.load('eval'))
     top1 = evaluator(variables)
   scores = {f'{prefix}knn_top1': top1, f'{prefix}knn_step': step}
   results.write_results(workdir, scores)

@@ -57,7 +57,7 @@ from moco_jax.data import batching
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
-from moco_jax.data.dataset import ImageDataset
+from moco_jax.data.dataset import ImageDataset, StreamSource
 from moco_jax.evaluation import features
 from moco_jax.evaluation import linear_paper_ops as ops
 from moco_jax.evaluation import linear_paper_store as store
@@ -181,10 +181,11 @@ def local_batches(config, train_ds, batch: int, start: int, end: int) -> Iterato
   Both: the examples of step s are `train_indices(N, batch, seed, s)`.
   """
   seed, local = int(config.seed), batch // jax.process_count()
-  if isinstance(train_ds, streaming.StreamSource):
-    processes, threads = host_crops.loader_workers(config.data)
+  if isinstance(train_ds, StreamSource):
+    spec = sources.from_config(config).spec
+    processes, threads = host_crops.loader_workers(spec)
     stream = host_crops.train_batches(
-        train_ds, global_batch=batch, seed=seed, image_size=int(config.data.image_size),
+        train_ds, global_batch=batch, seed=seed, image_size=spec.image_size,
         crop_scale=tuple(config.eval.linear_crop_scale), crop_ratio=tuple(config.aug.crop_ratio),
         start_step=start, end_step=end, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=threads, num_processes=processes,
@@ -306,14 +307,14 @@ def run_paper_linear_eval(config, workdir: str) -> dict:
   start = time.perf_counter()
   backbone, variables, step, prefix = features.load_backbone(config, workdir)
   mesh = parallel.make_mesh()
-  plan = streaming.plan_train_input(config.data)  # In memory, or streamed if too large.
-  train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
-  eval_ds = sources.load_split(config.data, 'eval')
+  data = sources.from_config(config)
+  train_ds = streaming.open_split(data, 'train').data  # In memory, or streamed if too large.
+  eval_ds = data.load('eval')
   num_classes = max(_num_classes(train_ds), eval_ds.num_classes)
   val_ds = ops.center_crop_split(eval_ds, float(config.eval.linear_center_crop))
   logging.info('Paper linear protocol: val features of %d images (centre %.3f of each, resized to '
                '%d px), once: the backbone is frozen.', len(val_ds), config.eval.linear_center_crop,
-               config.data.image_size)
+               data.spec.image_size)
   val_features = features.extract_features(config, backbone, variables, val_ds, mesh,
                                            normalize=False)
   logging.info('Val features %s in %.1f s.', val_features.shape, time.perf_counter() - start)

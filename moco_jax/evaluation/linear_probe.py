@@ -265,15 +265,15 @@ def _split_features(config, backbone, variables, workdir: str):
   array: the probe trains on the device and the host holds one block);
   otherwise both splits are decoded into memory as before.
   """
-  plan = streaming.plan_split(config.data, 'train', evaluation=True)
-  if plan.stream:
-    train, evals = knn.stored_splits(config, backbone, variables, plan.source, workdir)
+  data = sources.from_config(config)
+  train = streaming.open_split(data, 'train', evaluation=True)
+  if train.stream:
+    train, evals = knn.stored_splits(config, data, backbone, variables, train.data, workdir)
     pairs = [(feature_store.to_device(s), s.labels[s.valid]) for s in (train, evals)]
     return pairs[0], pairs[1], max(train.num_classes, evals.num_classes)
   mesh = parallel.make_mesh()
   pairs = []
-  for split in ('train', 'eval'):
-    ds = sources.load_split(config.data, split)
+  for ds in (train.data, data.load('eval')):
     pairs.append((features.extract_features(config, backbone, variables, ds, mesh,
                                             normalize=False), ds.labels, ds.num_classes))
   return pairs[0][:2], pairs[1][:2], max(pairs[0][2], pairs[1][2])

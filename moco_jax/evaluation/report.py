@@ -43,6 +43,7 @@ from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import eval_reader
+from moco_jax.data import sources
 from moco_jax.data.dataset import ImageDataset
 from moco_jax.evaluation import features
 from moco_jax.evaluation import knn
@@ -162,8 +163,9 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
   if writing:
     os.makedirs(out_dir, exist_ok=True)
-  train_ds = eval_reader.bounded_split(config.data, 'train', 'Report')
-  eval_ds = eval_reader.bounded_split(config.data, 'eval', 'Report')
+  data = sources.from_config(config)
+  train_ds = eval_reader.bounded_split(data, 'train', 'Report')
+  eval_ds = eval_reader.bounded_split(data, 'eval', 'Report')
   class_names = _class_names(train_ds, eval_ds)
   backbone = models.create_backbone(config.model)
   extract = functools.partial(features.extract_features, config, backbone,

@@ -37,13 +37,10 @@ from moco_jax.run import run_config
 RESUME_FIELDS = (
     'seed', 'batch_size', 'model.name', 'model.stem', 'model.width', 'model.head',
     'model.head_hidden_dim', 'model.head_dims', 'model.embed_dim', 'optim.name',
-    'data.image_size', 'data.cache_size', 'data.train_split', 'data source',
+    'data.image_size', 'data.cache_size', 'data.train_split', 'data identity',
 )
-_DATA_FIELDS = {  # The fields that name the training data, per source.
-    'folder': ('data.path',),
-    'tfds': ('data.name', 'data.data_dir'),
-    'synthetic': ('data.synthetic_examples', 'data.synthetic_classes'),
-}
+# 'data identity' is `moco_jax.data.spec.identity` of the data section: the fields that
+# name the training data for its kind (a folder's path, a tfds name and data_dir, ...).
 
 
 def check_writable(workdir: str):
@@ -64,9 +61,8 @@ def check_writable(workdir: str):
 
 
 def resume_fields(config) -> tuple:
-  """The fields a resume of `config` must keep: the run's, the method's and its data source's."""
-  source = 'folder' if config.data.get('path') else config.data.get('source')
-  return RESUME_FIELDS + registry.resume_fields(config) + _DATA_FIELDS.get(source, ())
+  """The fields a resume of `config` must keep: the run's, the method's and its data's identity."""
+  return RESUME_FIELDS + registry.resume_fields(config)
 
 
 def check_resume_config(workdir: str, config):

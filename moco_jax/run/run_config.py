@@ -37,7 +37,7 @@ import ml_collections
 
 from moco_jax.core import errors
 from moco_jax.core import files
-from moco_jax.data import dataset
+from moco_jax.data import spec as data_spec
 
 CONFIG_FILE = 'config.json'
 
@@ -156,11 +156,20 @@ def _comparable(config) -> dict:
   for key in ('data.cache_size', 'data.cache_ratio'):
     flat.pop(key, None)
   if 'image_size' in data:
-    flat['data.cache_size'] = dataset.image_side(ml_collections.ConfigDict(data))
+    flat['data.cache_size'] = data_spec.decoded_side(ml_collections.ConfigDict(data))
   if isinstance(flat.get('data.path'), str) and flat['data.path']:
     flat['data.path'] = os.path.normpath(os.path.abspath(os.path.expanduser(flat['data.path'])))
-  flat['data source'] = 'folder' if flat.get('data.path') else flat.get('data.source')
+  flat['data identity'] = _data_identity(data)
   return flat
+
+
+def _data_identity(data: dict):
+  """`spec.identity` of a data section (None where it names no data: a check says why elsewhere)."""
+  try:
+    return data_spec.identity(data_spec.from_config(ml_collections.ConfigDict(
+        {'image_size': 1, **data})))
+  except (errors.ConfigError, TypeError, ValueError):
+    return None
 
 
 def compare(saved, given, fields) -> dict:

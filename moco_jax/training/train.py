@@ -47,15 +47,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   mesh = parallel.make_mesh()
 
-  plan = streaming.plan_train_input(config.data)  # In memory, or streamed if too large.
-  train_ds = plan.source if plan.stream else sources.load_split(config.data, 'train')
+  data = sources.from_config(config)
+  train = streaming.open_split(data, 'train')  # In memory, or streamed if too large.
+  train_ds, streamed = train.data, train.stream
   steps_per_epoch = len(train_ds) // config.batch_size
   config_checks.check_dataset(config, len(train_ds))
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=plan.stream,
+  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=streamed,
                                   total_steps=total_steps, num_examples=len(train_ds))
 
   official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
@@ -64,27 +65,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
   guard.check_resume_step(start_step, total_steps, config, manager.directory)
-  if plan.stream:  # A resume must read the file list the run started with.
-    guard.check_file_list(workdir, streaming.file_list_fingerprint(train_ds), start_step, config)
+  if streamed:  # A resume must read the file list the run started with.
+    guard.check_file_list(workdir, train_ds.fingerprint(), start_step, config)
   writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
   saver = guard.Guard(manager, config)
   if start_step:
     logging.info('Resuming from step %d (checkpoint in %s).', start_step, manager.directory)
-  log_run_summary(config, setup, train_ds, steps_per_epoch, total_steps, start_step)
+  log_run_summary(config, data, setup, train_ds, steps_per_epoch, total_steps, start_step)
 
-  on_device = config.data.on_device and not plan.stream
+  on_device = data.spec.on_device and not streamed
   p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device,
                                       with_indices=True)
-  if plan.stream:
-    next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
-    if config.data.on_device:
+  if streamed:
+    next_batch = _stream_feeder(config, data.spec, train_ds, mesh, start_step, total_steps)
+    if data.spec.on_device:
       logging.warning('Streaming: data.on_device is off (it would hold the train split in '
                       'memory).')
   else:
-    next_batch = _batch_feeder(config, train_ds, mesh, start_step)
+    next_batch = _batch_feeder(config, train_ds, mesh, start_step, on_device)
   # Streamed: the monitor scores a fixed subset of the train split (logged).
-  hooks = knn.make_monitor_hooks(config, mesh, steps_per_epoch, total_steps, writer,
-                                 train_ds=None if plan.stream else train_ds)
+  hooks = knn.make_monitor_hooks(config, data, mesh, steps_per_epoch, total_steps, writer,
+                                 train_ds=None if streamed else train_ds)
 
   stop = stopping.StopWatcher(jax.process_count())
   progress = metrics_writer.Progress(total_steps, start_step, config.batch_size, steps_per_epoch)
@@ -136,20 +137,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
-def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch: int,
-                    total_steps: int, start_step: int):
+def log_run_summary(config, data: sources.Source, setup: step_lib.StepSetup, train_ds,
+                    steps_per_epoch: int, total_steps: int, start_step: int):
   """What the run is about to do, in a few lines, before anything is compiled."""
-  data = config.data
-  source = sources.resolve_source(data)
-  where = {'folder': data.get('path', ''),
-           'tfds': f'{data.name} ({data.data_dir or "tfds default dir"})',
-           'synthetic': f'{data.synthetic_examples} random images'}.get(source, '')
   images = getattr(train_ds, 'images', None)  # None: streamed (decoded at every step).
   decoded = (f'decoded once at {images.shape[1]} px' if images is not None
              else 'streamed (decoded and cropped on the host at every step)')
-  logging.info('Data: %s %s; train split %r: %d images, %d classes; images %s, network input '
-               '%d px.', source, where, data.train_split, len(train_ds),
-               len(train_ds.class_names), decoded, data.image_size)
+  logging.info('Data: %s; train split %r: %d images, %d classes; images %s, network input '
+               '%d px.', data.describe(), data.spec.train_split, len(train_ds),
+               len(train_ds.class_names), decoded, data.spec.image_size)
   devices = jax.devices()
   local = config.batch_size // len(devices)
   bn = setup.method.describe_batch_norm(config, len(devices))
@@ -162,7 +158,7 @@ def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch
                devices[0].device_kind, devices[0].platform, jax.process_count())
 
 
-def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
+def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int, on_device: bool) -> Callable:
   """step -> the arguments after `state` of the sharded step, for that step.
 
   Either a sharded uint8 batch from the host pipeline and its dataset indices,
@@ -171,7 +167,7 @@ def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
   `batching.train_indices`.
   """
   process, processes = jax.process_index(), jax.process_count()
-  if config.data.on_device:
+  if on_device:
     dataset = parallel.replicate(train_ds.images, mesh)
     local = config.batch_size // processes
 
@@ -193,19 +189,20 @@ def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int) -> Callable:
   return feed
 
 
-def _stream_feeder(config, source, mesh: Mesh, start_step: int, total_steps: int) -> Callable:
+def _stream_feeder(config, spec, source, mesh: Mesh, start_step: int,
+                   total_steps: int) -> Callable:
   """step -> (sharded crops, sharded indices) from the streaming loader; reports replaced files.
 
   This process reads and decodes only its slice of each global batch, as
   uint8 [b, 2, image_size, image_size, 3]: both views' crops
   (`moco_jax.data.streaming`), the examples of `batching.train_indices`.
   """
-  processes, threads = host_crops.loader_workers(config.data)
+  processes, threads = host_crops.loader_workers(spec)
   logging.info('Streaming %s: %d grain worker processes x %d threads (data.stream_processes, '
                'data.num_workers).', source.where, processes, threads)
   batches = host_crops.train_batches(
       source, global_batch=config.batch_size, seed=config.seed,
-      image_size=config.data.image_size, crop_scale=config.aug.crop_scale,
+      image_size=spec.image_size, crop_scale=config.aug.crop_scale,
       crop_ratio=config.aug.crop_ratio, start_step=start_step, end_step=total_steps,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=threads, num_processes=processes)

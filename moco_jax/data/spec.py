@@ -1,0 +1,161 @@
+"""`config.data` resolved once, at the edge, into a frozen `DataSpec`.
+
+Everything below the edge (sources, caches, planning, loaders) reads the spec,
+never the raw config: which kind of data it is, where it lives (an absolute
+path), which splits, the decoded side, the cache directory, the memory budget
+and the workers are each decided here, once. This is big_vision's
+`ds_core.get` made typed: a wrong value fails in one place with one message,
+and two readers cannot disagree about what "data.path is an archive" means.
+"""
+
+import dataclasses
+import os
+
+from moco_jax.core import errors
+
+ARCHIVE_SUFFIXES = ('.tar', '.tgz', '.tar.gz')
+KINDS = ('folder', 'archive', 'tfds', 'synthetic')
+# Splits tried, in order, when the configured eval split is missing:
+# ImageFolder archives use val/ (Imagenette) or test/ (CIFAR-10-images).
+EVAL_FALLBACKS = ('val', 'validation', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What the data is and how it is read; built by `from_config` only.
+
+  Attributes:
+    kind: 'folder' (an ImageFolder directory), 'archive' (a tar of one),
+      'tfds' or 'synthetic'.
+    path: `data.path`, absolute ('' for tfds and synthetic data).
+    train_split, eval_split: the split names asked for (the eval split falls
+      back to EVAL_FALLBACKS when absent).
+    side: the square side S images are decoded to and cached at.
+    image_size: the network's input size (the crop's output).
+    memory_budget: bytes a decoded split may take in host memory before it is
+      streamed; `memory_budget_text` says where the number came from.
+  """
+  kind: str
+  path: str = ''
+  name: str = ''
+  data_dir: str = ''
+  download: bool = True
+  train_split: str = 'train'
+  eval_split: str = 'val'
+  image_size: int = 128
+  side: int = 128
+  cache_dir: str = ''
+  memory_budget: int = 0
+  memory_budget_text: str = ''
+  num_workers: int = 4
+  stream_processes: int = -1
+  on_device: bool = False
+  synthetic_examples: int = 0
+  synthetic_classes: int = 0
+
+  def split_name(self, split: str) -> str:
+    """The configured name of 'train' or 'eval'."""
+    return getattr(self, split_field(split))
+
+  def with_(self, **changes) -> 'DataSpec':
+    return dataclasses.replace(self, **changes)
+
+
+def split_field(split: str) -> str:
+  """The config field naming the split: 'train' -> train_split, 'eval' -> eval_split."""
+  if split not in ('train', 'eval'):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+  return f'{split}_split'
+
+
+def is_archive_name(path: str) -> bool:
+  return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def decoded_side(data_config) -> int:
+  """S: `data.cache_size` when > 0, else round(image_size x data.cache_ratio)."""
+  cache_size = int(data_config.get('cache_size', -1))
+  if cache_size > 0:
+    return cache_size
+  return int(round(int(data_config.image_size) * float(data_config.get('cache_ratio', 1.0))))
+
+
+def host_memory_bytes() -> int:
+  """MemTotal of this host (Linux /proc/meminfo; sysconf elsewhere)."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemTotal:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+
+
+def memory_budget(data_config) -> tuple[int, str]:
+  """(bytes, description) of `data.max_in_memory_gb`; -1 means 25% of host RAM."""
+  gb = float(data_config.get('max_in_memory_gb', -1))
+  if gb < 0:
+    total = host_memory_bytes()
+    return total // 4, f'25% of this host\'s {total / 2**30:.1f} GiB RAM (data.max_in_memory_gb=-1)'
+  return int(gb * 2**30), f'data.max_in_memory_gb={gb:g}'
+
+
+def default_cache_dir(data_config) -> str:
+  path = data_config.get('cache_dir', '') or os.path.join('~', '.cache', 'moco_jax')
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _kind(data_config) -> tuple[str, str]:
+  """(kind, absolute path): a set `data.path` always means a folder or an archive."""
+  raw = data_config.get('path', '') or ''
+  if raw:
+    path = os.path.normpath(os.path.abspath(os.path.expanduser(raw)))
+    return ('archive' if os.path.isfile(path) and is_archive_name(path) else 'folder'), path
+  source = data_config.get('source', 'tfds')
+  if source not in ('tfds', 'folder', 'synthetic'):
+    raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
+  if source == 'folder':
+    raise errors.ConfigError('data.source=folder needs data.path: set --config.data.path to an '
+                             'ImageFolder directory ROOT/{train,val}/<class>/* or a .tar/.tgz of '
+                             'one.')
+  return source, ''
+
+
+def from_config(data_config) -> DataSpec:
+  """The one place that reads `config.data`: returns its `DataSpec`."""
+  kind, path = _kind(data_config)
+  budget, budget_text = memory_budget(data_config)
+  synthetic = kind == 'synthetic'
+  return DataSpec(
+      kind=kind, path=path,
+      name=str(data_config.get('name', '')) if kind == 'tfds' else '',
+      data_dir=str(data_config.get('data_dir', '') or '') if kind == 'tfds' else '',
+      download=bool(data_config.get('download', True)),
+      train_split=str(data_config.get('train_split', 'train')),
+      eval_split=str(data_config.get('eval_split', 'val')),
+      image_size=int(data_config.image_size), side=decoded_side(data_config),
+      cache_dir=default_cache_dir(data_config),
+      memory_budget=budget, memory_budget_text=budget_text,
+      num_workers=int(data_config.get('num_workers', 4)),
+      stream_processes=int(data_config.get('stream_processes', -1)),
+      on_device=bool(data_config.get('on_device', False)),
+      synthetic_examples=int(data_config.get('synthetic_examples', 0)) if synthetic else 0,
+      synthetic_classes=int(data_config.get('synthetic_classes', 0)) if synthetic else 0)
+
+
+def identity(spec: DataSpec) -> dict:
+  """What names the data, without reading it: the resume guard and config.json compare it.
+
+  Changing one of these fields gives the run other images (or another order of
+  them); everything else in the spec (workers, cache dir, budget) only
+  changes how they are read.
+  """
+  out = {'kind': 'folder' if spec.kind == 'archive' else spec.kind}
+  if spec.path:
+    out['path'] = spec.path
+  if spec.kind == 'tfds':
+    out.update(name=spec.name, data_dir=spec.data_dir)
+  if spec.kind == 'synthetic':
+    out.update(examples=spec.synthetic_examples, classes=spec.synthetic_classes)
+  return out
