@@ -34,10 +34,10 @@ from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import report
-from moco_jax.training import train
+from moco_jax import pretrain
 
 MODES = {
-    'train': train.train_and_evaluate,
+    'train': pretrain.train_and_evaluate,
     'knn': lambda config, workdir: logging.info('Results: %s', knn.run_knn(config, workdir)),
     'linear_eval': lambda config, workdir: logging.info(
         'Results: %s', linear_probe.run_linear_eval(config, workdir)),

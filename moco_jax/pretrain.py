@@ -19,7 +19,6 @@ from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
-from moco_jax.evaluation import official_weights
 from moco_jax.run import checkpoints
 from moco_jax.run import config_checks
 from moco_jax.run import guard
@@ -28,6 +27,7 @@ from moco_jax.run import run_config
 from moco_jax.run import stopping
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
+from moco_jax.weights import official
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -59,8 +59,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=streamed,
                                   total_steps=total_steps, num_examples=len(train_ds))
 
-  official = official_weights.weights_for_new_run(config, workdir)  # config.init_from
-  state = official_weights.init_state(step_lib.init_state(config, setup, mesh), official, config)
+  official_parts = released_weights_for_new_run(config, workdir)  # config.init_from
+  state = step_lib.init_state(config, setup, mesh)
+  if official_parts is not None:
+    state = official.state_from_official(state, official_parts, config.model, config.init_from)
   manager = checkpoints.create_manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
@@ -135,6 +137,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     raise stopping.Interrupted(stop.signum, stopped_at, saved=True,
                                directory=str(manager.directory))
   return state
+
+
+def released_weights_for_new_run(config, workdir: str):
+  """`official.split_state_dict` of config.init_from for a new run; None without it or on resume.
+
+  Called before the train state is built, so a missing or unreadable file
+  fails in seconds, not after compiling. A run with a checkpoint in WORKDIR
+  resumes from it (restore_latest), so the file is not even read then.
+  """
+  path = config.get('init_from', '')
+  if not path or checkpoints.checkpoint_steps(workdir):
+    return None
+  return official.split_state_dict(official.read_checkpoint(path), path)
 
 
 def log_run_summary(config, data: sources.Source, setup: step_lib.StepSetup, train_ds,

@@ -17,16 +17,17 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from moco_jax import models
 from moco_jax.augmentation import image_ops
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
 from moco_jax.methods import base
 from moco_jax.methods import contrastive
 from moco_jax.methods import moco as moco_lib
+from moco_jax import models
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
+from moco_jax.weights import torchvision_names
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
@@ -49,7 +50,7 @@ def _head_to_torch(head: dict) -> dict:
 def _to_torch(params, batch_stats) -> dict:
   """torchvision/official state_dict names -> float64 arrays of one of our encoders."""
   params, batch_stats = jax.device_get((params, batch_stats))
-  state = export.torchvision_state_dict(params['backbone'], batch_stats['backbone'],
+  state = torchvision_names.torchvision_state_dict(params['backbone'], batch_stats['backbone'],
                                         dtype=np.float64)
   state.update(_head_to_torch(params['head']))
   return {k: np.asarray(v, np.float64) for k, v in state.items()
@@ -58,7 +59,7 @@ def _to_torch(params, batch_stats) -> dict:
 
 def _from_torch(state: dict, params, batch_stats):
   """Our (params, batch_stats) of an encoder holding the official encoder's values, in float64."""
-  backbone, backbone_stats = export.backbone_from_torchvision(
+  backbone, backbone_stats = torchvision_names.backbone_from_torchvision(
       state, params['backbone'], batch_stats['backbone'])
   head = {'fc1': {'kernel': state['fc.0.weight'].T, 'bias': state['fc.0.bias']},
           'fc2': {'kernel': state['fc.2.weight'].T, 'bias': state['fc.2.bias']}}

@@ -10,8 +10,9 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from configs import tiny
-from moco_jax import models
 from moco_jax.evaluation import export
+from moco_jax import models
+from moco_jax.weights import torchvision_names
 
 
 # --------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def _compare(backbone, image_size, stem):
   images = np.random.default_rng(0).normal(size=(2, image_size, image_size, 3)).astype(np.float32)
   flax_features = np.asarray(backbone.apply({'params': params, 'batch_stats': batch_stats},
                                             images, train=False))
-  state = export.torchvision_state_dict(params, batch_stats)
+  state = torchvision_names.torchvision_state_dict(params, batch_stats)
   reference = torchvision_resnet_features(state, images, stem)
   assert np.abs(reference).mean() > 1e-2, 'degenerate test: features are (nearly) all zero'
   np.testing.assert_allclose(flax_features, reference, rtol=1e-4, atol=1e-4)
@@ -135,7 +136,7 @@ def test_resnet18_keys_and_shapes_are_torchvision_s():
   variables = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0),
                                                   jnp.zeros((1, 32, 32, 3)), train=False))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
-  state = export.torchvision_state_dict(zeros['params']['backbone'],
+  state = torchvision_names.torchvision_state_dict(zeros['params']['backbone'],
                                         zeros['batch_stats']['backbone'])
   expected = {'conv1.weight'} | {f'bn1.{b}' for b in _BN}
   for stage in range(1, 5):
@@ -160,16 +161,16 @@ _BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 def test_backbone_from_torchvision_inverts_the_export():
   backbone = _tiny_backbone('imagenet', models.BasicBlock, (2, 1, 1))
   params, batch_stats = _random_backbone(backbone, 32)
-  state = export.torchvision_state_dict(params, batch_stats)
+  state = torchvision_names.torchvision_state_dict(params, batch_stats)
   template = jax.eval_shape(lambda: backbone.init(jax.random.PRNGKey(1),
                                                   jnp.zeros((1, 32, 32, 3)), train=False))
-  back = export.backbone_from_torchvision(state, template['params'], template['batch_stats'])
+  back = torchvision_names.backbone_from_torchvision(state, template['params'], template['batch_stats'])
   for ours, original in zip(jax.tree.leaves(back), jax.tree.leaves((params, batch_stats))):
     np.testing.assert_array_equal(ours, original)
   assert jax.tree.structure(back) == jax.tree.structure((params, batch_stats))
   state['layer1.0.conv1.weight'] = state['layer1.0.conv1.weight'][:, :4]
   with pytest.raises(ValueError, match='layer1.0.conv1'):
-    export.backbone_from_torchvision(state, template['params'], template['batch_stats'])
+    torchvision_names.backbone_from_torchvision(state, template['params'], template['batch_stats'])
 
 
 def test_export_backbone_writes_npz_and_sidecar_from_a_train_state(tmp_path):
@@ -199,7 +200,7 @@ def test_loads_into_torchvision_and_gives_the_same_features():
   config.model.name, config.model.width, config.model.stem = 'resnet18', 64, 'imagenet'
   backbone = models.create_backbone(config.model)
   params, batch_stats = _random_backbone(backbone, 33)
-  state = export.torchvision_state_dict(params, batch_stats)
+  state = torchvision_names.torchvision_state_dict(params, batch_stats)
   model = torchvision.models.resnet18()
   model.fc = torch.nn.Identity()
   model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})

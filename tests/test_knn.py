@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import models
 from moco_jax.augmentation import augment
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
+from moco_jax import models
+from moco_jax import pretrain
 from moco_jax.training import optim
-from moco_jax.training import train
 from moco_jax.training import step as step_lib
 
 
@@ -83,8 +84,8 @@ def test_sharded_extraction_with_a_padded_last_batch_equals_a_plain_forward():
   ds = sources.ImageDataset(ds.images[:40], ds.labels[:40], ds.num_classes,
                                    ds.class_names)
   backbone = models.create_backbone(config.model)
-  params, batch_stats = features.random_init_encoder(config)
-  variables = features.backbone_variables(params, batch_stats)
+  params, batch_stats = frozen.random_init_encoder(config)
+  variables = frozen.backbone_variables(params, batch_stats)
   got = features.extract_features(config, backbone, variables, ds, parallel.make_mesh())
   x = augment.eval_view(jnp.asarray(ds.images), config.data.image_size, config.aug)
   want = np.array(backbone.apply(variables, x, train=False))
@@ -107,7 +108,7 @@ def test_monitor_writes_knn_top1_during_pretraining_and_mode_knn_writes_eval_jso
   config.log_every_steps = 2
   config.checkpoint_every_steps = 6
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
+  pretrain.train_and_evaluate(config, workdir)
   rows = [r for r in _read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'knn_top1' in r]
   assert [r['step'] for r in rows] == [4, 6]
   assert all(0.0 <= r['knn_top1'] <= 100.0 for r in rows)
@@ -125,7 +126,7 @@ def test_monitor_writes_knn_top1_during_pretraining_and_mode_knn_writes_eval_jso
 
 def test_random_init_floor_is_the_encoder_pretraining_starts_from():
   config = tiny.get_config()
-  params, batch_stats = features.random_init_encoder(config)
+  params, batch_stats = frozen.random_init_encoder(config)
   lr = optim.create_learning_rate_fn(config, 4, 8)
   setup = step_lib.make_step_setup(config, 1, optim.create_optimizer(config, lr))
   start = step_lib.init_state(config, setup, parallel.make_mesh(jax.devices()[:1]))

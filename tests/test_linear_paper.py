@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import models
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import linear_paper_ops
 from moco_jax.evaluation import linear_paper_store
 from moco_jax.evaluation import linear_probe
+from moco_jax import models
 from moco_jax.run import stopping
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -45,8 +46,8 @@ def setup():
   """A tiny random-init backbone, the synthetic splits and their val features."""
   config = _config()
   backbone = models.create_backbone(config.model)
-  params, batch_stats = features.random_init_encoder(config)
-  variables = jax.device_get(features.backbone_variables(params, batch_stats))
+  params, batch_stats = frozen.random_init_encoder(config)
+  variables = jax.device_get(frozen.backbone_variables(params, batch_stats))
   train_ds = sources.from_config(config).load('train')
   eval_ds = sources.from_config(config).load('eval')
   mesh = parallel.make_mesh()
@@ -231,8 +232,8 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   plan = streaming.plan(sources.from_config(config))
   assert plan.stream
   backbone = models.create_backbone(config.model)
-  params, batch_stats = features.random_init_encoder(config)
-  variables = jax.device_get(features.backbone_variables(params, batch_stats))
+  params, batch_stats = frozen.random_init_encoder(config)
+  variables = jax.device_get(frozen.backbone_variables(params, batch_stats))
   eval_ds = sources.from_config(config).load('eval')
   mesh = parallel.make_mesh()
   val_features = features.extract_features(

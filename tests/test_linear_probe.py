@@ -9,7 +9,9 @@ import pytest
 
 from configs import tiny
 from moco_jax.core import parallel
+from moco_jax.evaluation import classifier
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.run import checkpoints
@@ -51,9 +53,9 @@ def checkpoint_dir(tmp_path_factory):
 def test_topk_accuracy():
   logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
   labels = np.array([1, 2, 0])
-  assert linear_probe.topk_accuracy(logits, labels, 1) == pytest.approx(100 / 3)
-  assert linear_probe.topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
-  assert linear_probe.topk_accuracy(logits, labels, 5) == 100.0  # k clipped to the classes.
+  assert classifier.topk_accuracy(logits, labels, 1) == pytest.approx(100 / 3)
+  assert classifier.topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
+  assert classifier.topk_accuracy(logits, labels, 5) == 100.0  # k clipped to the classes.
 
 
 def test_learning_rate_schedule_scales_with_batch_and_steps_down():
@@ -86,7 +88,7 @@ def test_probe_separates_linearly_separable_features():
 
 
 def test_classifier_init_is_the_paper_s():
-  params = linear_probe.init_classifier(jax.random.PRNGKey(0), 512, 1000)
+  params = classifier.init_classifier(jax.random.PRNGKey(0), 512, 1000)
   assert abs(float(np.std(params['kernel'])) - 0.01) < 1e-3
   assert not np.any(params['bias'])
 
@@ -116,8 +118,8 @@ def test_linear_eval_of_a_checkpoint_dir_writes_eval_json_with_the_step(checkpoi
 
 def test_restored_backbone_is_the_checkpoint_s(checkpoint_dir):
   config = _config()
-  _, variables, step, prefix = features.load_backbone(config, checkpoint_dir)
-  params, batch_stats = features.random_init_encoder(config)  # What the checkpoint holds.
+  _, variables, step, prefix = frozen.load_backbone(config, checkpoint_dir)
+  params, batch_stats = frozen.random_init_encoder(config)  # What the checkpoint holds.
   assert step == 7 and prefix == ''
   for got, want in zip(jax.tree.leaves(variables['params']),
                        jax.tree.leaves(params['backbone'])):

@@ -13,7 +13,6 @@ from jax.sharding import PartitionSpec as P
 
 import rounding
 from configs import tiny
-from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import batching
@@ -21,6 +20,8 @@ from moco_jax.data import sources
 from moco_jax.evaluation import knn
 from moco_jax.methods import base
 from moco_jax.methods import memory_bank
+from moco_jax import models
+from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import config_checks
 from moco_jax.training import optim
@@ -363,11 +364,11 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
 
 def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
-  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
   from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = run_config('end_to_end', steps=4)
   config.checkpoint_every_steps = 2
-  straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
+  straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))
   resumed = test_resume.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
                                                          monkeypatch, checkpoint=2)
   test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access

@@ -25,11 +25,11 @@ import pytest
 
 import main
 from moco_jax import cli
-from moco_jax import models
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.evaluation import export
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import linear_paper_ops
@@ -37,7 +37,9 @@ from moco_jax.evaluation import linear_paper_store
 from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import report
 from moco_jax.evaluation import results
-from moco_jax.training import train
+from moco_jax import models
+from moco_jax import pretrain
+from moco_jax.weights import torchvision_names
 from tests import test_mechanisms
 
 STEPS = 3
@@ -71,12 +73,12 @@ def run(request, tmp_path_factory):
   """A STEPS-step run of the method in its own workdir (every mode of the module reads it)."""
   config = _config(request.param)
   workdir = str(tmp_path_factory.mktemp(request.param))
-  state = jax.device_get(train.train_and_evaluate(config, workdir))
+  state = jax.device_get(pretrain.train_and_evaluate(config, workdir))
   assert int(state.step) == STEPS
-  variables = features.backbone_variables(state.params, state.batch_stats)
+  variables = frozen.backbone_variables(state.params, state.batch_stats)
   # Trained: every BatchNorm running mean has moved off its init (0), so the random-init
   # encoder cannot pass for this one below.
-  start = features.backbone_variables(*features.random_init_encoder(config))
+  start = frozen.backbone_variables(*frozen.random_init_encoder(config))
   for got, init in zip(jax.tree.leaves(variables['batch_stats']),
                        jax.tree.leaves(start['batch_stats'])):
     assert np.abs(np.asarray(got) - np.asarray(init)).max() > 1e-6
@@ -201,7 +203,7 @@ def test_export_writes_the_checkpoint_s_backbone_in_both_formats(run):
   np.testing.assert_array_equal(state['bn1.weight'], backbone[0]['bn1']['scale'])
   assert not any(k.startswith(('fc', 'head', 'bank')) for k in state)
   # All of it: read back into Flax trees, it is the trained backbone, leaf for leaf.
-  _assert_same_tree(export.backbone_from_torchvision(state, *backbone), backbone)
+  _assert_same_tree(torchvision_names.backbone_from_torchvision(state, *backbone), backbone)
   with open(os.path.join(run.workdir, 'backbone_torchvision.json')) as f:
     sidecar = json.load(f)
   assert sidecar['model'] == json.loads(json.dumps(config.model.to_dict())) and 'torchvision' in sidecar['format']
@@ -212,11 +214,11 @@ def test_export_writes_the_checkpoint_s_backbone_in_both_formats(run):
     checkpoint = pickle.load(f)
   assert checkpoint['__author__'] == 'MOCO' and checkpoint['matching_heuristics'] is True
   model = checkpoint['model']
-  assert set(model) == {export.detectron2_name(k) for k in state}
+  assert set(model) == {torchvision_names.detectron2_name(k) for k in state}
   np.testing.assert_array_equal(model['stem.conv1.weight'], state['conv1.weight'])
   np.testing.assert_array_equal(model['stem.conv1.norm.running_var'], backbone[1]['bn1']['var'])
   for key, value in state.items():
-    np.testing.assert_array_equal(model[export.detectron2_name(key)], value, err_msg=key)
+    np.testing.assert_array_equal(model[torchvision_names.detectron2_name(key)], value, err_msg=key)
 
 
 def _png_is_drawn(path):
@@ -237,8 +239,8 @@ def test_report_draws_the_checkpoint(run, extracted):
   assert len(extracted) == 3
   _assert_same_tree(extracted[0], run.variables)
   _assert_same_tree(extracted[1], run.variables)
-  _assert_same_tree(extracted[2], features.backbone_variables(
-      *features.random_init_encoder(run.config)))
+  _assert_same_tree(extracted[2], frozen.backbone_variables(
+      *frozen.random_init_encoder(run.config)))
   facts = dict(re.findall(r'<tr><th>([^<]*)</th><td>([^<]*)</td></tr>', text))
   assert facts['checkpoint step'] == str(STEPS)
   assert float(facts['kNN top-1 (%) now']) == round(_knn_top1(run), 2)

@@ -26,10 +26,10 @@ import pytest
 
 import rounding
 from moco_jax.core import parallel
+from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
-from moco_jax.training import train
 from tests import test_mechanisms
 from tests import test_multiprocess
 
@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
       with rounding.precise(_config(method)) as config:
         workdir = base / f'{method}_one'
         out[method] = [base / f'{method}_two', workdir,
-                       jax.device_get(train.train_and_evaluate(config, str(workdir)))]
+                       jax.device_get(pretrain.train_and_evaluate(config, str(workdir)))]
     for method, pair in pairs.items():
       deadline = pair.started + RUN_TIMEOUT_S
       rcs = [pair.wait(i, timeout=max(1.0, deadline - time.time())) for i in range(2)]

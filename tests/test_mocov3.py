@@ -20,15 +20,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import default
 import rounding
 from configs import tiny
-from moco_jax import models
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
+from moco_jax.evaluation import frozen
 from moco_jax.methods import base
 from moco_jax.methods import mocov3
+from moco_jax import models
 from moco_jax.models import describe
+from moco_jax import pretrain
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
+from moco_jax.weights import torchvision_names
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                       'official_mocov3_step.npz')
@@ -101,7 +104,7 @@ def to_torch(params, batch_stats, encoder: str, vit: bool) -> dict:
   head = 'head' if vit else 'fc'
   out = {}
   if not vit:
-    for name, value in export.torchvision_state_dict(params['backbone'],
+    for name, value in torchvision_names.torchvision_state_dict(params['backbone'],
                                                      batch_stats['backbone']).items():
       if not name.endswith('num_batches_tracked'):
         out[f'{encoder}.{name}'] = np.asarray(value, np.float32)
@@ -128,7 +131,7 @@ def from_torch(state: dict, template_params, template_stats, vit: bool):
   if not vit:
     backbone = {k.split('.', 1)[1]: v for k, v in state.items() if k.startswith('base_encoder.')}
     params['backbone'], stats['backbone'] = jax.tree.map(
-        jnp.asarray, export.backbone_from_torchvision(backbone, template_params['backbone'],
+        jnp.asarray, torchvision_names.backbone_from_torchvision(backbone, template_params['backbone'],
                                                       template_stats['backbone']))
   return params, stats
 
@@ -426,18 +429,18 @@ def test_mocov3_solarize_and_per_view_probabilities():
 def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
-  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
   from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
   config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
-  straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
+  straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))
   workdir = tmp_path / 'resumed'
   resumed = jax.device_get(
       test_resume.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
   test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
   assert int(resumed.method_state.step) == 4
   # Every evaluation reads the ViT backbone from the checkpoint: class-token features.
-  backbone, variables, step, _ = features.load_backbone(config, str(workdir))
+  backbone, variables, step, _ = frozen.load_backbone(config, str(workdir))
   assert step == 4
   out = backbone.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
   assert out.shape == (2, models.VIT_ARCHS['vit_tiny'][1])

@@ -35,10 +35,10 @@ from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
+from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import stopping
 from moco_jax.training import optim
-from moco_jax.training import train
 from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def reference(tmp_path_factory):
   """The uninterrupted run on 1 process x 8 devices, in this process."""
   workdir = tmp_path_factory.mktemp('one_process')
   with rounding.precise(_config()) as config:
-    state = train.train_and_evaluate(config, str(workdir))
+    state = pretrain.train_and_evaluate(config, str(workdir))
     return {'workdir': workdir, 'state': jax.device_get(state),
             'knn': knn.run_knn(config, str(workdir))}
 

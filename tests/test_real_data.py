@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from configs import tiny
-from moco_jax.training import train
+from moco_jax import pretrain
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
 PER_CLASS = {'train': 24, 'test': 8}
@@ -49,7 +49,7 @@ def test_training_on_a_real_archive_writes_metrics_and_knn(tmp_path):
   config.eval.knn_k = 5
   config.eval.batch_size = 16
   workdir = tmp_path / 'run'
-  state = train.train_and_evaluate(config, str(workdir))
+  state = pretrain.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 6
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   knn_rows = [r for r in rows if 'knn_top1' in r]

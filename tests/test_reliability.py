@@ -27,10 +27,10 @@ from moco_jax.data import decode
 from moco_jax.data import sources
 from moco_jax.data import spec
 from moco_jax.data import streaming
+from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import guard
 from moco_jax.run import metrics_writer
-from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,14 +250,14 @@ def _corrupt(step_dir):
 
 def test_resume_safety_end_to_end(tmp_path, caplog):
   workdir = tmp_path / 'run'
-  first = jax.device_get(train.train_and_evaluate(_config(), str(workdir)))
+  first = jax.device_get(pretrain.train_and_evaluate(_config(), str(workdir)))
   assert _saved_steps(workdir) == [2, 4]
   config_json = (workdir / 'config.json').read_text()
 
   # A corrupt latest checkpoint: warned about, moved aside (nothing deleted), and the
   # run resumes from step 2 to the same final state; metrics keep one row per step.
   _corrupt(workdir / 'checkpoints' / '4')
-  resumed = jax.device_get(train.train_and_evaluate(_config(), str(workdir)))
+  resumed = jax.device_get(pretrain.train_and_evaluate(_config(), str(workdir)))
   assert 'does not restore' in caplog.text
   assert os.path.isdir(workdir / 'checkpoints_corrupt' / '4')
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(resumed)):
@@ -269,16 +269,16 @@ def test_resume_safety_end_to_end(tmp_path, caplog):
   # config.json is left as it was.
   with pytest.raises(errors.CheckpointError,
                      match=r'batch_size: 64 -> 32.*moco.queue_size: 200 -> 256.*allow_config_change'):
-    train.train_and_evaluate(_config(batch_size=32, moco__queue_size=256), str(workdir))
+    pretrain.train_and_evaluate(_config(batch_size=32, moco__queue_size=256), str(workdir))
   assert (workdir / 'config.json').read_text() == config_json
 
   # num_train_steps below the checkpoint's step: a clear error, not a silent exit.
   with pytest.raises(errors.ConfigError, match=r'at step 4, beyond the 2 steps'):
-    train.train_and_evaluate(_config(steps=2), str(workdir))
+    pretrain.train_and_evaluate(_config(steps=2), str(workdir))
 
   # Divergence: the run stops naming the last checkpoint; nothing non-finite is saved.
   with pytest.raises(errors.NonFiniteError, match=r'training diverged') as info:
-    train.train_and_evaluate(_config(steps=8, optim__base_lr=1e9), str(workdir))
+    pretrain.train_and_evaluate(_config(steps=8, optim__base_lr=1e9), str(workdir))
   message = str(info.value)
   kept = int(message.split('The last checkpoint, step ')[1].split()[0])
   diverged = int(message.split(': training diverged')[0].rsplit('step ', 1)[1])
@@ -286,7 +286,7 @@ def test_resume_safety_end_to_end(tmp_path, caplog):
   for step in _saved_steps(workdir):
     assert guard.max_abs(_restored(workdir, step)) < guard.MAX_ABS, step
   # The rerun with a sane learning rate resumes from the finite checkpoint.
-  state = train.train_and_evaluate(_config(steps=8), str(workdir))
+  state = pretrain.train_and_evaluate(_config(steps=8), str(workdir))
   assert int(state.step) == 8 and guard.all_finite(state)
   assert [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')] == list(
       range(1, 9))
@@ -310,7 +310,7 @@ def test_unwritable_checkpoints_mid_run_fail_at_once_not_hang(tmp_path, monkeypa
   start = time.time()
   with pytest.raises(errors.CheckpointError,
                      match=r'Saving the checkpoint of step 4 to .*checkpoints failed'):
-    train.train_and_evaluate(_config(), str(workdir))
+    pretrain.train_and_evaluate(_config(), str(workdir))
   assert time.time() - start < 120
   assert os.path.isdir(workdir / 'moved' / '2')  # The earlier checkpoint is intact.
 

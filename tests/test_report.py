@@ -19,9 +19,9 @@ from moco_jax.data import batching
 from moco_jax.data import sources
 from moco_jax.evaluation import report
 from moco_jax.evaluation import report_plots
+from moco_jax import pretrain
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
-from moco_jax.training import train
 
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'CIFAR-10-images.tar.gz'
 PER_CLASS = {'train': 8, 'test': 4}
@@ -68,7 +68,7 @@ def run(tmp_path_factory):
   config.eval.batch_size = 16
   config.report.augment_step = 3
   workdir = tmp / 'run'
-  state = train.train_and_evaluate(config, str(workdir))
+  state = pretrain.train_and_evaluate(config, str(workdir))
   return config, workdir, state
 
 

@@ -18,10 +18,10 @@ from configs import imagenet
 from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import stopping
 from moco_jax.training import optim
-from moco_jax.training import train
 from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def _assert_same_state(a, b):
 
 def test_train_and_evaluate_writes_checkpoints_and_metrics(tmp_path):
   config = _config()
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = pretrain.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 6
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
@@ -76,7 +76,7 @@ def test_train_and_evaluate_writes_checkpoints_and_metrics(tmp_path):
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   """The final state of an uninterrupted 6-step run."""
-  return jax.device_get(train.train_and_evaluate(_config(steps=6),
+  return jax.device_get(pretrain.train_and_evaluate(_config(steps=6),
                                                  str(tmp_path_factory.mktemp('straight'))))
 
 
@@ -95,9 +95,9 @@ def crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint: i
 
   monkeypatch.setattr(batching, 'train_batches', crashing_batches)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(workdir))
+    pretrain.train_and_evaluate(config, str(workdir))
   monkeypatch.setattr(batching, 'train_batches', real_batches)
-  return train.train_and_evaluate(config, str(workdir))
+  return pretrain.train_and_evaluate(config, str(workdir))
 
 
 def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, straight):
@@ -125,21 +125,21 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
   monkeypatch.setattr(batching, 'train_batches', terminated_batches)
   handler_before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(stopping.Interrupted) as stopped:
-    train.train_and_evaluate(config, str(tmp_path))
+    pretrain.train_and_evaluate(config, str(tmp_path))
   assert signal.getsignal(signal.SIGTERM) is handler_before  # The run restores it.
   # Step 2, the next step boundary (not a checkpoint_every_steps multiple): saved on SIGTERM.
   assert stopped.value.step == 2 and stopped.value.saved
   assert stopped.value.exit_code == stopping.EXIT_PREEMPTED == 75
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   monkeypatch.setattr(batching, 'train_batches', real_batches)
-  _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
+  _assert_same_state(straight, pretrain.train_and_evaluate(config, str(tmp_path)))
 
 
 def test_pre_seam_checkpoint_and_old_config_json_resume_exactly(tmp_path, straight):
   """A run made before the method seam (flat MoCo checkpoint, config.json without the
   fields added since) resumes and ends in the uninterrupted state."""
   config = _config(steps=6)
-  train.train_and_evaluate(config, str(tmp_path))
+  pretrain.train_and_evaluate(config, str(tmp_path))
   directory = checkpoints.checkpoint_dir(str(tmp_path))
   state = jax.device_get(_restore_step(tmp_path, config, 3))
   shutil.rmtree(directory)
@@ -158,7 +158,7 @@ def test_pre_seam_checkpoint_and_old_config_json_resume_exactly(tmp_path, straig
   del saved['method'], saved['model']['head_dims'], saved['optim']['name']
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(saved, f)
-  _assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
+  _assert_same_state(straight, pretrain.train_and_evaluate(config, str(tmp_path)))
 
 
 def _restore_step(workdir, config, step):
@@ -200,9 +200,9 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
 
 def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
   config = _config(steps=2)
-  host = train.train_and_evaluate(config, str(tmp_path / 'host'))
+  host = pretrain.train_and_evaluate(config, str(tmp_path / 'host'))
   config.data.on_device = True
-  device = train.train_and_evaluate(config, str(tmp_path / 'device'))
+  device = pretrain.train_and_evaluate(config, str(tmp_path / 'device'))
   leaves_host, leaves_device = jax.tree.leaves(host), jax.tree.leaves(device)
   for a, b in zip(leaves_host, leaves_device):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
+from moco_jax import pretrain
 from moco_jax.run import run_config
 from moco_jax.run import stopping
-from moco_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +66,6 @@ def test_ctrl_c_on_main_py_saves_the_step_and_the_run_resumes_from_its_own_confi
   # The run's own config.json with one override (what `main.py --workdir=DIR
   # --config.num_train_steps=N` loads: tests/test_run_config.py) finishes the run from there.
   config = run_config.load_run_config(str(workdir), {'num_train_steps': saved[0] + 2})
-  state = train.train_and_evaluate(config, str(workdir))
+  state = pretrain.train_and_evaluate(config, str(workdir))
   assert int(state.step) == saved[0] + 2
   assert [r['step'] for r in _rows(workdir)][-2:] == [saved[0] + 1, saved[0] + 2]

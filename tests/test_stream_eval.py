@@ -17,11 +17,12 @@ from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import report
 from moco_jax.evaluation import results
-from moco_jax.training import train
+from moco_jax import pretrain
 
 
 def _unit(x):
@@ -118,7 +119,7 @@ def test_streamed_knn_equals_the_in_memory_knn(tree, tmp_path, caplog):
   assert streamed == memory
   # The stored features are the in-memory ones rounded to float16 (the broken file is invalid).
   config = _config(tree, tmp_path)
-  backbone, variables, _, _ = features.load_backbone(config, '')
+  backbone, variables, _, _ = frozen.load_backbone(config, '')
   train_ds = sources.from_config(config).load('train')
   want = features.extract_features(config, backbone, variables, train_ds, parallel.make_mesh(),
                                    normalize=False)
@@ -155,7 +156,7 @@ def test_feature_cache_is_reused_only_with_the_same_key(tree, tmp_path, caplog):
     caplog.clear()
   # A marker whose key does not match (e.g. an edited or older file) is refused and rebuilt.
   config = _config(tree, tmp_path, **streamed)
-  backbone, variables, _, _ = features.load_backbone(config, workdir)
+  backbone, variables, _, _ = frozen.load_backbone(config, workdir)
   data = sources.from_config(config)
   source = data.open('train')
   key = feature_store.feature_key(config, data.spec, source, 'train',
@@ -218,7 +219,7 @@ def test_the_knn_monitor_runs_on_a_streamed_run(tree, tmp_path, caplog):
                                       'data.stream_processes': 0, 'moco.queue_size': 32})
   workdir = tmp_path / 'train'
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config, str(workdir))
+    pretrain.train_and_evaluate(config, str(workdir))
   assert any('kNN monitor: the train split is streamed' in r.getMessage()
              for r in caplog.records)
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]

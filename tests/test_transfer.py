@@ -21,16 +21,19 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
-from moco_jax.evaluation import official_weights
+from moco_jax import models
+from moco_jax import pretrain
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib
+from moco_jax.weights import official
+from moco_jax.weights import torchvision_names
 
 _DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 _GOLDEN_WIDTH = {'resnet18': 4, 'resnet50': 2}  # The golden checkpoints' model.width.
@@ -63,7 +66,7 @@ def test_detectron2_export_equals_the_official_converter(tmp_path, arch):
   exported = {k.split('/input/')[1]: golden[k] for k in golden if k.startswith(f'{arch}/input/')}
   config = _model_config(arch, _GOLDEN_WIDTH[arch])
   template = _backbone_template(config.model)
-  params, batch_stats = export.backbone_from_torchvision(exported, template['params'],
+  params, batch_stats = torchvision_names.backbone_from_torchvision(exported, template['params'],
                                                          template['batch_stats'])
   path = os.path.join(tmp_path, 'backbone_detectron2.pkl')
   export.export_backbone({'backbone': params}, {'backbone': batch_stats}, path, config.model,
@@ -92,7 +95,7 @@ def test_detectron2_names_follow_each_rule_of_the_converter():
       'layer2.0.downsample.0.weight': 'res3.0.shortcut.weight',
       'layer3.0.downsample.1.running_mean': 'res4.0.shortcut.norm.running_mean',
   }
-  assert {k: export.detectron2_name(k) for k in expected} == expected
+  assert {k: torchvision_names.detectron2_name(k) for k in expected} == expected
 
 
 def test_unknown_export_format_is_one_config_error(tmp_path):
@@ -115,7 +118,7 @@ def _official_state_dict(state, prefix='module.'):
   moco = state.method_state
   for side, params, stats in (('encoder_q', state.params, state.batch_stats),
                               ('encoder_k', moco.key_params, moco.key_batch_stats)):
-    names = export.torchvision_state_dict(params['backbone'], stats['backbone'])
+    names = torchvision_names.torchvision_state_dict(params['backbone'], stats['backbone'])
     for name, layer in jax.device_get(params['head']).items():
       names[f'{_OFFICIAL_HEAD[name]}.weight'] = np.asarray(layer['kernel']).T  # [out, in].
       names[f'{_OFFICIAL_HEAD[name]}.bias'] = np.asarray(layer['bias'])
@@ -186,8 +189,8 @@ def _field(state, dotted):
 def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny_state):
   config, fresh = tiny_state
   source = _pretrained(fresh)
-  parts = official_weights.split_state_dict(_official_state_dict(source))
-  loaded = official_weights.state_from_official(fresh, parts, config.model)
+  parts = official.split_state_dict(_official_state_dict(source))
+  loaded = official.state_from_official(fresh, parts, config.model)
   for field in _FIELDS:
     _assert_trees_equal(_field(loaded, field), _field(source, field))
     for x, y in zip(jax.tree.leaves(_field(loaded, field)),
@@ -197,8 +200,8 @@ def test_official_state_dict_round_trips_into_the_train_state_without_torch(tiny
     _assert_trees_equal(_field(loaded, field), _field(fresh, field))
   # Without DDP's 'module.' prefix, and without a queue (it stays the fresh one).
   bare = {k: v for k, v in _official_state_dict(source, prefix='').items() if 'queue' not in k}
-  loaded = official_weights.state_from_official(
-      fresh, official_weights.split_state_dict(bare), config.model)
+  loaded = official.state_from_official(
+      fresh, official.split_state_dict(bare), config.model)
   _assert_trees_equal(loaded.method_state.key_params, source.method_state.key_params)
   for field in ('queue', 'queue_ptr'):
     _assert_trees_equal(getattr(loaded.method_state, field), getattr(fresh.method_state, field))
@@ -210,9 +213,9 @@ def test_official_v1_linear_head_loads_into_a_linear_config():
   fresh = _random_state(config)
   source = _pretrained(fresh)
   assert set(source.params['head']) == {'fc'}
-  parts = official_weights.split_state_dict(_official_state_dict(source))
+  parts = official.split_state_dict(_official_state_dict(source))
   assert set(parts['encoder_q']) >= {'fc.weight', 'fc.bias'} and parts['queue'].shape == (200, 16)
-  loaded = official_weights.state_from_official(fresh, parts, config.model)
+  loaded = official.state_from_official(fresh, parts, config.model)
   for field in _FIELDS:
     _assert_trees_equal(_field(loaded, field), _field(source, field))
 
@@ -231,33 +234,31 @@ def test_official_v1_linear_head_loads_into_a_linear_config():
 def test_official_checkpoint_of_another_architecture_is_one_line_naming_the_key(tiny_state, change,
                                                                                match):
   config, fresh = tiny_state
-  parts = official_weights.split_state_dict(_official_state_dict(fresh), 'f.pth')
+  parts = official.split_state_dict(_official_state_dict(fresh), 'f.pth')
   config = copy.deepcopy(config)
   change(config)
   with pytest.raises(errors.CheckpointError, match=match) as info:
-    official_weights.state_from_official(_abstract_state(config), parts, config.model, 'f.pth')
+    official.state_from_official(_abstract_state(config), parts, config.model, 'f.pth')
   assert "config.init_from='f.pth'" in str(info.value) and '\n' not in str(info.value)
 
 
 def test_not_a_moco_checkpoint_and_missing_torch_are_one_line(tmp_path):
   with pytest.raises(errors.CheckpointError, match=r'no module\.encoder_q.*main_lincls'):
-    official_weights.split_state_dict({'module.conv1.weight': np.zeros((4, 3, 7, 7))}, 'l.pth')
+    official.split_state_dict({'module.conv1.weight': np.zeros((4, 3, 7, 7))}, 'l.pth')
   with pytest.raises(errors.CheckpointNotFoundError, match=r'init_from=.*no such file'):
-    official_weights.read_checkpoint(str(tmp_path / 'absent.pth.tar'))
+    official.read_checkpoint(str(tmp_path / 'absent.pth.tar'))
   path = tmp_path / 'moco.pth.tar'
   path.write_bytes(b'not read')
   with mock.patch.dict(sys.modules, {'torch': None}):  # `import torch` raises ImportError.
     with pytest.raises(errors.ConfigError, match=r'needs torch.*pip install torch'):
-      official_weights.read_checkpoint(str(path))
+      official.read_checkpoint(str(path))
 
 
 def test_a_checkpoint_in_the_workdir_wins_over_init_from(tmp_path):
   config = tiny.get_config()
   config.init_from = str(tmp_path / 'never_read.pth.tar')  # Reading it would fail.
   os.makedirs(tmp_path / 'w' / 'checkpoints' / '4')
-  assert official_weights.weights_for_new_run(config, str(tmp_path / 'w')) is None
-  state = object()
-  assert official_weights.init_state(state, None, config) is state
+  assert pretrain.released_weights_for_new_run(config, str(tmp_path / 'w')) is None
 
 
 class _Unsafe:
@@ -279,14 +280,14 @@ def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tin
   workdir = str(tmp_path / 'w')
   os.makedirs(workdir)
   # Continue pretraining: the new run's state holds the file's encoders and queue.
-  loaded = official_weights.init_state(
-      fresh, official_weights.weights_for_new_run(config, workdir), config)
+  loaded = official.state_from_official(
+      fresh, pretrain.released_weights_for_new_run(config, workdir), config.model, path)
   for field in _FIELDS:
     _assert_trees_equal(_field(loaded, field), _field(source, field))
   # Evaluate: no checkpoint in the workdir, so kNN runs on the file's query backbone and
   # gives what the same evaluator gives on the source state's.
-  _, variables, step, prefix = features.load_backbone(config, workdir)
-  _assert_trees_equal(variables, features.backbone_variables(source.params, source.batch_stats))
+  _, variables, step, prefix = frozen.load_backbone(config, workdir)
+  _assert_trees_equal(variables, frozen.backbone_variables(source.params, source.batch_stats))
   assert (step, prefix) == (0, '')
   scores = knn.run_knn(config, workdir)
   expected = knn.KnnEvaluator(config, parallel.make_mesh())(jax.device_get(variables))
@@ -294,7 +295,7 @@ def test_official_file_restores_evaluates_and_refuses_pickled_code(tmp_path, tin
   # A file that would run code when unpickled is refused, in one line.
   torch.save({'state_dict': state_dict, 'extra': _Unsafe()}, path)
   with pytest.raises(errors.CheckpointError, match=r'weights_only=True.*never pickled code'):
-    official_weights.read_checkpoint(path)
+    official.read_checkpoint(path)
 
 
 def test_docs_detectron2_snippet_parses_and_normalises_as_our_config():
@@ -314,16 +315,16 @@ def test_docs_detectron2_snippet_parses_and_normalises_as_our_config():
 def test_init_from_refuses_a_method_without_momentum_encoder_and_queue():
   config = tiny.get_config()
   fresh = _random_state(config)
-  parts = official_weights.split_state_dict(_official_state_dict(fresh), 'f.pth')
+  parts = official.split_state_dict(_official_state_dict(fresh), 'f.pth')
   other = fresh.replace(method_state=())  # e.g. a method with no momentum encoder nor queue.
   with pytest.raises(errors.ConfigError, match=r'MoCo v1/v2 checkpoint.*--config\.method=moco'):
-    official_weights.state_from_official(other, parts, config.model, 'f.pth')
+    official.state_from_official(other, parts, config.model, 'f.pth')
 
 
 def test_a_missing_init_from_file_fails_before_the_state_is_built(tmp_path):
-  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.init_from = str(tmp_path / 'moco_v2_800ep_pretrain.pth.tar')
   with mock.patch.object(step_lib, 'init_state', side_effect=AssertionError('compiled first')), \
       pytest.raises(errors.CheckpointNotFoundError, match=r'init_from=.*no such file'):
-    train.train_and_evaluate(config, str(tmp_path / 'w'))
+    pretrain.train_and_evaluate(config, str(tmp_path / 'w'))

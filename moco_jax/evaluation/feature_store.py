@@ -34,12 +34,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from moco_jax.core import errors
 from moco_jax.core import files
-from moco_jax.core import parallel
-from moco_jax.data import dataset
 from moco_jax.data import eval_reader
 from moco_jax.evaluation import features
 
@@ -151,9 +149,6 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
   num = len(source)
   batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
   local = batch // jax.process_count()
-  fn = features.feature_fn(config, backbone, mesh, normalize=False)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  data_sharding = NamedSharding(mesh, P(parallel.AXIS))
   starts = range(0, num, batch)
   positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
                for s in starts]
@@ -170,13 +165,9 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
     with open(tmp, 'wb') as out:
       reads = eval_reader.decoded_batches(
           source, (np.minimum(p, num - 1) for p in positions), side, spec.num_workers)
-      for p, (images, ok) in zip(positions, reads):
-        mask = p < num
-        out_batch = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))
-        rows = parallel.host_gather(out_batch)
-        keep = parallel.host_gather(mask)
-        good = parallel.host_gather(ok & mask)
-        rows = rows[keep].astype(np.float16)
+      batches = ((images, p < num, ok) for p, (images, ok) in zip(positions, reads))
+      for rows, good in features.encoded_batches(config, backbone, variables, mesh, batches):
+        rows = rows.astype(np.float16)
         if dim is None:
           dim = rows.shape[1]
           _check_disk(path, num * dim * 2)
@@ -185,7 +176,7 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
               f'Backbone features of {split} images {written}..{written + len(rows)} are not '
               'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
         out.write(rows.tobytes())
-        valid[written:written + len(rows)] = good[keep]
+        valid[written:written + len(rows)] = good
         written += len(rows)
         if time.perf_counter() - last_log > _LOG_EVERY_S:
           last_log = time.perf_counter()

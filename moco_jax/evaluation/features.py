@@ -1,33 +1,24 @@
 """Frozen-backbone features: the one place every evaluation gets its inputs from.
 
-`load_backbone` gives the QUERY encoder's backbone (params + BatchNorm running
-statistics, no head) of the latest checkpoint of a workdir (or, when it has
-none, of the official checkpoint `config.init_from`), or the randomly
-initialised encoder the pretraining started from (`config.eval.random_init`,
-the floor every result is compared with). `extract_features` runs it in
-inference mode on the deterministic eval view of every image of a split,
-data-parallel over the mesh. kNN, the linear probe and the report use these.
+`extract_features` runs a backbone (`moco_jax.evaluation.backbone` says which
+weights) in inference mode on the deterministic eval view of every image of a
+split, data-parallel over the mesh. kNN, the linear probes and the report use
+it; `feature_store` runs the same loop (`encoded_batches`) over a streamed split.
 """
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import models
 from moco_jax.augmentation import augment
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data.dataset import ImageDataset
-from moco_jax.evaluation import official_weights
 from moco_jax.methods import contrastive
-from moco_jax.methods import registry
-from moco_jax.run import checkpoints
-from moco_jax.training import state as state_lib
 
 
 def eval_batch_size(requested: int, num_devices: int) -> int:
@@ -69,9 +60,27 @@ def feature_fn(config, backbone, mesh: Mesh, normalize: bool) -> Callable:
                      tuple(config.aug.std), config.model.dtype, mesh, normalize)
 
 
-def backbone_variables(params, batch_stats) -> dict:
-  """The backbone's variables out of an encoder's (query) params and batch stats."""
-  return {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
+def encoded_batches(config, backbone, variables, mesh: Mesh, batches: Iterable[tuple],
+                    normalize: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The extraction loop: per global batch, (features [n, C] float32, decoded bool [n]).
+
+  Args:
+    batches: this process's slice of each global batch, in order, as (uint8
+      images [b, S, S, 3], real bool [b]: a row of the split rather than
+      padding, decoded bool [b]: the image could be read).
+  Yields:
+    The features and decoded flags of the batch's real rows, gathered from
+    every process. Memory (`extract_features`) and the feature store
+    (`feature_store`) both consume this loop.
+  """
+  fn = feature_fn(config, backbone, mesh, normalize)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  data_sharding = NamedSharding(mesh, P(parallel.AXIS))
+  for images, real, decoded in batches:
+    out = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))
+    keep = parallel.host_gather(real)
+    good = parallel.host_gather(np.logical_and(decoded, real))
+    yield np.asarray(parallel.host_gather(out)[keep], np.float32), good[keep]
 
 
 def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,
@@ -89,65 +98,13 @@ def extract_features(config, backbone, variables, ds: ImageDataset, mesh: Mesh,
     normalize: L2-normalise each feature (kNN) or not (linear probe).
   """
   batch = eval_batch_size(config.eval.batch_size, mesh.size)
-  fn = feature_fn(config, backbone, mesh, normalize)
-  replicated = NamedSharding(mesh, P())
-  variables = jax.device_put(variables, replicated)
-  data_sharding = NamedSharding(mesh, P(parallel.AXIS))
-  chunks = []
-  for b in batching.eval_batches(ds, global_batch=batch, process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
-    images = jax.make_array_from_process_local_data(data_sharding, b['image'])
-    out = fn(variables, images)
-    # The last batch is padded; the mask keeps the real rows.
-    chunks.append((parallel.host_gather(out), b['mask']))
-  rows = [f[parallel.host_gather(m)] for f, m in chunks]
-  features = np.concatenate(rows, axis=0).astype(np.float32)
+  # The last batch is padded; its mask marks the real rows (all decoded: ds holds images).
+  batches = ((b['image'], b['mask'], b['mask'])
+             for b in batching.eval_batches(ds, global_batch=batch,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count()))
+  rows = [f for f, _ in encoded_batches(config, backbone, variables, mesh, batches, normalize)]
+  features = np.concatenate(rows, axis=0)
   if features.shape[0] != len(ds):
     raise AssertionError(f'extracted {features.shape[0]} features for {len(ds)} images')
   return features
-
-
-def random_init_encoder(config):
-  """(params, batch_stats) of the step-0 trained encoder: the untrained floor.
-
-  `state.initial_encoder_variables`, which `state.create_train_state` uses
-  too: exactly the weights pretraining starts from with this config.seed.
-  """
-  encoder = registry.create(config, num_devices=1).encoder
-  return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
-                                             config.data.image_size)
-
-
-def query_encoder(config, workdir: str):
-  """(params, batch_stats, step) of the query encoder to evaluate or export.
-
-  The latest checkpoint of WORKDIR; with none there and config.init_from set,
-  the official checkpoint's query backbone (step 0: no step of ours).
-  """
-  path = config.get('init_from', '')
-  if path and not checkpoints.checkpoint_steps(workdir):
-    logging.info('No checkpoint in %s: using the query encoder of config.init_from=%s.',
-                 checkpoints.checkpoint_dir(workdir), path)
-    return (*official_weights.query_encoder(path, config), 0)
-  if path:
-    logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
-                 'new run, or is evaluated while WORKDIR has no checkpoint).',
-                 checkpoints.checkpoint_dir(workdir), path)
-  return checkpoints.restore_query_encoder(workdir, config.model)
-
-
-def load_backbone(config, workdir: str):
-  """(backbone module, backbone variables, step, results key prefix) to evaluate.
-
-  With config.eval.random_init the step-0 encoder (step 0, prefix
-  'random_init_'); otherwise the latest checkpoint's query encoder (prefix '').
-  """
-  backbone = models.create_backbone(config.model)
-  if config.eval.random_init:
-    params, batch_stats = random_init_encoder(config)
-    step, prefix = 0, 'random_init_'
-  else:
-    params, batch_stats, step = query_encoder(config, workdir)
-    prefix = ''
-  variables = backbone_variables(params, batch_stats)
-  return backbone, jax.device_get(variables), step, prefix

@@ -24,16 +24,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.core import parallel
-from moco_jax.data import sources
 from moco_jax.data import eval_reader
+from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import results
 from moco_jax.methods import contrastive
+from moco_jax import models
 
 # Eval images per kNN chunk: the similarity block is [chunk, num_train] float32,
 # 256 x 50,000 x 4 bytes = 51 MB for CIFAR-10, whatever the eval split's size.
@@ -276,7 +277,7 @@ def make_monitor_hooks(config, data, mesh: Mesh, steps_per_epoch: int, total_ste
   def hook(step: int, state):
     if step not in steps:
       return
-    top1 = evaluator(features.backbone_variables(state.params, state.batch_stats))
+    top1 = evaluator(frozen.backbone_variables(state.params, state.batch_stats))
     writer.write(step, {'knn_top1': top1, 'epoch': step / max(steps_per_epoch, 1)})
 
   return [hook]
@@ -322,7 +323,7 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     {'<prefix>knn_top1': percent, '<prefix>knn_step': step}.
   """
-  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  backbone, variables, step, prefix = frozen.load_backbone(config, workdir)
   data = sources.from_config(config)
   train = streaming.open_split(data, 'train', evaluation=True)
   if train.stream:

@@ -54,14 +54,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax.data.dataset import ImageDataset, StreamSource
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
-from moco_jax.data.dataset import ImageDataset, StreamSource
+from moco_jax.evaluation import classifier
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import linear_paper_ops as ops
 from moco_jax.evaluation import linear_paper_store as store
-from moco_jax.evaluation import linear_probe
 from moco_jax.evaluation import results
 from moco_jax.run import metrics_writer
 from moco_jax.run import stopping
@@ -94,7 +95,7 @@ def make_train_step(backbone, mesh: Mesh, image_size: int, scale: tuple, ratio: 
     feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
 
     def loss_fn(p):
-      logits = linear_probe.logits_fn(p, feats)
+      logits = classifier.logits_fn(p, feats)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(cls)
@@ -121,7 +122,7 @@ def initial_state(seed: int, num_features: int, num_classes: int, backbone_step:
   `backbone_step` records which pretraining checkpoint the classifier sits on,
   so a resume on another one is refused instead of mixing the two.
   """
-  cls = linear_probe.init_classifier(jax.random.PRNGKey(seed), num_features, num_classes)
+  cls = classifier.init_classifier(jax.random.PRNGKey(seed), num_features, num_classes)
   return {'params': cls, 'momentum': jax.tree.map(jnp.zeros_like, cls),
           'step': np.int64(0), 'loss_sum': np.float64(0.0), 'correct_sum': np.int64(0),
           'backbone_step': np.int64(backbone_step)}
@@ -146,9 +147,9 @@ def _check_batch(batch: int, num_train: int, mesh: Mesh) -> int:
 
 def val_accuracy(params: dict, val_features: np.ndarray, labels: np.ndarray) -> tuple:
   """(top-1, top-5) percent of the classifier on the precomputed val features."""
-  logits = np.asarray(linear_probe.logits_fn(params, jnp.asarray(val_features)))
-  return (linear_probe.topk_accuracy(logits, labels, 1),
-          linear_probe.topk_accuracy(logits, labels, 5))
+  logits = np.asarray(classifier.logits_fn(params, jnp.asarray(val_features)))
+  return (classifier.topk_accuracy(logits, labels, 1),
+          classifier.topk_accuracy(logits, labels, 5))
 
 
 class _Progress:
@@ -305,7 +306,7 @@ def run_paper_linear_eval(config, workdir: str) -> dict:
     {'<prefix>linear_paper_top1', _top5, _epochs, _lr, _step}.
   """
   start = time.perf_counter()
-  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  backbone, variables, step, prefix = frozen.load_backbone(config, workdir)
   mesh = parallel.make_mesh()
   data = sources.from_config(config)
   train_ds = streaming.open_split(data, 'train').data  # In memory, or streamed if too large.

@@ -48,9 +48,12 @@ from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.data import streaming
+from moco_jax.evaluation import classifier
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
+from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import results
 from moco_jax.training import optim
 
@@ -73,16 +76,6 @@ def linear_learning_rate_fn(eval_config, steps_per_epoch: int, lr=None):
                   if 0 < e < epochs])
   lr = eval_config.linear_lr if lr is None else lr
   return lambda step: lr * unit(step)
-
-
-def init_classifier(rng: jax.Array, num_features: int, num_classes: int) -> dict:
-  """Weights N(0, 0.01), zero bias, as the official main_lincls.py."""
-  return {'kernel': 0.01 * jax.random.normal(rng, (num_features, num_classes), jnp.float32),
-          'bias': jnp.zeros((num_classes,), jnp.float32)}
-
-
-def logits_fn(params: dict, inputs: jax.Array) -> jax.Array:
-  return inputs @ params['kernel'] + params['bias']
 
 
 def standardizer(train_features: np.ndarray):
@@ -109,12 +102,12 @@ def train_classifiers(train_features: np.ndarray, train_labels: np.ndarray, num_
   if epochs <= 0:
     raise errors.ConfigError(f'config.eval.linear_epochs={epochs} must be > 0 (paper: 100).')
   init_rng, order_rng = jax.random.split(jax.random.PRNGKey(seed))
-  params0 = init_classifier(init_rng, dim, num_classes)
+  params0 = classifier.init_classifier(init_rng, dim, num_classes)
   feats = jnp.asarray(train_features, jnp.float32)
   labels = jnp.asarray(train_labels, jnp.int32)
 
   def loss_fn(p, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x), y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(classifier.logits_fn(p, x), y).mean()
 
   def fit_one(lr):
     tx = optax.chain(optax.add_decayed_weights(eval_config.linear_weight_decay),
@@ -162,14 +155,6 @@ def divergence(losses: np.ndarray, num_classes: int) -> str:
   return ''
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """Percent of rows whose label is among the k largest logits."""
-  k = min(k, logits.shape[1])
-  top = np.argsort(-logits, axis=1)[:, :k]
-  hits = np.any(top == np.asarray(labels)[:, None], axis=1)
-  return float(100.0 * np.sum(hits) / hits.size)
-
-
 def _standardize(fit_features, *others):
   mean, std = standardizer(fit_features)
   return [(x - mean) / std for x in (fit_features,) + others]
@@ -205,8 +190,8 @@ def select_lr(train_features, train_labels, num_classes: int, eval_config, seed:
     if not np.isfinite(losses[i][-1]):
       scores[lr] = float('nan')
       continue
-    logits = np.asarray(logits_fn(p, jnp.asarray(held_x, jnp.float32)))
-    scores[lr] = topk_accuracy(logits, train_labels[held], 1)
+    logits = np.asarray(classifier.logits_fn(p, jnp.asarray(held_x, jnp.float32)))
+    scores[lr] = classifier.topk_accuracy(logits, train_labels[held], 1)
   finite = {lr: s for lr, s in scores.items() if np.isfinite(s)}
   if not finite:
     raise errors.NonFiniteError(f'Every lr of config.eval.linear_lrs={tuple(lrs)} diverged: try '
@@ -244,9 +229,9 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
                     'lower config.eval.linear_lr or use the default standardized protocol.')
   if not np.isfinite(losses[-1]):
     raise errors.NonFiniteError(f'The linear probe diverged ({reason}).')
-  logits = np.asarray(logits_fn(params, jnp.asarray(eval_features, jnp.float32)))
-  return {'top1': topk_accuracy(logits, eval_labels, 1),
-          'top5': topk_accuracy(logits, eval_labels, 5),
+  logits = np.asarray(classifier.logits_fn(params, jnp.asarray(eval_features, jnp.float32)))
+  return {'top1': classifier.topk_accuracy(logits, eval_labels, 1),
+          'top5': classifier.topk_accuracy(logits, eval_labels, 5),
           'train_loss': float(losses[-1]), 'lr': lr, 'diverged': reason}
 
 
@@ -288,11 +273,10 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the floor. 'paper': `linear_paper.run_paper_linear_eval`'s keys.
   """
   protocol = config.eval.get('linear_protocol', 'standardized')
-  if protocol == 'paper':  # Its own module (it imports this one): augmented views every epoch.
-    from moco_jax.evaluation import linear_paper  # pylint: disable=g-import-not-at-top
+  if protocol == 'paper':  # Its own module: augmented views every epoch.
     return linear_paper.run_paper_linear_eval(config, workdir)
   start = time.perf_counter()
-  backbone, variables, step, prefix = features.load_backbone(config, workdir)
+  backbone, variables, step, prefix = frozen.load_backbone(config, workdir)
   # Unnormalised features: the standardized protocol standardises them itself.
   (train_features, train_labels), (eval_features, eval_labels), num_classes = _split_features(
       config, backbone, variables, workdir)

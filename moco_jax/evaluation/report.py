@@ -37,18 +37,19 @@ import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
-from moco_jax import models
 from moco_jax.augmentation import augment
 from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax.data.dataset import ImageDataset
 from moco_jax.data import eval_reader
 from moco_jax.data import sources
-from moco_jax.data.dataset import ImageDataset
 from moco_jax.evaluation import features
+from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import report_plots
 from moco_jax.evaluation import results
+from moco_jax import models
 from moco_jax.training import state as state_lib
 
 REPORT_DIR = 'report'
@@ -177,14 +178,14 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   drawn, panels = [], []
 
   try:
-    params, batch_stats, step = features.query_encoder(config, workdir)
+    params, batch_stats, step = frozen.query_encoder(config, workdir)
   except FileNotFoundError as e:
     logging.warning('%s The report shows the curves, the augmentations and the random-init '
                     'encoder only.', e)
   else:
     epoch = round(step / max(len(train_ds) // config.batch_size, 1), 2)
     facts.update({'checkpoint step': step, 'checkpoint epoch': epoch})
-    variables = jax.device_get(features.backbone_variables(params, batch_stats))
+    variables = jax.device_get(frozen.backbone_variables(params, batch_stats))
     train_features, eval_features = extract(variables, train_ds), extract(variables, eval_ds)
     if writing:
       facts.update(_draw_checkpoint(config, train_ds, eval_ds, class_names, train_features,
@@ -193,7 +194,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
       panels.append((f'MoCo, step {step} (epoch {epoch:g})', tsne_2d(eval_features[subset])))
 
   # The weights of --mode=knn's random_init_* floor (eager: the ops are shared with it and cached).
-  random_init = features.backbone_variables(*features.random_init_encoder(config))
+  random_init = frozen.backbone_variables(*frozen.random_init_encoder(config))
   random_features = extract(random_init, eval_ds)
   images, labels, query_views, key_views = augmentation_preview(config, train_ds,
                                                                 config.report.augment_step)

@@ -1,1 +1,1 @@
-"""The train state, the optimisers and schedules, the sharded step and the pretraining loop."""
+"""The train state, the optimisers and schedules, and the sharded step of every method."""

@@ -9,9 +9,11 @@ Linear), the queue `module.queue` [dim, K] (columns are keys) and
 file. `config.init_from=PATH` reads one:
 
   * a new pretraining run starts from its query and key encoders and its queue
-    (`init_state`), so it continues pretraining the released weights;
+    (`state_from_official`, called by `moco_jax.pretrain`), so it continues
+    pretraining the released weights;
   * `--mode=knn|linear_eval|report|export` evaluate its query backbone when
-    WORKDIR has no checkpoint (`features.query_encoder`).
+    WORKDIR has no checkpoint (`query_encoder`, called by
+    `moco_jax.evaluation.backbone`).
 
 Only `read_checkpoint` needs torch, and it loads with `weights_only=True`: a
 downloaded checkpoint is untrusted input, so no pickled code ever runs. The
@@ -25,11 +27,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from moco_jax import models
 from moco_jax.core import errors
-from moco_jax.evaluation import export
+from moco_jax import models
 from moco_jax.models import describe
-from moco_jax.run import checkpoints
+from moco_jax.weights import torchvision_names
 
 ENCODERS = ('encoder_q', 'encoder_k')
 TORCH_INSTALL = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
@@ -115,7 +116,7 @@ def _conv_shapes(tv_state: dict) -> dict:
 def backbone_from_official(tv_state: dict, params, batch_stats, model_config, where: str):
   """(params, batch_stats) of the backbone from torchvision-named arrays, or one clear error."""
   try:
-    return export.backbone_from_torchvision(tv_state, params, batch_stats)
+    return torchvision_names.backbone_from_torchvision(tv_state, params, batch_stats)
   except (KeyError, ValueError) as e:
     found = describe.describe_backbone(_conv_shapes(tv_state))
     expected = describe.describe_backbone(describe.expected_backbone_shapes(model_config))
@@ -228,38 +229,18 @@ def _like(value: np.ndarray, like: jax.Array) -> jax.Array:
   return jax.make_array_from_callback(like.shape, like.sharding, lambda index: value[index])
 
 
-def query_encoder(path: str, config):
+def query_encoder(path: str, model_config):
   """(params, batch_stats) of the checkpoint's query backbone, as {'backbone': ...} trees.
 
   Only the backbone is read, so a v1 (linear head) checkpoint evaluates under
   any config.model.head.
   """
   parts = split_state_dict(read_checkpoint(path), path)
-  backbone = models.create_backbone(config.model)
+  backbone = models.create_backbone(model_config)
   template = jax.eval_shape(
       lambda: backbone.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
                             train=False))
   params, batch_stats = backbone_from_official(
-      parts['encoder_q'], template['params'], template['batch_stats'], config.model,
+      parts['encoder_q'], template['params'], template['batch_stats'], model_config,
       f'{_where(path)} (module.encoder_q)')
   return {'backbone': params}, {'backbone': batch_stats}
-
-
-def weights_for_new_run(config, workdir: str):
-  """`split_state_dict` of config.init_from for a new run; None without it or when resuming.
-
-  Called before the train state is built, so a missing or unreadable file
-  fails in seconds, not after compiling. A run with a checkpoint in WORKDIR
-  resumes from it (restore_latest), so the file is not even read then.
-  """
-  path = config.get('init_from', '')
-  if not path or checkpoints.checkpoint_steps(workdir):
-    return None
-  return split_state_dict(read_checkpoint(path), path)
-
-
-def init_state(state, parts, config):
-  """`state`, or `state` with `parts` (`weights_for_new_run`) in it when not None."""
-  if parts is None:
-    return state
-  return state_from_official(state, parts, config.model, config.init_from)

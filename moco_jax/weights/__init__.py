@@ -1,0 +1,1 @@
+"""torch <-> Flax weights: torchvision names both ways, and the official MoCo checkpoints read in."""
