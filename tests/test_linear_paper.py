@@ -229,7 +229,7 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
   config.model.stem = 'cifar'
   config.data.update(dict(source='folder', path=str(root), cache_dir=str(tmp_path / 'cache'),
                           max_in_memory_gb=1e-6, stream_processes=0, num_workers=2))
-  plan = streaming.plan(sources.from_config(config))
+  plan = linear_paper.streaming.plan(sources.from_config(config))
   assert plan.stream
   backbone = models.create_backbone(config.model)
   params, batch_stats = frozen.random_init_encoder(config)
