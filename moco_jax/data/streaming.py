@@ -1,6 +1,6 @@
 """Streaming input: which splits are too large to decode into host memory, and why.
 
-Small splits keep the decoded in-memory path (`load_split`, optionally
+Small splits keep the decoded in-memory path (`Source.load`, optionally
 `data.on_device`): one decode per image per run, then only gathers. A split
 whose decoded size (N x S x S x 3 bytes) exceeds `data.max_in_memory_gb`
 (default: 25% of the host's RAM) is streamed instead (`plan` decides, and

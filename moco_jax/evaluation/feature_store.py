@@ -1,7 +1,7 @@
 """Features of a split too large for host memory: streamed once into a float16 file.
 
 When a split's decoded size exceeds `data.max_in_memory_gb`
-(`streaming.plan_split`), evaluation does not decode it into memory: each
+(`streaming.open_split`), evaluation does not decode it into memory: each
 process reads its slice of every global batch through the split's
 random-access reader (`moco_jax.data.eval_reader`: each image decoded once,
 the in-memory path's eval view), the backbone encodes the batch on the mesh as

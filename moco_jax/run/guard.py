@@ -105,7 +105,7 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
   The data order of step s is a permutation of the indexed list, so files
   added to or removed from a streamed folder between a run and its resume
   would silently continue on another order (issue 18). WORKDIR/stream_file_list.json
-  records the list's fingerprint (`streaming.file_list_fingerprint`) when the
+  records the list's fingerprint (`StreamSource.fingerprint`) when the
   run starts; a resume with another list is refused naming the change, or,
   with `config.allow_config_change=True`, continues on the new list with a
   warning (and records it).
