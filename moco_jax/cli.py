@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from moco_jax.core import errors
 from moco_jax.evaluation import results
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping

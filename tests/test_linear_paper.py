@@ -259,7 +259,7 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
                                           ('linear_center_crop', 1.5),
                                           ('linear_schedule', 'cosine')])
 def test_bad_paper_config_is_one_clear_error(field, value):
-  from moco_jax.run import config_checks  # pylint: disable=g-import-not-at-top
+  from moco_jax import config_checks  # pylint: disable=g-import-not-at-top
   config = _config()
   config.eval[field] = value
   with pytest.raises(config_checks.ConfigError, match=f'config.eval.{field}='):

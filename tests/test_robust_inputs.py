@@ -25,7 +25,7 @@ from moco_jax.data import host_crops
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import guard
 from moco_jax.run import run_config

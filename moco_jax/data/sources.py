@@ -28,13 +28,16 @@ from moco_jax.data import tfds_source
 from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_field
 
 
+SOURCES = ('tfds', 'folder', 'synthetic')  # Every `data.source` (checks.py lists them from here).
+
+
 def resolve_source(data_config) -> str:
   """Which source to read: a set `data.path` always means the folder source."""
   if data_config.get('path', ''):
     return 'folder'
   source = data_config.source
-  if source not in ('tfds', 'folder', 'synthetic'):
-    raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
+  if source not in SOURCES:
+    raise errors.ConfigError(f'data.source={source!r} is not one of {" | ".join(SOURCES)}.')
   if source == 'folder':
     raise errors.ConfigError('data.source=folder needs data.path: set --config.data.path to an '
                      'ImageFolder directory ROOT/{train,val}/<class>/* or a .tar/.tgz of one.')

@@ -220,8 +220,8 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
 
 def check_format(export_format: str):
   """ConfigError naming export.format unless it is one of `FORMATS`."""
-  if export_format not in FORMATS:
-    raise errors.ConfigError(f'export.format={export_format!r} is not one of '
+  if not isinstance(export_format, str) or export_format not in FORMATS:
+    raise errors.ConfigError(f'config.export.format={export_format!r} is not one of '
                              f'{" | ".join(FORMATS)}: set --config.export.format=torchvision '
                              '(.npz) or detectron2 (.pkl).')
 

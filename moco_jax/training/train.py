@@ -21,7 +21,7 @@ from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import official_weights
 from moco_jax.run import checkpoints
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.run import guard
 from moco_jax.run import metrics_writer
 from moco_jax.run import run_config
