@@ -59,7 +59,7 @@ def write_cache(path: str, images: np.ndarray, labels: np.ndarray, meta: dict) -
   (several processes of one host) cannot read half-written arrays.
   """
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.make_dir(os.path.dirname(path), 'the decode cache')
     for suffix, array in (('.images.npy', images), ('.labels.npy', labels)):
       files.atomic_write(path + suffix, lambda f, a=array: np.save(f, a), binary=True)
     files.atomic_write(path + '.json', lambda f: json.dump(
@@ -82,7 +82,7 @@ def read_json(path: str) -> Optional[dict]:
 def write_json(path: str, value: dict) -> None:
   """Writes `value` atomically; a failure is a warning (these files only save time)."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.make_dir(os.path.dirname(path), 'the decode cache')
     files.atomic_write(path, lambda f: json.dump(value, f))
   except OSError as e:
     logging.warning('Could not write %s (%s); continuing without it.', path, e)

@@ -204,7 +204,7 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
   check_format(export_format)
   params, batch_stats = _backbone_trees(state_or_params, batch_stats)
   state = torchvision_state_dict(params, batch_stats)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.make_dir(os.path.dirname(os.path.abspath(path)), 'the export')
   if export_format == 'detectron2':
     checkpoint = detectron2_checkpoint(state)
     files.atomic_write(path, lambda f: pickle.dump(checkpoint, f), binary=True)

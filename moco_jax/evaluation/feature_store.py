@@ -156,7 +156,7 @@ def _extract(config, backbone, variables, source, split, mesh, path, key) -> Sto
   starts = range(0, num, batch)
   positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
                for s in starts]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  files.make_dir(os.path.dirname(path), 'the feature store')
   tmp = f'{path}.f16.tmp{os.getpid()}'
   labels = np.asarray([source.label(i) for i in range(num)], np.int32)
   valid = np.zeros((num,), bool)

@@ -52,6 +52,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import host_crops
@@ -227,7 +228,7 @@ def train_paper_classifier(config, backbone, variables, train_ds,
                             ops.Norm(tuple(config.aug.mean), tuple(config.aug.std)),
                             config.model.dtype, float(ec.linear_weight_decay), int(config.seed),
                             host_cropped=isinstance(train_ds, streaming.StreamSource))
-  os.makedirs(directory, exist_ok=True)
+  files.make_dir(directory, 'the paper probe checkpoints')
   manager = store.manager(directory)
   state = store.restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
                                           backbone_step))

@@ -161,7 +161,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   out_dir = os.path.join(workdir, REPORT_DIR)
   writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
   if writing:
-    os.makedirs(out_dir, exist_ok=True)
+    files.make_dir(out_dir, 'the report')
   train_ds = eval_reader.bounded_split(config.data, 'train', 'Report')
   eval_ds = eval_reader.bounded_split(config.data, 'eval', 'Report')
   class_names = _class_names(train_ds, eval_ds)

@@ -47,20 +47,26 @@ _DATA_FIELDS = {  # The fields that name the training data, per source.
 
 
 def check_writable(workdir: str):
-  """Creates WORKDIR and WORKDIR/checkpoints and writes a probe file in each."""
+  """CheckpointError unless WORKDIR and WORKDIR/checkpoints can be created and written.
+
+  Creates nothing (`files.check_dir`): a run refused later leaves WORKDIR as it
+  was. `create_workdir` makes them once the run is accepted.
+  """
   for directory in (os.path.abspath(workdir), checkpoints.checkpoint_dir(workdir)):
-    probe = os.path.join(directory, f'.write_test.{os.getpid()}')
     try:
-      os.makedirs(directory, exist_ok=True)
-      with open(probe, 'w') as f:
-        f.write('ok')
-      os.remove(probe)
-    except OSError as e:
-      why = 'it is a file' if os.path.isfile(directory) else e.strerror or str(e)
+      files.check_dir(directory, 'checkpoints and metrics')
+    except errors.OutputError as e:
       raise errors.CheckpointError(
-          f'{directory} is not a writable directory ({why}): checkpoints and '
-          'metrics go there. Fix its permissions or free space, or pass another --workdir.'
-      ) from e
+          f'{directory} is not a writable directory: {e} Or pass another --workdir.') from e
+
+
+def create_workdir(workdir: str):
+  """Makes WORKDIR and WORKDIR/checkpoints, after every check accepted the run."""
+  for directory in (os.path.abspath(workdir), checkpoints.checkpoint_dir(workdir)):
+    try:
+      files.make_dir(directory, 'checkpoints and metrics')
+    except errors.OutputError as e:
+      raise errors.CheckpointError(f'{e} Or pass another --workdir.') from e
 
 
 def resume_fields(config) -> tuple:
@@ -112,7 +118,7 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
   records the list's fingerprint (`streaming.file_list_fingerprint`) when the
   run starts; a resume with another list is refused naming the change, or,
   with `config.allow_config_change=True`, continues on the new list with a
-  warning (and records it).
+  warning (`record_file_list` records it once the run is accepted).
   """
   path = os.path.join(workdir, FILE_LIST)
   try:
@@ -139,11 +145,23 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
     logging.warning('Resuming from step %d on a changed file list of %s (%s), as allowed by '
                     'config.allow_config_change: the data order from here on differs.',
                     start_step, where, change)
-  if not same and jax.process_index() == 0:
-    try:
-      files.atomic_write(path, lambda f: json.dump(file_list, f))
-    except OSError as e:
-      raise errors.CheckpointError(f'Cannot write {path} ({e}): make --workdir writable.') from e
+
+
+def record_file_list(workdir: str, file_list: dict):
+  """Writes WORKDIR/stream_file_list.json (process 0), once the run is accepted."""
+  path = os.path.join(workdir, FILE_LIST)
+  if jax.process_index() != 0:
+    return
+  try:
+    with open(path) as f:
+      if json.load(f) == file_list:
+        return
+  except (OSError, ValueError):
+    pass
+  try:
+    files.atomic_write(path, lambda f: json.dump(file_list, f))
+  except OSError as e:
+    raise errors.CheckpointError(f'Cannot write {path} ({e}): make --workdir writable.') from e
 
 
 def check_resume_step(start_step: int, total_steps: int, config, directory: str):
