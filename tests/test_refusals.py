@@ -2,6 +2,7 @@
 byte-identical (or absent, if it was), and config.json is written only once a run is accepted."""
 
 import hashlib
+import time
 import os
 
 import pytest
@@ -113,3 +114,86 @@ def test_an_unwritable_workdir_is_refused_without_writing(tmp_path, blocker):
   else:
     workdir.symlink_to(tmp_path / 'gone')
   _refused(_config(), workdir, errors.CheckpointError, 'is not a writable directory')
+
+
+# --- The data's identity under a stateful method (issue 32, item 4) ------------------------
+
+def _image_tree(root, count, shade=0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i in range(count):
+    folder = root / 'train' / f'c{i % 2}'
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 20, 3), 10 * i + shade, np.uint8)).save(folder / f'{i}.png')
+
+
+@pytest.mark.parametrize('streamed', [False, True], ids=['in memory', 'streamed'])
+@pytest.mark.parametrize('change', ['one image', 'one label', 'one more file'])
+def test_a_memory_bank_resume_on_changed_data_is_refused(tmp_path, streamed, change):
+  """The bank holds one row per example: other data under it is refused, in memory or
+  streamed, and the refusal leaves WORKDIR byte-identical."""
+  data = tmp_path / 'data'
+  _image_tree(data, 16)
+  overrides = {'method': 'memory_bank', 'memory_bank.num_negatives': 8, 'batch_size': 8,
+               'data.path': str(data), 'data.image_size': 16, 'data.stream_processes': 0,
+               'data.cache_dir': str(tmp_path / 'cache'),
+               'data.max_in_memory_gb': 0.0 if streamed else -1.0}
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(_config(**overrides), str(workdir))
+  time.sleep(0.01)  # New mtimes.
+  if change == 'one image':
+    _image_tree(data, 1, shade=5)  # Same names and labels, another picture.
+  elif change == 'one label':
+    os.rename(data / 'train' / 'c0' / '2.png', data / 'train' / 'c1' / '2.png')
+  else:
+    _image_tree(data, 17)
+  if streamed and change == 'one image':
+    pytest.skip('a streamed identity is the file list (pictures are decoded at every step)')
+  _refused(_config(**overrides, num_train_steps=4), workdir, errors.CheckpointError,
+           'Refusing to resume from step 2: the (data|streamed file list) of|method state of '
+           'other sizes')
+
+
+# --- Imported and restored weights are finite (issue 32, item 4) ----------------------------
+
+def test_the_first_non_finite_tensor_is_named_wherever_it_is():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moco_jax.run import guard  # pylint: disable=g-import-not-at-top
+  tree = {'params': {'conv1': {'kernel': np.ones((3, 3), np.float32)},
+                     'fc': {'bias': np.zeros(4, np.float32)}},
+          'batch_stats': {'bn': {'var': np.ones(4, np.float32)}}, 'step': np.int32(3)}
+  guard.check_finite_weights(tree, 'x')  # Finite: accepted.
+  for path in (('params', 'conv1', 'kernel'), ('params', 'fc', 'bias'),
+               ('batch_stats', 'bn', 'var')):
+    for bad in (np.nan, np.inf, -np.inf):
+      node = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+      leaf = node[path[0]][path[1]] = dict(tree[path[0]][path[1]])
+      leaf[path[2]] = tree[path[0]][path[1]][path[2]].copy()
+      leaf[path[2]].flat[-1] = bad
+      with pytest.raises(errors.CheckpointError, match='/'.join(path)):
+        guard.check_finite_weights(node, 'the file f.pth.tar')
+
+
+def test_an_evaluated_checkpoint_with_nan_weights_is_refused(trained, tmp_path):
+  """--mode=knn|linear_eval|export|report read the weights through features.query_encoder."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  from moco_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained, workdir)
+  config = _config()
+  params, batch_stats, step = checkpoints.restore_query_encoder(str(workdir), config.model)
+  features.query_encoder(config, str(workdir))  # Finite: accepted.
+  manager = checkpoints.create_manager(str(workdir), config)
+  target = jax.tree.map(np.asarray, manager.restore(step))
+  leaves, tree = jax.tree.flatten(target['params'])
+  leaves[0] = np.full_like(leaves[0], np.nan)
+  target['params'] = jax.tree.unflatten(tree, leaves)
+  shutil.rmtree(workdir / 'checkpoints' / str(step))
+  manager.reload()
+  manager.save(step, args=__import__('orbax.checkpoint').checkpoint.args.StandardSave(target))
+  manager.wait_until_finished()
+  with pytest.raises(errors.CheckpointError, match='non-finite weights'):
+    features.query_encoder(config, str(workdir))

@@ -30,6 +30,7 @@ from moco_jax.core import errors
 from moco_jax.evaluation import export
 from moco_jax.models import describe
 from moco_jax.run import checkpoints
+from moco_jax.run import guard
 
 ENCODERS = ('encoder_q', 'encoder_k')
 TORCH_INSTALL = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
@@ -63,8 +64,10 @@ def read_checkpoint(path: str) -> dict:
     raise errors.CheckpointError(f'{_where(path)} holds a {type(obj).__name__}, not a '
                                  'checkpoint dict with a state_dict.')
   # float32 NumPy whatever the stored float type (NumPy has no bfloat16).
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
-          for k, v in state.items() if isinstance(v, torch.Tensor)}
+  arrays = {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+  guard.check_finite_weights(arrays, _where(path))
+  return arrays
 
 
 def _first_line(error, limit: int = 200) -> str:

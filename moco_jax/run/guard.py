@@ -14,6 +14,7 @@ stays short):
     a CheckpointError, not at the next save (or never).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -23,9 +24,11 @@ from typing import Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.core import files
+from moco_jax.data import streaming
 from moco_jax.methods import registry
 from moco_jax.run import checkpoints
 from moco_jax.run import run_config
@@ -106,7 +109,30 @@ def check_resume_config(workdir: str, config):
       '--config.allow_config_change=True to resume anyway.')
 
 
-FILE_LIST = 'stream_file_list.json'
+FILE_LIST = 'stream_file_list.json'  # Holds the data identity, streamed or decoded.
+_SAMPLED_IMAGES = 256  # Decoded images hashed into the identity (with every label).
+
+
+def data_identity(train_ds, streamed: bool) -> dict:
+  """{kind, count, sha256, where} of the train split: what a resume must read again.
+
+  The one place the loop asks "is this the data the run started with?" (the
+  data package's `source.identity()` can replace its body). Streamed: the file
+  list and labels (`streaming.file_list_fingerprint`). Decoded in memory: the
+  count, every label, the class names and an evenly spaced sample of the
+  decoded images, so that a folder edited between a run and its resume (a
+  memory bank whose rows are examples, a data order of other images) is seen
+  without hashing the whole split at every start.
+  """
+  if streamed:
+    return {**streaming.file_list_fingerprint(train_ds), 'kind': 'streamed'}
+  digest = hashlib.sha256()
+  digest.update(np.ascontiguousarray(train_ds.labels).tobytes())
+  digest.update(json.dumps([str(n) for n in train_ds.class_names]).encode())
+  every = max(1, len(train_ds) // _SAMPLED_IMAGES)
+  digest.update(np.ascontiguousarray(train_ds.images[::every]).tobytes())
+  return {'kind': 'decoded', 'count': len(train_ds), 'sha256': digest.hexdigest(),
+          'where': 'the train split (decoded in memory)'}
 
 
 def check_file_list(workdir: str, file_list: dict, start_step: int, config):
@@ -130,16 +156,20 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
     logging.warning('Cannot read %s (%s): resuming without checking the streamed file list.',
                     path, e)
     previous = None
+  if previous is not None and previous.get('kind', 'streamed') != file_list.get('kind', 'streamed'):
+    previous = None  # Streamed then, decoded now (or back): the identities are not comparable.
   same = previous is not None and all(previous.get(k) == file_list[k] for k in ('count', 'sha256'))
   if start_step and previous is not None and not same:
     count_then, count_now = previous.get('count'), file_list.get('count')
     change = (f'{count_then} files when the run started, {count_now} now' if count_then != count_now
-              else f'the same count ({count_now}) but other files or labels')
+              else f'the same count ({count_now}) but other files, images or labels')
     where = file_list.get('where', 'the train split')
+    what = 'streamed file list' if file_list.get('kind', 'streamed') == 'streamed' else 'data'
     if not config.get('allow_config_change', False):
       raise errors.CheckpointError(
-          f'Refusing to resume from step {start_step}: the streamed file list of {where} changed '
-          f'({change}; recorded in {path}), so the run would continue on another data order. '
+          f'Refusing to resume from step {start_step}: the {what} of {where} changed '
+          f'({change}; recorded in {path}), so the run would continue on other data (another '
+          'data order; a memory bank of other examples). '
           'Restore the folder, use a new --workdir, or pass --config.allow_config_change=True '
           'to resume on the new list.')
     logging.warning('Resuming from step %d on a changed file list of %s (%s), as allowed by '
@@ -196,6 +226,29 @@ def max_abs(tree) -> float:
 
 def all_finite(tree) -> bool:
   return math.isfinite(max_abs(tree))
+
+
+def first_non_finite(tree) -> Optional[str]:
+  """The path of the first floating-point leaf holding NaN/Inf ('params/conv1/kernel'), or None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+      return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                      for k in path)
+  return None
+
+
+def check_finite_weights(tree, where: str):
+  """CheckpointError naming `where` (the file or checkpoint) and the first non-finite tensor.
+
+  Imported and restored weights are checked before use: a NaN in them would
+  otherwise become an accuracy of chance, or a run that diverges at step 1.
+  """
+  bad = first_non_finite(tree)
+  if bad is not None:
+    raise errors.CheckpointError(
+        f'{where} holds non-finite weights (NaN/Inf, first in {bad}): they cannot be trained '
+        'or evaluated. Use another checkpoint (an earlier step, or the file as published).')
 
 
 class Guard:

@@ -65,16 +65,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
   guard.check_resume_step(start_step, total_steps, config, checkpoints.checkpoint_dir(workdir))
-  file_list = streaming.file_list_fingerprint(train_ds) if plan.stream else None
-  if file_list is not None:  # A resume must read the file list the run started with.
-    guard.check_file_list(workdir, file_list, start_step, config)
+  identity = guard.data_identity(train_ds, plan.stream)  # A resume reads the same data.
+  guard.check_file_list(workdir, identity, start_step, config)
 
   # Accepted: now WORKDIR is written.
   guard.create_workdir(workdir)
   if jax.process_index() == 0:
     run_config.write_run_config(workdir, config)
-  if file_list is not None:
-    guard.record_file_list(workdir, file_list)
+  guard.record_file_list(workdir, identity)
   manager = manager or checkpoints.create_manager(workdir, config)
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
