@@ -384,3 +384,27 @@ def test_synthetic_source_uses_cache_size():
   config = _config(source='synthetic', cache_size=40, synthetic_examples=6)
   ds = sources.load_split(config, 'eval')
   assert ds.images.shape == (6, 40, 40, 3) and len(ds.class_names) == ds.num_classes
+
+
+def test_the_decode_cache_is_verified_by_content(tree, tmp_path, caplog):
+  """Issue 32, item 2: a byte changed in the cached images or labels (same size, marker intact)
+  is seen on read: logged, decoded again, never used."""
+  root, _ = tree
+  config = _config(root, cache_dir=str(tmp_path / 'cache'))
+  first = sources.load_split(config, 'train')
+  stem = str(next((tmp_path / 'cache').glob('*.images.npy')))[:-len('.images.npy')]
+  for suffix, where in (('.images.npy', -1), ('.images.npy', 200), ('.labels.npy', -1)):
+    path = stem + suffix
+    good = open(path, 'rb').read()
+    data = bytearray(good)
+    data[where] ^= 0x01
+    open(path, 'wb').write(bytes(data))
+    with caplog.at_level(logging.WARNING), mock.patch.object(
+        decode, 'decode_image', wraps=decode.decode_image) as spy:
+      again = sources.load_split(config, 'train')
+    assert spy.call_count == 16, suffix
+    assert 'checksum' in caplog.text
+    caplog.clear()
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    open(path, 'wb').write(good)

@@ -7,6 +7,7 @@ the path exists as the wrong thing (a file where a directory goes, a dangling sy
 cannot be written (permissions).
 """
 
+import hashlib
 import os
 from typing import Callable, Optional
 
@@ -85,3 +86,14 @@ def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
       os.remove(tmp)
     raise errors.OutputError(f'Cannot write {path}: {e.strerror or e}. Make its directory '
                              'writable (permissions, free space) or choose another path.') from e
+
+
+def sha256_of(path: str, chunk: int = 1 << 24) -> str:
+  """sha256 of a file's bytes, read in chunks (a reused artefact's content check)."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while True:
+      block = f.read(chunk)
+      if not block:
+        return digest.hexdigest()
+      digest.update(block)
