@@ -41,6 +41,8 @@ def check_config(data) -> None:
          'must be >= 0 (GiB), or -1 for 25% of RAM')
   _check(data, 'stream_processes', lambda v: checks.integer(v) and v >= -1,
          'must be an int >= 0, or -1 for one per core but one')
+  _check(data, 'max_image_pixels', lambda v: checks.integer(v) and (v == -1 or v > 0),
+         'must be > 0 (pixels), or -1 for no limit', "Pillow's default: 178956970")
   _check(data, 'synthetic_examples', checks.positive_int, 'must be > 0',
          'the size of source=synthetic')
   _check(data, 'synthetic_classes', checks.positive_int, 'must be > 0',
