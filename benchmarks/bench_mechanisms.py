@@ -50,7 +50,7 @@ def compile_row(config, devices) -> Row:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train  # pylint: disable=g-import-not-at-top
   from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
-  from moco_jax.run import config_checks  # pylint: disable=g-import-not-at-top
+  from moco_jax import config_checks  # pylint: disable=g-import-not-at-top
   from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
   from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 

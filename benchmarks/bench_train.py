@@ -56,8 +56,7 @@ from benchmarks import report
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
-from moco_jax.data import spec as data_spec
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
 from moco_jax.training import step as step_lib

@@ -68,6 +68,55 @@ class Stage:
   kind: str = 'json_file'  # json_file (--json_out) | json_line (last stdout line) | env | tta
   json_path: str = ''
   soft_stop_s: float = 0.0  # tta: SIGTERM at this many seconds is the normal end.
+  needs: tuple = ()  # Prerequisites: names of `PREREQUISITES`.
+
+
+PEER_BUILDER = os.path.join('.peer', 'moco', 'moco', 'builder.py')
+
+
+def _module_missing(name: str) -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec(name) is None
+
+
+# name -> (is it missing?, what to do). Checked before a stage starts, so a stage without its
+# inputs is skipped with the fix instead of ending in its child's traceback.
+PREREQUISITES = {
+    'archive': (lambda: not os.path.exists(os.path.join(_ROOT, ARCHIVE)),
+                f'no {ARCHIVE}: run `bash benchmarks/gpu_check.sh --prepare` here and carry '
+                f'{ARCHIVE}'),
+    'peer': (lambda: not os.path.exists(os.path.join(_ROOT, PEER_BUILDER)),
+             f'no {PEER_BUILDER} (the official code): run `GPUCHECK_PEER_GITDIR=DIR bash '
+             'benchmarks/gpu_check.sh --prepare` with DIR the git directory of a fetched '
+             'facebookresearch/moco, and carry .peer'),
+    'torch': (lambda: _module_missing('torch') or _module_missing('torchvision'),
+              'torch and torchvision are not installed: `pip install torch torchvision` (the '
+              'GPU image has them; the official stages need them)'),
+}
+
+
+def missing_prerequisites(stage: Stage) -> list:
+  """The fixes of `stage`'s missing prerequisites ([] when it can run)."""
+  return [PREREQUISITES[n][1] for n in stage.needs if PREREQUISITES[n][0]()]
+
+
+def backend_refusal(rehearse: bool, backend: Optional[str] = None) -> Optional[str]:
+  """The one-line reason a GPU-sized check must not run here, or None.
+
+  A GPU run on a CPU would spend its whole deadline compiling ResNet-50 steps
+  at batch 256; the JAX backend is asked in a child process, so that this
+  driver never holds the GPU the stages need.
+  """
+  if rehearse:
+    return None
+  if backend is None:
+    proc = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                          capture_output=True, text=True, timeout=300)
+    backend = (proc.stdout.strip().splitlines() or ['unknown'])[-1]
+  if backend == 'cpu':
+    return ('Error (device): JAX runs on the CPU here: the GPU check needs a GPU. Rehearse it '
+            'with tiny sizes instead: bash benchmarks/gpu_check.sh --rehearse')
+  return None
 
 
 def sizes(rehearse: bool) -> dict:
@@ -110,7 +159,7 @@ def plan(args, tmp: str) -> list:
     cmd = [py, peer, '_peer_step', f'--device={device}', f'--amp={amp}', f"--arch={s['arch']}",
            f"--image_size={s['px']}", f"--batch={s['batch']}", f"--queue={s['queue']}",
            f"--steps={s['peer_steps']}", f"--warmup={s['peer_warmup']}"]
-    return Stage(name, cmd, 90, min_s=30, kind='json_line')
+    return Stage(name, cmd, 90, min_s=30, kind='json_line', needs=('peer', 'torch'))
 
   workdir = os.path.join(tmp, 'tta')
   tta = [py, os.path.join(_ROOT, 'main.py'), '--config=' + os.path.join(_ROOT, 'configs',
@@ -128,7 +177,7 @@ def plan(args, tmp: str) -> list:
       official('official_bf16', 'bf16'),
       ours('ours_fp32', 'float32'),
       Stage('time_to_accuracy', tta, s['tta_budget_s'] + 45, min_s=60, kind='tta',
-            json_path=workdir, soft_stop_s=s['tta_budget_s']),
+            json_path=workdir, soft_stop_s=s['tta_budget_s'], needs=('archive',)),
       ours('mem32_bf16', 'bfloat16', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('mem32_fp32', 'float32', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('queue_big_bf16', 'bfloat16', queue=s['big_queue'], steps=max(s['steps'] // 2, 2),
@@ -365,6 +414,13 @@ def run_all(args) -> dict:
         summary['stages'][stage.name] = record
         write_json_atomic(summary_path, summary)
         continue
+      missing = missing_prerequisites(stage)
+      if missing:
+        record.update(status='skipped', reason='; '.join(missing))
+        _say(started, f'{stage.name}: skipped ({record["reason"]})')
+        summary['stages'][stage.name] = record
+        write_json_atomic(summary_path, summary)
+        continue
       timeout = min(stage.budget_s, left)
       _say(started, f'{stage.name}: started (timeout {timeout:.0f} s)')
       watcher = (TtaWatcher(stage.json_path, os.path.join(args.out, 'tta_metrics.jsonl'))
@@ -561,6 +617,10 @@ def main(argv=None) -> int:
         env = ' '.join(f'{k}={v}' for k, v in stage.env.items())
         print(f'{stage.name:20s} {stage.budget_s:5.0f} s  {env} {" ".join(stage.cmd[1:])}')
     return 0
+  refusal = backend_refusal(args.rehearse)
+  if refusal:
+    print(refusal, file=sys.stderr, flush=True)
+    return 2
   summary = run_all(args)
   return 0 if any(s['status'] == 'ok' for s in summary['stages'].values()) else 1
 

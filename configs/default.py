@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   # from disk instead of held in memory; -1: 25% of the host's RAM; 0: always stream.
   config.data.max_in_memory_gb = -1.0
   config.data.stream_processes = -1  # Streaming: grain worker processes; -1: cores - 1; 0: none.
+  # Images with more pixels than this are refused as too large (Pillow's decompression-bomb
+  # guard, reported with the count); raise it for real giant scans; -1: no limit.
+  config.data.max_image_pixels = 178_956_970
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
 

@@ -25,9 +25,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from moco_jax import config_checks
 from moco_jax.core import errors
+from moco_jax.data import decode
 from moco_jax.evaluation import results
-from moco_jax.run import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
@@ -176,6 +177,8 @@ def run(argv, modes: dict[str, Callable]):
           '--workdir at an existing run.')
     report_config()
     validate_for_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir)
+    decode.set_max_image_pixels(FLAGS.config.data.get('max_image_pixels',
+                                                      decode.DEFAULT_MAX_IMAGE_PIXELS))
     try:
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)

@@ -20,7 +20,7 @@ from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.run import checkpoints
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.run import guard
 from moco_jax.run import metrics_writer
 from moco_jax.run import run_config
@@ -38,13 +38,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Raises:
     stopping.Interrupted: after SIGINT / SIGTERM, once the step reached is saved.
   """
+  # Every check that can refuse the run comes before anything is written to WORKDIR:
+  # a refused command leaves it byte-identical (tests/test_refusals.py).
   num_devices = jax.device_count()
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
-  guard.check_writable(workdir)
-  guard.check_resume_config(workdir, config)  # Before config.json is overwritten.
-  if jax.process_index() == 0:
-    run_config.write_run_config(workdir, config)
-  writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
+  guard.check_writable(workdir)  # Creates nothing.
+  guard.check_resume_config(workdir, config)  # Against the config.json of the checkpoints.
   mesh = parallel.make_mesh()
 
   data = sources.from_config(config)
@@ -63,12 +62,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   state = step_lib.init_state(config, setup, mesh)
   if official_parts is not None:
     state = official.state_from_official(state, official_parts, config.model, config.init_from)
-  manager = checkpoints.create_manager(workdir, config)
-  state = checkpoints.restore_latest(manager, state)
+  resuming = bool(checkpoints.checkpoint_steps(workdir))
+  manager = checkpoints.create_manager(workdir, config) if resuming else None
+  if resuming:  # Shapes checked against the checkpoint before any of it is read.
+    state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
-  guard.check_resume_step(start_step, total_steps, config, manager.directory)
-  if streamed:  # A resume must read the file list the run started with.
-    guard.check_file_list(workdir, train_ds.fingerprint(), start_step, config)
+  guard.check_resume_step(start_step, total_steps, config, checkpoints.checkpoint_dir(workdir))
+  identity = guard.data_identity(train_ds, streamed)  # A resume reads the same data.
+  guard.check_file_list(workdir, identity, start_step, config)
+
+  # Accepted: now WORKDIR is written.
+  guard.create_workdir(workdir)
+  if jax.process_index() == 0:
+    run_config.write_run_config(workdir, config)
+  guard.record_file_list(workdir, identity)
+  manager = manager or checkpoints.create_manager(workdir, config)
+  writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
   writer.drop_rows_after(start_step)  # One metrics row per step after any number of resumes.
   saver = guard.Guard(manager, config)
   if start_step:

@@ -1,6 +1,7 @@
 """Configs: every shipped config validates; bad values fail early, naming the field."""
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from configs import imagenet_ablation
 from configs import tiny
 from configs import writeup
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ['default', 'tiny', 'imagenette', 'imagewoof', 'imagenet', 'cifar10', 'mocov1',
@@ -51,7 +52,7 @@ def test_shipped_configs_validate(name):
     ('eval.linear_schedule', 'poly', "config.eval.linear_schedule='poly'"),
     ('eval.linear_step_epochs', (80, 60), 'config.eval.linear_step_epochs=(80, 60) must be ascending'),
     ('eval.knn_every_epochs', -2, 'config.eval.knn_every_epochs=-2'),
-    ('data.cache_size', 16, 'config.data.cache_size=16 must be -1 (= image_size) or >= '
+    ('data.cache_size', 16, 'config.data.cache_size=16 must be -1 (= image_size x cache_ratio) or >= '
      'config.data.image_size=32'),
     ('data.num_workers', 0, 'config.data.num_workers=0 must be >= 1'),
     ('aug.crop_scale', (1.0, 0.2), 'config.aug.crop_scale=(1.0, 0.2) must be (min, max)'),
@@ -139,3 +140,87 @@ def test_cli_rejects_unknown_fields(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.moco.queue=4')
   assert result.returncode != 0
   assert 'queue' in result.stderr
+
+
+# --- Every field of configs/default.py, walked with bad values (issue 32, item 6) -------------
+
+def _leaves(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _bad_values(value) -> dict:
+  wrong = 3 if isinstance(value, str) else ('yes' if isinstance(value, bool) else 'x')
+  return {'nan': float('nan'), 'inf': float('inf'), 'negative': -3, 'zero': 0,
+          'empty': () if isinstance(value, (tuple, list)) else '', 'wrong_type': wrong}
+
+
+# (field, kind) -> why the value is a valid setting (the field's comment in configs/default.py).
+ACCEPTED = {
+    **{(f'aug.{p}', 'zero'): 'probability 0: the op is off'
+       for p in ('blur_prob', 'grayscale_prob', 'jitter_prob', 'solarize_prob',
+                 'second_view_blur_prob', 'second_view_solarize_prob')},
+    ('data.cache_dir', 'empty'): "'' = ~/.cache/moco_jax",
+    ('data.data_dir', 'empty'): "'' = tfds default",
+    ('data.path', 'empty'): "'' = no folder (source=tfds here)",
+    ('init_from', 'empty'): "'' = no official checkpoint",
+    ('data.max_in_memory_gb', 'zero'): '0: always stream',
+    ('data.stream_processes', 'zero'): '0: no grain worker processes',
+    ('eval.knn_every_epochs', 'zero'): '0: kNN only at the end',
+    ('eval.linear_step_epochs', 'empty'): 'no lr step',
+    ('optim.step_epochs', 'empty'): 'no lr step',
+    ('eval.linear_weight_decay', 'zero'): 'paper: 0',
+    ('optim.weight_decay', 'zero'): 'no decay',
+    ('optim.momentum', 'zero'): 'plain SGD',
+    ('optim.warmup_epochs', 'zero'): 'no warm-up',
+    ('moco.momentum', 'zero'): 'key encoder = query encoder (MoCo v1 ablation m=0)',
+    ('mocov3.momentum', 'zero'): 'as moco.momentum=0',
+    ('memory_bank.momentum', 'zero'): 'the bank row is replaced by the new feature',
+    ('model.head_dims', 'empty'): "() = v2's two layers",
+    ('report.augment_step', 'zero'): 'the first step',
+    ('report.tsne_points', 'zero'): '0: every eval image',
+    ('seed', 'zero'): 'any seed in [0, 2^32)',
+}
+_METHOD_SECTIONS = ('moco', 'mocov3', 'end_to_end', 'memory_bank')
+
+
+def _walk_cases():
+  import configs.default as default_config  # pylint: disable=g-import-not-at-top
+  for field, value in _leaves(default_config.get_config().to_dict()):
+    for kind, bad in _bad_values(value).items():
+      yield field, kind, bad
+
+
+@pytest.mark.parametrize('field,kind,bad', list(_walk_cases()))
+def test_every_default_field_with_bad_values(field, kind, bad):
+  """NaN, inf, negative, zero, empty and wrong-type in every field: a one-line ConfigError naming
+  the field, or an acceptance listed in ACCEPTED that the constructors then take; no traceback."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  from moco_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
+  tree = default_config.get_config().to_dict()
+  section = field.split('.')[0]
+  if section in _METHOD_SECTIONS:  # A method's section is read when that method runs.
+    tree['method'] = section
+  node = tree
+  for part in field.split('.')[:-1]:
+    node = node[part]
+  node[field.split('.')[-1]] = bad
+  config = ml_collections.ConfigDict(tree)  # Built from a dict: no type safety in the way.
+  try:
+    config_checks.validate(config, num_devices=8)
+  except config_checks.ConfigError as e:
+    message = str(e)
+    assert '\n' not in message
+    assert f'config.{field}' in message or field.split('.')[-1] in message, message
+    return
+  assert (field, kind) in ACCEPTED, f'config.{field}={bad!r} was accepted without a reason'
+  # Accepted: what the run builds from the config takes it.
+  registry.create(config, 8, num_examples=1024)
+  lr = optim.create_learning_rate_fn(config, 10, 100)
+  optim.create_optimizer(config, lr)
+  assert math.isfinite(float(lr(5)))

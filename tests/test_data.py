@@ -23,6 +23,7 @@ from PIL import Image
 import pytest
 
 from configs import default
+from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import dataset
 from moco_jax.data import decode
@@ -392,3 +393,73 @@ def test_synthetic_source_uses_cache_size():
   config = _config(source='synthetic', cache_size=40, synthetic_examples=6)
   ds = _source(config).load('eval')
   assert ds.images.shape == (6, 40, 40, 3) and len(ds.class_names) == ds.num_classes
+
+
+def test_the_decode_cache_is_verified_by_content(tree, tmp_path, caplog):
+  """Issue 32, item 2: a byte changed in the cached images or labels (same size, marker intact)
+  is seen on read: logged, decoded again, never used."""
+  root, _ = tree
+  config = _config(root, cache_dir=str(tmp_path / 'cache'))
+  first = _source(config).load('train')
+  stem = str(next((tmp_path / 'cache').glob('*.images.npy')))[:-len('.images.npy')]
+  for suffix, where in (('.images.npy', -1), ('.images.npy', 200), ('.labels.npy', -1)):
+    path = stem + suffix
+    good = open(path, 'rb').read()
+    data = bytearray(good)
+    data[where] ^= 0x01
+    open(path, 'wb').write(bytes(data))
+    with caplog.at_level(logging.WARNING), mock.patch.object(
+        decode, 'decode_image', wraps=decode.decode_image) as spy:
+      again = _source(config).load('train')
+    assert spy.call_count == 16, suffix
+    assert 'checksum' in caplog.text
+    caplog.clear()
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    open(path, 'wb').write(good)
+
+
+def test_an_image_over_the_pixel_limit_is_reported_as_too_large(tmp_path, caplog):
+  """Issue 32, item 8: a decompression-bomb-sized image is 'too large' with the limit and the
+  field that raises it (not 'corrupt'), beside a corrupt file reported as such; with every
+  image too large the error says so; data.max_image_pixels raises the limit."""
+  root = tmp_path / 'tree'
+  for cls in ('a', 'b'):
+    (root / 'train' / cls).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(np.full((40, 30, 3), 40 * i, np.uint8)).save(root / 'train' / cls / f'{i}.png')
+  (root / 'train' / 'a' / 'broken.png').write_bytes(b'not a png')
+  config = _config(root, cache_dir=str(tmp_path / 'cache'))
+  try:
+    decode.set_max_image_pixels(1000)  # 40 x 30 = 1200 pixels: every image is over it.
+    with pytest.raises(errors.DataError, match=r'larger than the decoder.s limit of 1000 pixels.*'
+                                               r'1200 pixels.*data\.max_image_pixels'):
+      _source(config).load('train')
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / 'train' / 'b' / 'small.png')
+    with caplog.at_level(logging.WARNING):
+      ds = _source(_config(root, cache_dir=str(tmp_path / 'c2'))).load('train')
+    assert len(ds) == 1
+    assert '6 of 8 files' in caplog.text and 'max_image_pixels' in caplog.text
+    assert "Skipped 1 of 8 files" in caplog.text and 'broken.png' in caplog.text
+    decode.set_max_image_pixels(-1)
+    assert len(_source(_config(root, cache_dir=str(tmp_path / 'c3'))).load('train')) == 7
+  finally:
+    decode.set_max_image_pixels(decode.DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def test_an_unreadable_directory_is_reported_not_dropped(tree, tmp_path, monkeypatch):
+  """Issue 32, item 8: a class directory that cannot be listed (permissions) is an error naming
+  it, for every directory of the tree (root user: the failure is injected into os.scandir)."""
+  root, _ = tree
+  real = os.scandir
+  directories = [d for d, _, _ in os.walk(root)]
+  assert len(directories) > 3
+  for blocked in directories:
+    def scandir(path='.', blocked=blocked):
+      if os.path.abspath(path) == os.path.abspath(blocked):
+        raise PermissionError(13, 'Permission denied', str(path))
+      return real(path)
+    monkeypatch.setattr(os, 'scandir', scandir)
+    with pytest.raises(errors.DataError, match=r'Cannot list .*Permission denied.*chmod'):
+      _source(_config(root, cache_dir=str(tmp_path / 'c'))).load('train')
+    monkeypatch.setattr(os, 'scandir', real)

@@ -164,3 +164,35 @@ def test_render_makes_the_docs_tables(tmp_path):
   assert 'ep 1: 21.5% at 60 s, ep 2: 30.0% at 62 s' in text
   assert 'Projected 200 epochs: 3.3 min of train steps (9469 img/s)' in text
   assert '"ours_bf16_over_official_bf16": 2.56' in text
+
+
+def test_a_gpu_run_on_a_cpu_stops_at_once_naming_rehearse(tmp_path, capsys):
+  """Issue 32, item 9: without --rehearse on a CPU backend, no stage starts."""
+  assert gpu_check.backend_refusal(True, 'cpu') is None
+  assert gpu_check.backend_refusal(False, 'gpu') is None
+  assert '--rehearse' in gpu_check.backend_refusal(False, 'cpu')
+  # The real backend of this machine (a CPU under the tests): main() refuses before any work.
+  out = tmp_path / 'out'
+  assert gpu_check.main([f'--out={out}']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('Error (device):') and '--rehearse' in err[0]
+  assert not out.exists()
+
+
+def test_every_stage_missing_a_prerequisite_is_skipped_with_its_fix(tmp_path, monkeypatch):
+  """Each prerequisite, missing alone, skips exactly the stages that need it, naming the fix;
+  the summary says so instead of a child's traceback."""
+  stages = gpu_check.plan(gpu_check.parse_args(['--rehearse']), str(tmp_path))
+  needers = {n: {s.name for s in stages if n in s.needs} for n in gpu_check.PREREQUISITES}
+  assert needers['peer'] == needers['torch'] == {'official_fp32', 'official_bf16'}
+  assert needers['archive'] == {'time_to_accuracy'}
+  real = dict(gpu_check.PREREQUISITES)
+  for name, (_, fix) in real.items():
+    monkeypatch.setattr(gpu_check, 'PREREQUISITES',
+                        {n: ((lambda n=n, name=name: n == name), f)
+                         for n, (_, f) in real.items()})
+    for stage in stages:
+      missing = gpu_check.missing_prerequisites(stage)
+      assert missing == ([fix] if stage.name in needers[name] else []), (name, stage.name)
+  assert '--prepare' in real['archive'][1] and '--prepare' in real['peer'][1]
+  assert 'pip install torch' in real['torch'][1]

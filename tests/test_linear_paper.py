@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from moco_jax import models
+from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
 from moco_jax.evaluation import features
@@ -260,9 +262,51 @@ def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
                                           ('linear_center_crop', 1.5),
                                           ('linear_schedule', 'cosine')])
 def test_bad_paper_config_is_one_clear_error(field, value):
-  from moco_jax.run import config_checks  # pylint: disable=g-import-not-at-top
+  from moco_jax import config_checks  # pylint: disable=g-import-not-at-top
   config = _config()
   config.eval[field] = value
   with pytest.raises(config_checks.ConfigError, match=f'config.eval.{field}='):
     config_checks.validate(config, num_devices=1)
   config_checks.validate(_config(), num_devices=1)  # The defaults pass.
+
+
+# What is resumed matches what is asked (issue 32, item 3): every field that defines the result.
+_CHANGES = {'linear_epochs': 4, 'linear_batch_size': 8, 'linear_lr': 0.25,
+            'linear_step_epochs': (2, 3), 'linear_weight_decay': 1e-4,
+            'linear_crop_scale': (0.5, 1.0), 'linear_center_crop': 0.75}
+
+
+def test_a_resume_with_any_protocol_field_changed_is_refused(setup, tmp_path):
+  """A cut-short protocol, rerun with each defining field changed (and with other weights):
+  refused naming the field, the directory left as it was; rerun as before: it resumes."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  config, backbone, variables, train_ds, _, val_features = setup
+  directory = str(tmp_path / 'cut')
+  _train(setup, directory, max_steps=4)  # Saved at the end of epoch 1 (step 3).
+
+  def digest():
+    out = {}
+    for root, _, names in os.walk(directory):
+      for name in names:
+        with open(os.path.join(root, name), 'rb') as f:
+          out[os.path.join(root, name)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+  before = digest()
+  mesh = parallel.make_mesh()
+  labels = np.asarray(setup[4].labels)
+  changed = {**{f'eval.{k}': v for k, v in _CHANGES.items()}, 'seed': 5}
+  for field, value in changed.items():
+    other = _config()
+    section, _, name = field.rpartition('.')
+    (other[section] if section else other)[name] = value
+    with pytest.raises(errors.CheckpointError, match=name):
+      linear_paper.train_paper_classifier(other, backbone, variables, train_ds, val_features,
+                                          labels, 4, mesh, directory)
+    assert digest() == before, field
+  other_weights = jax.tree.map(lambda x: x + 1, variables)
+  with pytest.raises(errors.CheckpointError, match='backbone_sha256'):
+    linear_paper.train_paper_classifier(config, backbone, other_weights, train_ds, val_features,
+                                        labels, 4, mesh, directory)
+  assert digest() == before
+  done = _train(setup, directory)
+  assert done['done'] and done['step'] == 9

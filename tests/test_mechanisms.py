@@ -23,7 +23,7 @@ from moco_jax.methods import memory_bank
 from moco_jax import models
 from moco_jax import pretrain
 from moco_jax.run import checkpoints
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 

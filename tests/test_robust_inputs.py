@@ -27,7 +27,7 @@ from moco_jax.data import spec
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
-from moco_jax.run import config_checks
+from moco_jax import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import guard
 from moco_jax.run import run_config
@@ -255,7 +255,8 @@ def test_a_streamed_resume_refuses_a_changed_file_list(tmp_path, caplog):
   workdir.mkdir()
   config = tiny.get_config()
   first = _source(data).open('train').fingerprint()
-  guard.check_file_list(str(workdir), first, 0, config)  # The run starts: recorded.
+  guard.check_file_list(str(workdir), first, 0, config)  # The run starts: accepted,
+  guard.record_file_list(str(workdir), first)  # then recorded.
   assert json.loads((workdir / guard.FILE_LIST).read_text())['count'] == 8
   guard.check_file_list(str(workdir), first, 4, config)  # Same list: resumes.
   time.sleep(0.01)  # A new mtime for the class directory.
@@ -269,6 +270,7 @@ def test_a_streamed_resume_refuses_a_changed_file_list(tmp_path, caplog):
   with caplog.at_level('WARNING'):
     guard.check_file_list(str(workdir), changed, 4, config)
   assert 'changed file list' in caplog.text
+  guard.record_file_list(str(workdir), changed)  # Accepted: recorded.
   assert json.loads((workdir / guard.FILE_LIST).read_text())['count'] == 10  # The new list.
 
 

@@ -225,3 +225,37 @@ def test_the_knn_monitor_runs_on_a_streamed_run(tree, tmp_path, caplog):
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in rows if 'knn_top1' in r] == [2]
   assert 0.0 <= [r for r in rows if 'knn_top1' in r][0]['knn_top1'] <= 100.0
+
+
+def _flip_byte(path, where):
+  data = bytearray(open(path, 'rb').read())
+  data[where % len(data)] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+
+
+def test_stored_features_are_verified_by_content(tree, tmp_path, caplog):
+  """Issue 32, item 2: a byte changed anywhere in the features or the labels (same size, the
+  marker intact) is seen on reuse, logged, and the features are extracted again."""
+  workdir = str(tmp_path / 'run')
+  config = _config(tree, tmp_path, **{'data.max_in_memory_gb': 0.0})
+  first = knn.run_knn(config, workdir)
+  backbone, variables, _, _ = frozen.load_backbone(config, workdir)
+  data = sources.from_config(config)
+  source = data.open('train')
+  key = feature_store.feature_key(config, data.spec, source, 'train',
+                                  feature_store.variables_digest(variables))
+  path = feature_store.feature_path(workdir, 'train', key)
+  assert feature_store.open_stored(path, key) is not None
+  for suffix, where in (('.f16', 0), ('.f16', -1), ('.f16', 1001), ('.labels.npz', -30)):
+    good = open(path + suffix, 'rb').read()
+    _flip_byte(path + suffix, where)
+    with caplog.at_level(logging.WARNING):
+      assert feature_store.open_stored(path, key) is None, (suffix, where)
+    assert 'do not match the checksums' in caplog.text
+    caplog.clear()
+    open(path + suffix, 'wb').write(good)
+  _flip_byte(path + '.f16', 7)
+  with caplog.at_level(logging.INFO):
+    assert knn.run_knn(config, workdir) == first  # Extracted again, the same result.
+  assert 'extracting again' in caplog.text
+  assert feature_store.open_stored(path, key) is not None

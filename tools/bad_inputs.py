@@ -10,6 +10,7 @@ directory, runs main.py as a user would, and classifies what happened:
   TRACE    a Python traceback reached the user
   NOISE    a library's warning reached the user (grain's leaked shared memory)
   SILENT   exit 0 where the input should have been refused, or no count of a skip
+  WROTE    refused cleanly, but WORKDIR changed (a refusal must change nothing on disk)
   HANG     still running after --timeout seconds
   other    any other ending (wrong exit code, message missing)
 
@@ -18,6 +19,7 @@ user's view, used for the table in docs/reliability.md.
 """
 
 import argparse
+import hashlib
 import io
 import os
 import resource
@@ -307,6 +309,7 @@ def cases():
       lambda t: ([], [*TINY, wd(t), '--config.data.image_size=0']))
   _transfer_cases(add, wd)
   c.extend(second_catalogue())
+  c.extend(third_catalogue())
   return c
 
 
@@ -407,6 +410,122 @@ def second_catalogue():
   return c
 
 
+def third_catalogue():
+  """Issue 32: refusals change nothing, validation covers what the code rejects, outputs that
+  exist as the wrong thing, data under a memory bank, non-finite weights."""
+  c = []
+  add = lambda group, what, setup, expect='error': c.append((group, what, setup, expect))
+  wd = lambda tmp: f'--workdir={os.path.join(tmp, "w")}'
+  # Values the config check refuses before any work (each section checked by its owner).
+  for what, flags in [
+      ('a ViT name under method=moco', ['--config.model.name=vit_small']),
+      ('data.cache_ratio=nan', ['--config.data.cache_ratio=nan']),
+      ('data.cache_ratio=0.5 (decoded below the input size)', ['--config.data.cache_ratio=0.5']),
+      ('data.max_in_memory_gb=nan', ['--config.data.max_in_memory_gb=nan']),
+      ('data.train_split empty', ['--config.data.train_split=']),
+      ('data.synthetic_classes=0', ['--config.data.synthetic_classes=0']),
+      ('aug.jitter_prob=inf', ['--config.aug.jitter_prob=inf']),
+      ('aug.std with a zero', ['--config.aug.std=(0.2, 0.0, 0.2)']),
+      ('optim.base_lr=nan', ['--config.optim.base_lr=nan']),
+      ('optim.warmup_epochs=-1', ['--config.optim.warmup_epochs=-1']),
+      ('optim.momentum=inf', ['--config.optim.momentum=inf']),
+      ('model.mlp_dim=0', ['--config.model.mlp_dim=0']),
+      ('model.patch_size=-3', ['--config.model.patch_size=-3']),
+      ('moco.temperature=nan', ['--config.moco.temperature=nan']),
+      ('mocov3.temperature=inf under method=mocov3',
+       ['--config.method=mocov3', '--config.mocov3.temperature=inf']),
+      ('memory_bank.momentum=nan under method=memory_bank',
+       ['--config.method=memory_bank', '--config.memory_bank.momentum=nan']),
+      ('eval.linear_holdout=0', ['--config.eval.linear_holdout=0']),
+      ('eval.linear_lrs empty', ['--config.eval.linear_lrs=()']),
+      ('eval.knn_temperature=inf', ['--config.eval.knn_temperature=inf']),
+      ('report.tsne_points=-1', ['--config.report.tsne_points=-1']),
+      ('export.format=onnx (checked before pretraining)', ['--config.export.format=onnx'])]:
+    add('validation', what, lambda t, flags=flags: ([], [*TINY, wd(t), *flags]))
+  # Resumes refused before WORKDIR is written (classify compares its digest before and after).
+  def resume(*flags, prepare=None):
+    def setup(t):
+      workdir, first = _train(t, 'run')
+      extra = [['-c', prepare(workdir)]] if prepare else []
+      return [first, *extra], [*first, *flags]
+    return setup
+  add('refusal', 'resume with another seed', resume('--config.seed=3'))
+  add('refusal', 'resume with another queue size, change allowed (shapes refuse)',
+      resume('--config.moco.queue_size=300', '--config.allow_config_change=True'))
+  add('refusal', 'resume with num_train_steps below the checkpoint',
+      resume('--config.num_train_steps=2', '--config.checkpoint_every_steps=1'))
+  add('refusal', 'resume with batch 512 on 256 images, change allowed',
+      resume('--config.batch_size=512', '--config.moco.queue_size=1024',
+             '--config.allow_config_change=True'))
+  def nan_weight(t):
+    workdir, first = _train(t, 'run')
+    return [first, ['-c', _nan_checkpoint(workdir)]], ['--mode=knn', f'--workdir={workdir}']
+  add('weights', '--mode=knn on a checkpoint with a NaN weight', nan_weight)
+
+  def bank(change):
+    def setup(t):
+      src = _tree(t)
+      first = [*TINY, f'--workdir={os.path.join(t, "run")}', f'--config.data.path={src}',
+               *FOLDER_RUN, '--config.method=memory_bank', '--config.memory_bank.num_negatives=8']
+      return [first, ['-c', change(src)]], [*first, '--config.num_train_steps=4']
+    return setup
+  add('refusal', 'memory bank in memory: one image replaced before the resume',
+      bank(lambda src: f'import shutil; shutil.copy({os.path.join(src, "train/a/1.png")!r}, '
+                       f'{os.path.join(src, "train/a/0.png")!r})'))
+  add('refusal', 'memory bank in memory: one image moved to the other class',
+      bank(lambda src: f'import os; os.rename({os.path.join(src, "train/a/0.png")!r}, '
+                       f'{os.path.join(src, "train/b/moved.png")!r})'))
+  # Outputs that exist as the wrong thing.
+  def workdir_as(kind):
+    def setup(t):
+      path = os.path.join(t, 'w')
+      script = {'file': f'open({path!r}, "w").write("x")',
+                'link': f'import os; os.symlink({os.path.join(t, "gone")!r}, {path!r})',
+                'checkpoints file': f'import os; os.makedirs({path!r}); '
+                                    f'open({os.path.join(path, "checkpoints")!r}, "w").close()'}[kind]
+      return [['-c', script]], [*TINY, f'--workdir={path}', *SMALL_RUN]
+    return setup
+  add('outputs', 'WORKDIR is a file', workdir_as('file'))
+  add('outputs', 'WORKDIR is a dangling symlink', workdir_as('link'))
+  add('outputs', 'WORKDIR/checkpoints is a file', workdir_as('checkpoints file'))
+
+  def trained_then(mode, blocker):
+    def setup(t):
+      workdir, first = _train(t, 'run')
+      target = os.path.join(workdir, blocker)
+      return [first, ['-c', f'import os; os.makedirs({target!r}, exist_ok=True)']], [
+          f'--mode={mode}', f'--workdir={workdir}']
+    return setup
+  add('outputs', '--mode=export with backbone_torchvision.npz a directory',
+      trained_then('export', 'backbone_torchvision.npz'))
+  add('outputs', '--mode=knn with eval.json a directory', trained_then('knn', 'eval.json'))
+  add('outputs', '--mode=report with report/index.html a directory',
+      trained_then('report', 'report/index.html'))
+
+  def cache_dir_is_file(t):
+    src = _tree(t)
+    blocker = os.path.join(t, 'cache_file')
+    return [['-c', f'open({blocker!r}, "w").write("x")']], [
+        *TINY, wd(t), f'--config.data.path={src}', *FOLDER_RUN,
+        f'--config.data.cache_dir={blocker}']
+  add('outputs', 'data.cache_dir is a file (the cache only saves time: a warning)',
+      cache_dir_is_file, 'Could not write')
+  return c
+
+
+def _nan_checkpoint(workdir):
+  """A prepare script that writes NaN into the first parameter of the latest checkpoint."""
+  return ('import sys, shutil, numpy as np, jax, orbax.checkpoint as ocp; '
+          f'sys.path.insert(0, {ROOT!r}); '
+          'from moco_jax.run import checkpoints; from configs import tiny; '
+          f'm = checkpoints.create_manager({workdir!r}, tiny.get_config()); s = m.latest_step(); '
+          't = jax.tree.map(np.asarray, m.restore(s)); '
+          'l, d = jax.tree.flatten(t["params"]); l[0] = np.full_like(l[0], np.nan); '
+          't["params"] = jax.tree.unflatten(d, l); '
+          f'shutil.rmtree({workdir!r} + "/checkpoints/" + str(s)); m.reload(); '
+          'm.save(s, args=ocp.args.StandardSave(t)); m.wait_until_finished()')
+
+
 def _mechanism_cases(add, wd, stream):
   """Issue 21's methods (config.method): values, resumes that cannot hold, streamed runs."""
   add('mechanisms', '--config.method=end-to-end (typo)',
@@ -453,6 +572,27 @@ def _transfer_cases(add, wd):
       not_a_checkpoint)
 
 
+def _digest(directory) -> dict:
+  """{relative path: sha256, 'dir' or 'link -> target'} of everything under `directory`."""
+  if not directory or not os.path.lexists(directory):
+    return {}
+  if not os.path.isdir(directory) or os.path.islink(directory):
+    return {'.': os.readlink(directory) if os.path.islink(directory) else 'file'}
+  out = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs + names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if os.path.islink(path):
+        out[rel] = f'link -> {os.readlink(path)}'
+      elif os.path.isdir(path):
+        out[rel] = 'dir'
+      else:
+        with open(path, 'rb') as f:
+          out[rel] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
 def classify(rc, stderr, expect):
   lines = [l for l in stderr.strip().splitlines() if l.strip()]
   last = lines[-1] if lines else ''
@@ -487,12 +627,16 @@ def main():
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--second', action='store_true',
                       help="only issue 18's second catalogue (streaming, many processes, ...)")
+  parser.add_argument('--third', action='store_true',
+                      help="only issue 32's third catalogue (refusals, validation, outputs)")
   args = parser.parse_args()
   rows, counts = [], {}
-  first_of_second = len(cases()) - len(second_catalogue()) + 1
+  first_of_second = len(cases()) - len(second_catalogue()) - len(third_catalogue()) + 1
+  first_of_third = len(cases()) - len(third_catalogue()) + 1
   for n, (group, what, setup, expect) in enumerate(cases(), 1):
     chosen = not args.only or args.only in what or args.only == group
-    if not chosen or (args.second and n < first_of_second):
+    if not chosen or (args.second and not first_of_second <= n < first_of_third) or (
+        args.third and n < first_of_third):
       continue
     tmp = tempfile.mkdtemp(prefix='bad_inputs_')
     try:
@@ -506,8 +650,12 @@ def main():
                              args.devices)
           if rc != 0 and not allowed_to_fail:
             raise RuntimeError(f'setup run failed ({rc}): {err[-500:]}')
+      workdir = next((a.split('=', 1)[1] for a in argv if a.startswith('--workdir=')), None)
+      before = _digest(workdir)
       rc, stderr, seconds = _main(argv, args.timeout, args.devices)
       outcome, line = classify(rc, stderr, expect)
+      if outcome == 'clean' and expect == 'error' and _digest(workdir) != before:
+        outcome = 'WROTE'  # A refused command changed WORKDIR (issue 32).
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
       while _HELD:

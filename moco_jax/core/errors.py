@@ -66,3 +66,8 @@ class NonFiniteError(UserError, FloatingPointError):
 class DistributedError(UserError, ValueError):
   """A many-process start that cannot work (process id, count, coordinator address)."""
   kind = 'distributed'
+
+
+class OutputError(UserError, OSError):
+  """A path the program writes that exists as the wrong thing or cannot be written."""
+  kind = 'output'

@@ -17,7 +17,9 @@ import numpy as np
 from moco_jax.core import files
 
 # Bump when decoding/resizing changes, so stale caches are not reused.
-CACHE_VERSION = 2  # 2: 16-bit and float images scaled to 8 bits (were clipped).
+# 2: 16-bit and float images scaled to 8 bits (were clipped). 3: the marker holds the arrays'
+# sha256, checked on every read.
+CACHE_VERSION = 3
 
 
 def cache_path(cache_dir: str, key: dict, stem: str) -> str:
@@ -39,11 +41,22 @@ def read_cache(path: str):
     labels = np.load(path + '.labels.npy')
     if not len(images) == len(labels) == meta['count']:
       raise ValueError('length mismatch')
+    if meta.get('sha256') != _arrays_sha256(images, labels):
+      raise ValueError('its contents do not match the checksum in its marker')
   except (OSError, ValueError, KeyError) as e:
     logging.warning('Ignoring unreadable cache %s (%s); decoding again.', path, e)
     return None
   logging.info('Loaded %d decoded images from cache %s.images.npy.', len(images), path)
   return images, labels, meta
+
+
+def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+  """The content checksum a cache entry's marker carries (images, then labels)."""
+  digest = hashlib.sha256()
+  for array in (images, labels):
+    digest.update(f'{array.dtype}{array.shape}'.encode())
+    digest.update(np.ascontiguousarray(array).data)
+  return digest.hexdigest()
 
 
 def write_cache(path: str, images: np.ndarray, labels: np.ndarray, meta: dict) -> None:
@@ -53,11 +66,12 @@ def write_cache(path: str, images: np.ndarray, labels: np.ndarray, meta: dict) -
   (several processes of one host) cannot read half-written arrays.
   """
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.make_dir(os.path.dirname(path), 'the decode cache')
     for suffix, array in (('.images.npy', images), ('.labels.npy', labels)):
       files.atomic_write(path + suffix, lambda f, a=array: np.save(f, a), binary=True)
     files.atomic_write(path + '.json', lambda f: json.dump(
-        {**meta, 'count': int(len(images)), 'shape': list(images.shape)}, f))
+        {**meta, 'count': int(len(images)), 'shape': list(images.shape),
+         'sha256': _arrays_sha256(images, labels)}, f))
     logging.info('Cached %d decoded images at %s.images.npy (set data.cache_dir to move it).',
                  len(images), path)
   except OSError as e:
@@ -76,7 +90,7 @@ def read_json(path: str) -> Optional[dict]:
 def write_json(path: str, value: dict) -> None:
   """Writes `value` atomically; a failure is a warning (these files only save time)."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.make_dir(os.path.dirname(path), 'the decode cache')
     files.atomic_write(path, lambda f: json.dump(value, f))
   except OSError as e:
     logging.warning('Could not write %s (%s); continuing without it.', path, e)

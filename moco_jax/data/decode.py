@@ -7,6 +7,9 @@ not readable images come back as None so that callers can skip and count them.
 
 import concurrent.futures
 import io
+import re
+import threading
+import warnings
 from typing import Callable, Iterable, Optional
 
 from absl import logging
@@ -17,6 +20,24 @@ from moco_jax.core import errors
 
 # Errors Pillow raises for truncated, corrupt or non-image files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+# Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS (its decompression-bomb guard) and
+# warns over 1 x: `set_max_image_pixels` (config.data.max_image_pixels) moves the refusal, and
+# the warning is dropped (the refusal is reported per split, with the field that raises it).
+DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+_why = threading.local()  # Why the last decode_image of this thread returned None.
+_TOO_LARGE: dict = {}  # name -> 'W x H = N pixels', filled by decode_stream, read by keep_decoded.
+
+
+def set_max_image_pixels(limit: int) -> None:
+  """Images with more pixels than `limit` are refused as too large; -1: no limit."""
+  Image.MAX_IMAGE_PIXELS = None if limit == -1 else limit / 2
+
+
+def max_image_pixels() -> int:
+  return -1 if Image.MAX_IMAGE_PIXELS is None else int(2 * Image.MAX_IMAGE_PIXELS)
 
 
 _SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
@@ -107,9 +128,14 @@ def decode_image(data: bytes, side: int) -> Optional[np.ndarray]:
   than `side` are decoded at a reduced DCT scale (`draft`), which is several
   times faster and still leaves the shorter side >= `side`.
   """
+  _why.too_large = None
   try:
     image, _ = load_rgb(data, reduce_to=lambda w, h: (side, side))
     return fit_square(image, side)
+  except Image.DecompressionBombError as e:
+    found = re.search(r'\((\d+) pixels\)', str(e))
+    _why.too_large = f'{found.group(1) if found else "?"} pixels'
+    return None
   except DECODE_ERRORS:
     return None
 
@@ -144,7 +170,10 @@ def decode_stream(items: Iterable[tuple[str, bytes]], side: int, num_workers: in
 
   def work(batch):
     for name, data in batch:
+      _why.too_large = None
       decoded[name] = decode(data, side)
+      if decoded[name] is None and _why.too_large:
+        _TOO_LARGE[name] = _why.too_large
 
   workers = max(1, num_workers)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -177,13 +206,23 @@ def assemble(decoded: dict, names: list[str], side: int) -> tuple[np.ndarray, np
 
 def keep_decoded(images, labels, ok, names, where):
   """Drops undecodable files, warning once with their count."""
-  bad = int((~ok).sum())
-  if bad:
-    examples = [names[i] for i in np.flatnonzero(~ok)[:3]]
+  bad_names = [names[i] for i in np.flatnonzero(~ok)]
+  large = {n: _TOO_LARGE.pop(n) for n in bad_names if n in _TOO_LARGE}
+  other = [n for n in bad_names if n not in large]
+  too_large = (f'{len(large)} of {len(names)} files in {where} are larger than the decoder\'s '
+               f'limit of {max_image_pixels()} pixels, e.g. '
+               f'{[f"{n} ({p})" for n, p in list(large.items())[:3]]}: raise '
+               '--config.data.max_image_pixels (-1: no limit) if they are real images')
+  if large and ok.any():
+    logging.warning('Skipped %s.', too_large)
+  if other:
     logging.warning('Skipped %d of %d files in %s that are not readable images '
                     '(truncated, corrupt or another format), e.g. %s.',
-                    bad, len(names), where, examples)
+                    len(other), len(names), where, other[:3])
+  bad = len(bad_names)
   if not ok.any():
+    if large:
+      raise errors.DataError(f'No image of {where} decoded: {too_large}.')
     raise errors.DataError(f'No readable image in {where}: all {len(names)} files failed to decode.')
   if bad:
     images, labels = images[ok], labels[ok]

@@ -37,6 +37,14 @@ def _split_of(name: str) -> Optional[str]:
   return parts[0] if len(parts) == 3 else parts[1] if len(parts) == 4 else None
 
 
+def _unreadable_directory(error: OSError):
+  """os.walk's onerror: a directory that cannot be listed is an error, not a class left out."""
+  raise errors.DataError(
+      f'Cannot list {error.filename} ({error.strerror or error}): its images would be left out '
+      'without a word. Fix its permissions (e.g. chmod -R a+rX on it) or move it out of '
+      'data.path.') from error
+
+
 def _visible(name: str) -> bool:
   return not any(part.startswith('.') or part == '__MACOSX' for part in name.split('/'))
 
@@ -100,7 +108,8 @@ class Tree:
             f'read {len(names)} files before it failed): download or create the archive '
             'again, or point --config.data.path at an unpacked ImageFolder directory.') from e
       return names
-    for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True,
+                                                onerror=_unreadable_directory):
       dirnames[:] = sorted(d for d in dirnames if _visible(d))
       rel = os.path.relpath(dirpath, self.path).replace(os.sep, '/')
       prefix = '' if rel == '.' else rel + '/'

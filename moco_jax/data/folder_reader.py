@@ -121,7 +121,7 @@ def open_folder_reader(spec: DataSpec, which: str = 'train') -> FolderReader:
                                   f'{stem}-{split}-index')
   encoded = np.array([n.encode('utf-8', 'surrogateescape') for n in names], dtype=np.bytes_)
   try:
-    os.makedirs(os.path.dirname(index_path), exist_ok=True)
+    files.make_dir(os.path.dirname(index_path), 'the file index')
     for suffix, array in (('.names.npy', encoded), ('.labels.npy', np.asarray(labels, np.int32))):
       files.atomic_write(index_path + suffix, lambda f, a=array: np.save(f, a), binary=True)
     cache.write_json(index_path + '.json', {'count': len(names), 'class_names': class_names,

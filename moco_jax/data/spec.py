@@ -15,6 +15,7 @@ from moco_jax.core import errors
 
 ARCHIVE_SUFFIXES = ('.tar', '.tgz', '.tar.gz')
 KINDS = ('folder', 'archive', 'tfds', 'synthetic')
+SOURCES = ('tfds', 'folder', 'synthetic')  # Every `data.source` (data.path set means a folder).
 # Splits tried, in order, when the configured eval split is missing:
 # ImageFolder archives use val/ (Imagenette) or test/ (CIFAR-10-images).
 EVAL_FALLBACKS = ('val', 'validation', 'test')
@@ -113,8 +114,8 @@ def _kind(data_config) -> tuple[str, str]:
     path = os.path.normpath(os.path.abspath(os.path.expanduser(raw)))
     return ('archive' if os.path.isfile(path) and is_archive_name(path) else 'folder'), path
   source = data_config.get('source', 'tfds')
-  if source not in ('tfds', 'folder', 'synthetic'):
-    raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
+  if source not in SOURCES:
+    raise errors.ConfigError(f'data.source={source!r} is not one of {" | ".join(SOURCES)}.')
   if source == 'folder':
     raise errors.ConfigError('data.source=folder needs data.path: set --config.data.path to an '
                              'ImageFolder directory ROOT/{train,val}/<class>/* or a .tar/.tgz of '

@@ -85,7 +85,7 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
   check_format(export_format)
   params, batch_stats = _backbone_trees(state_or_params, batch_stats)
   state = torchvision_names.torchvision_state_dict(params, batch_stats)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.make_dir(os.path.dirname(os.path.abspath(path)), 'the export')
   if export_format == 'detectron2':
     checkpoint = torchvision_names.detectron2_checkpoint(state)
     files.atomic_write(path, lambda f: pickle.dump(checkpoint, f), binary=True)
@@ -101,8 +101,8 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
 
 def check_format(export_format: str):
   """ConfigError naming export.format unless it is one of `FORMATS`."""
-  if export_format not in FORMATS:
-    raise errors.ConfigError(f'export.format={export_format!r} is not one of '
+  if not isinstance(export_format, str) or export_format not in FORMATS:
+    raise errors.ConfigError(f'config.export.format={export_format!r} is not one of '
                              f'{" | ".join(FORMATS)}: set --config.export.format=torchvision '
                              '(.npz) or detectron2 (.pkl).')
 

@@ -14,8 +14,9 @@ A cached file is reused only when its key matches: the backbone's weights (a
 hash of every variable, so another checkpoint or the random-init encoder
 never matches), the image and decode sizes, normalisation, dtype, the split's
 identity and this process's place. It is written under a temporary name and
-renamed, and its .json marker (with the key) is written last, so a killed or
-failed write never leaves a file a later run trusts. A full disk is checked
+renamed, and its .json marker (with the key and the sha256 of the feature and
+label files, checked on every reuse) is written last, so a killed or failed
+write, or a file changed since, is never trusted. A full disk is checked
 before the pass and caught during it: one message naming the path.
 With several processes, every process receives every feature (the batch is
 gathered) and writes its own file, so all of them score the same way.
@@ -43,7 +44,7 @@ from moco_jax.evaluation import features
 
 FEATURE_DIR = 'features'
 # Bump when extraction changes, so older files are not reused.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: the marker holds the files' sha256, checked on reuse.
 _LOG_EVERY_S = 30.0
 
 
@@ -111,6 +112,10 @@ def open_stored(path: str, key: dict) -> Optional[StoredFeatures]:
     count, dim = marker['shape']
     if os.path.getsize(path + '.f16') != count * dim * 2:
       raise ValueError('size mismatch')
+    sums = {'f16': files.sha256_of(path + '.f16'),
+            'labels': files.sha256_of(path + '.labels.npz')}
+    if marker.get('sha256') != sums:
+      raise ValueError('its contents do not match the checksums in its marker')
     feats = np.memmap(path + '.f16', np.float16, 'r', shape=(count, dim))
     arrays = np.load(path + '.labels.npz')
     labels, valid = arrays['labels'], arrays['valid']
@@ -152,7 +157,7 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
   starts = range(0, num, batch)
   positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
                for s in starts]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  files.make_dir(os.path.dirname(path), 'the feature store')
   tmp = f'{path}.f16.tmp{os.getpid()}'
   labels = np.asarray([source.label(i) for i in range(num)], np.int32)
   valid = np.zeros((num,), bool)
@@ -188,8 +193,11 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
     files.atomic_write(path + '.labels.npz', lambda f: np.savez(f, labels=labels, valid=valid),
                        binary=True)
     os.replace(tmp, path + '.f16')
+    sums = {'f16': files.sha256_of(path + '.f16'),
+            'labels': files.sha256_of(path + '.labels.npz')}
     files.atomic_write(path + '.json', lambda f: json.dump(
-        {'key': key, 'shape': [num, dim], 'class_names': list(source.class_names)}, f))
+        {'key': key, 'shape': [num, dim], 'class_names': list(source.class_names),
+         'sha256': sums}, f))
   except OSError as e:
     _remove(tmp)
     raise errors.DataError(

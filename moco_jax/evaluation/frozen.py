@@ -14,6 +14,7 @@ import jax
 from moco_jax.methods import registry
 from moco_jax import models
 from moco_jax.run import checkpoints
+from moco_jax.run import guard
 from moco_jax.training import state as state_lib
 from moco_jax.weights import official
 
@@ -49,7 +50,10 @@ def query_encoder(config, workdir: str):
     logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
                  'new run, or is evaluated while WORKDIR has no checkpoint).',
                  checkpoints.checkpoint_dir(workdir), path)
-  return checkpoints.restore_query_encoder(workdir, config.model)
+  params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+  guard.check_finite_weights({'params': params, 'batch_stats': batch_stats},
+                             f'The checkpoint of step {step} in {checkpoints.checkpoint_dir(workdir)}')
+  return params, batch_stats, step
 
 
 def load_backbone(config, workdir: str):

@@ -39,6 +39,7 @@ top-1, val top-1/top-5) and redraws curves.png. Results: eval.json keys
 """
 
 import functools
+import hashlib
 import math
 import os
 import time
@@ -52,6 +53,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data.dataset import ImageDataset, StreamSource
@@ -204,6 +206,24 @@ def local_batches(config, train_ds, batch: int, start: int, end: int) -> Iterato
            'label': np.take(train_ds.labels, idx, axis=0), 'index': idx.astype(np.int32)}
 
 
+def protocol_fields(config, backbone_step: int, variables, num_examples: int,
+                    num_classes: int) -> dict:
+  """The values that define the protocol's result: a resume must keep every one."""
+  ec = config.eval
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(variables)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  plain = lambda v: [float(x) for x in v]
+  return {'linear_epochs': int(ec.linear_epochs), 'linear_batch_size': int(ec.linear_batch_size),
+          'linear_lr': float(ec.linear_lr), 'linear_step_epochs': plain(ec.linear_step_epochs),
+          'linear_weight_decay': float(ec.linear_weight_decay),
+          'linear_crop_scale': plain(ec.linear_crop_scale),
+          'linear_center_crop': float(ec.linear_center_crop), 'seed': int(config.seed),
+          'image_size': int(config.data.image_size), 'crop_ratio': plain(config.aug.crop_ratio),
+          'backbone_step': int(backbone_step), 'backbone_sha256': digest.hexdigest(),
+          'train_examples': int(num_examples), 'classes': int(num_classes)}
+
+
 def train_paper_classifier(config, backbone, variables, train_ds,
                            val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
                            mesh: Mesh, directory: str, backbone_step: int = 0,
@@ -229,8 +249,14 @@ def train_paper_classifier(config, backbone, variables, train_ds,
                             ops.Norm(tuple(config.aug.mean), tuple(config.aug.std)),
                             config.model.dtype, float(ec.linear_weight_decay), int(config.seed),
                             host_cropped=isinstance(train_ds, streaming.StreamSource))
-  os.makedirs(directory, exist_ok=True)
+  fields = protocol_fields(config, backbone_step, variables, num, num_classes)
+  store.check_protocol(directory, fields, os.path.isdir(os.path.join(directory, 'checkpoints'))
+                       and any(n.isdigit() for n in os.listdir(os.path.join(directory,
+                                                                             'checkpoints'))))
+  files.make_dir(directory, 'the paper probe checkpoints')
   manager = store.manager(directory)
+  if jax.process_index() == 0:
+    store.record_protocol(directory, fields)
   state = store.restore(manager, initial_state(config.seed, val_features.shape[1], num_classes,
                                           backbone_step))
   start = int(state['step'])

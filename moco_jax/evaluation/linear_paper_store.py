@@ -33,6 +33,40 @@ def manager(directory: str) -> ocp.CheckpointManager:
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
+PROTOCOL = 'protocol.json'
+
+
+def check_protocol(directory: str, fields: dict, has_checkpoint: bool):
+  """Refuses to resume a classifier trained under other protocol values (CheckpointError).
+
+  DIRECTORY/protocol.json records the values that define the result (epochs,
+  batch, lr, its steps, decay, crops, seed, the backbone's step and weights,
+  the train split); a rerun that changes any of them would mix two protocols
+  in one classifier and report values it was not computed with.
+  """
+  path = os.path.join(directory, PROTOCOL)
+  if not has_checkpoint or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.CheckpointError(f'{path} is unreadable ({e}): delete {directory} to start the '
+                                 'protocol over.') from e
+  diffs = [f'{k}: {saved.get(k)!r} -> {v!r}' for k, v in fields.items()
+           if k in saved and saved[k] != v]
+  if diffs:
+    raise errors.CheckpointError(
+        f'The paper linear protocol in {directory} was trained with other values '
+        f'({"; ".join(diffs)}): its classifier and curve would mix two protocols. Restore '
+        f'those values, or delete {directory} to run the protocol over with the new ones.')
+
+
+def record_protocol(directory: str, fields: dict):
+  files.atomic_write(os.path.join(directory, PROTOCOL),
+                     lambda f: json.dump(fields, f, indent=2, sort_keys=True))
+
+
 def restore(manager: ocp.CheckpointManager, state: dict) -> dict:
   """The latest saved state (or `state` when there is none); refuses another backbone's."""
   step = manager.latest_step()

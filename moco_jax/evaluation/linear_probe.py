@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from moco_jax.core import checks
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
@@ -57,7 +58,8 @@ from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import results
 from moco_jax.training import optim
 
-PROTOCOLS = ('standardized', 'raw')
+PROTOCOLS = ('standardized', 'raw')  # And 'paper' (linear_paper.py; evaluation/checks.py).
+SCHEDULES = ('step', 'cosine')  # eval.linear_schedule: step is the paper's.
 
 
 def linear_learning_rate_fn(eval_config, steps_per_epoch: int, lr=None):
@@ -65,9 +67,7 @@ def linear_learning_rate_fn(eval_config, steps_per_epoch: int, lr=None):
 
   `lr` may be a traced value (the sweep trains several lrs in one program).
   """
-  if eval_config.linear_schedule not in ('step', 'cosine'):
-    raise errors.ConfigError(f"config.eval.linear_schedule={eval_config.linear_schedule!r}: expected "
-                     "'step' (paper) or 'cosine'.")
+  checks.choice(eval_config, 'linear_schedule', SCHEDULES, prefix='config.eval.')
   epochs = eval_config.linear_epochs
   unit = optim.learning_rate_schedule(
       eval_config.linear_batch_size / 256, max(1, epochs * steps_per_epoch),
@@ -211,8 +211,7 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
     {'top1', 'top5', 'train_loss', 'lr', 'diverged' (reason or '')}.
   """
   protocol = eval_config.get('linear_protocol', 'standardized')
-  if protocol not in PROTOCOLS:
-    raise errors.ConfigError(f'config.eval.linear_protocol={protocol!r} is not one of {list(PROTOCOLS)}.')
+  checks.choice(eval_config, 'linear_protocol', PROTOCOLS, prefix='config.eval.')
   train_labels = np.asarray(train_labels)
   if protocol == 'standardized':
     lr, _ = select_lr(train_features, train_labels, num_classes, eval_config, seed)

@@ -163,7 +163,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   out_dir = os.path.join(workdir, REPORT_DIR)
   writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
   if writing:
-    os.makedirs(out_dir, exist_ok=True)
+    files.make_dir(out_dir, 'the report')
   data = sources.from_config(config)
   train_ds = eval_reader.bounded_split(data, 'train', 'Report')
   eval_ds = eval_reader.bounded_split(data, 'eval', 'Report')

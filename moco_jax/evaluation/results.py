@@ -29,7 +29,7 @@ def write_results(workdir: str, results: dict) -> dict:
   merged = read_results(workdir)
   merged.update({k: metrics_writer.json_value(v) for k, v in results.items()})
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    files.make_dir(workdir, 'eval.json')
     files.atomic_write(path, lambda f: json.dump(merged, f, indent=2, sort_keys=True))
     logging.info('Wrote %s to %s.', sorted(results), path)
   return merged

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from moco_jax import models
+from moco_jax.models import checks as model_checks
+from moco_jax.core import checks
 from moco_jax.core import errors
 from moco_jax.core import parallel
 
@@ -141,27 +143,30 @@ def create_encoder(model_config, bn_mode: str, bn_splits: int, num_devices: int)
                                bn_splits=bn_groups_per_device(bn_mode, bn_splits, num_devices))
 
 
+def check_resnet_encoder(config):
+  """The methods built on `create_encoder` (ResNet + projection head) refuse a ViT name."""
+  model_checks.check_resnet(config.model, config.method)
+
+
 def check_temperature_and_momentum(config, section: str, temperature_hint: str,
                                    momentum_hint: str = ''):
   """ConfigError unless config.<section>.temperature > 0 and (if it has one) momentum in [0, 1).
 
   The hints say the published values, e.g. 'paper: 0.2'.
   """
-  values = config[section]
-  if not values.temperature > 0:
-    raise errors.ConfigError(f'config.{section}.temperature={values.temperature} must be > 0 '
-                             f'({temperature_hint}).')
-  if momentum_hint and not 0 <= values.momentum < 1:
-    raise errors.ConfigError(f'config.{section}.momentum={values.momentum} must be in [0, 1) '
-                             f'({momentum_hint}).')
+  checks.check(config, f'{section}.temperature', lambda v: checks.number(v) and v > 0,
+               'must be > 0', temperature_hint)
+  if momentum_hint:
+    checks.check(config, f'{section}.momentum', lambda v: checks.number(v) and 0 <= v < 1,
+                 'must be in [0, 1)', momentum_hint)
 
 
 def check_bn_config(section: str, bn_mode: str, bn_splits: int, batch: int, num_devices: int,
                     modes=BN_MODES):
   """ConfigError unless `config.<section>.bn_mode` is one of `modes` and its groups divide the batch."""
-  if bn_mode not in modes:
+  if not (isinstance(bn_mode, str) and bn_mode in modes):
     raise errors.ConfigError(f'config.{section}.bn_mode={bn_mode!r} is not one of {list(modes)}.')
-  if not (bn_splits == -1 or bn_splits > 0):
+  if not (checks.integer(bn_splits) and (bn_splits == -1 or bn_splits > 0)):
     raise errors.ConfigError(
         f'config.{section}.bn_splits={bn_splits!r} must be -1 (8 groups) or > 0.')
   splits = bn_groups_per_device(bn_mode, bn_splits, num_devices)

@@ -60,6 +60,7 @@ class EndToEnd(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     section = config.end_to_end
+    contrastive.check_resnet_encoder(config)
     contrastive.check_temperature_and_momentum(config, 'end_to_end', 'MoCo v1: 0.07')
     if config.batch_size < 2:
       raise errors.ConfigError(

@@ -100,15 +100,14 @@ class MemoryBank(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     section = config.memory_bank
+    contrastive.check_resnet_encoder(config)
     contrastive.check_bn_config('memory_bank', section.bn_mode, -1, config.batch_size,
                                 num_devices, modes=('local', 'sync'))
-    contrastive.check_temperature_and_momentum(config, 'memory_bank', 'InstDisc: 0.07')
-    if not section.num_negatives > 0:
+    contrastive.check_temperature_and_momentum(config, 'memory_bank', 'InstDisc: 0.07',
+                                               'InstDisc: 0.5')
+    if not (isinstance(section.num_negatives, int) and section.num_negatives > 0):
       raise errors.ConfigError(f'config.memory_bank.num_negatives={section.num_negatives} must '
                                'be > 0 (InstDisc: 4096).')
-    if not 0 <= section.momentum < 1:
-      raise errors.ConfigError(
-          f'config.memory_bank.momentum={section.momentum} must be in [0, 1) (InstDisc: 0.5).')
 
   @staticmethod
   def describe_batch_norm(config, num_devices: int) -> str:

@@ -82,6 +82,9 @@ class MoCo(base.Method):
   @classmethod
   def check_config(cls, config, num_devices: int) -> None:
     moco, batch = config.moco, config.batch_size
+    contrastive.check_resnet_encoder(config)
+    _require(isinstance(moco.queue_size, int) and not isinstance(moco.queue_size, bool),
+             f'config.moco.queue_size={moco.queue_size!r} must be an integer (paper: 65536).')
     contrastive.check_temperature_and_momentum(config, 'moco', 'paper: 0.2', 'paper: 0.999')
     _require(moco.queue_size >= batch,
              f'config.moco.queue_size={moco.queue_size} must be >= config.batch_size={batch}: '

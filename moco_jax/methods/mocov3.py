@@ -105,9 +105,9 @@ class MoCoV3(base.Method):
     model = config.model
     contrastive.check_temperature_and_momentum(config, 'mocov3', 'ResNet 1.0, ViT 0.2',
                                                'paper: 0.99')
-    _require(model.mlp_dim > 0 and model.embed_dim > 0,
-             f'config.model.mlp_dim={model.mlp_dim} and config.model.embed_dim='
-             f'{model.embed_dim} must be > 0 (paper: 4096 and 256).')
+    _require(isinstance(config.mocov3.momentum_cosine, bool),
+             f'config.mocov3.momentum_cosine={config.mocov3.momentum_cosine!r} must be True or '
+             'False.')
     if models.is_vit(model):
       patch = model.patch_size if model.patch_size > 0 else models.VIT_ARCHS[model.name][0]
       _require(config.data.image_size % patch == 0,

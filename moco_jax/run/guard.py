@@ -14,6 +14,7 @@ stays short):
     a CheckpointError, not at the next save (or never).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.core import files
@@ -44,20 +46,26 @@ RESUME_FIELDS = (
 
 
 def check_writable(workdir: str):
-  """Creates WORKDIR and WORKDIR/checkpoints and writes a probe file in each."""
+  """CheckpointError unless WORKDIR and WORKDIR/checkpoints can be created and written.
+
+  Creates nothing (`files.check_dir`): a run refused later leaves WORKDIR as it
+  was. `create_workdir` makes them once the run is accepted.
+  """
   for directory in (os.path.abspath(workdir), checkpoints.checkpoint_dir(workdir)):
-    probe = os.path.join(directory, f'.write_test.{os.getpid()}')
     try:
-      os.makedirs(directory, exist_ok=True)
-      with open(probe, 'w') as f:
-        f.write('ok')
-      os.remove(probe)
-    except OSError as e:
-      why = 'it is a file' if os.path.isfile(directory) else e.strerror or str(e)
+      files.check_dir(directory, 'checkpoints and metrics')
+    except errors.OutputError as e:
       raise errors.CheckpointError(
-          f'{directory} is not a writable directory ({why}): checkpoints and '
-          'metrics go there. Fix its permissions or free space, or pass another --workdir.'
-      ) from e
+          f'{directory} is not a writable directory: {e} Or pass another --workdir.') from e
+
+
+def create_workdir(workdir: str):
+  """Makes WORKDIR and WORKDIR/checkpoints, after every check accepted the run."""
+  for directory in (os.path.abspath(workdir), checkpoints.checkpoint_dir(workdir)):
+    try:
+      files.make_dir(directory, 'checkpoints and metrics')
+    except errors.OutputError as e:
+      raise errors.CheckpointError(f'{e} Or pass another --workdir.') from e
 
 
 def resume_fields(config) -> tuple:
@@ -96,7 +104,30 @@ def check_resume_config(workdir: str, config):
       '--config.allow_config_change=True to resume anyway.')
 
 
-FILE_LIST = 'stream_file_list.json'
+FILE_LIST = 'stream_file_list.json'  # Holds the data identity, streamed or decoded.
+_SAMPLED_IMAGES = 256  # Decoded images hashed into the identity (with every label).
+
+
+def data_identity(train_ds, streamed: bool) -> dict:
+  """{kind, count, sha256, where} of the train split: what a resume must read again.
+
+  The one place the loop asks "is this the data the run started with?" (the
+  data package's `source.identity()` can replace its body). Streamed: the file
+  list and labels (`StreamSource.fingerprint`). Decoded in memory: the
+  count, every label, the class names and an evenly spaced sample of the
+  decoded images, so that a folder edited between a run and its resume (a
+  memory bank whose rows are examples, a data order of other images) is seen
+  without hashing the whole split at every start.
+  """
+  if streamed:
+    return {**train_ds.fingerprint(), 'kind': 'streamed'}
+  digest = hashlib.sha256()
+  digest.update(np.ascontiguousarray(train_ds.labels).tobytes())
+  digest.update(json.dumps([str(n) for n in train_ds.class_names]).encode())
+  every = max(1, len(train_ds) // _SAMPLED_IMAGES)
+  digest.update(np.ascontiguousarray(train_ds.images[::every]).tobytes())
+  return {'kind': 'decoded', 'count': len(train_ds), 'sha256': digest.hexdigest(),
+          'where': 'the train split (decoded in memory)'}
 
 
 def check_file_list(workdir: str, file_list: dict, start_step: int, config):
@@ -108,7 +139,7 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
   records the list's fingerprint (`StreamSource.fingerprint`) when the
   run starts; a resume with another list is refused naming the change, or,
   with `config.allow_config_change=True`, continues on the new list with a
-  warning (and records it).
+  warning (`record_file_list` records it once the run is accepted).
   """
   path = os.path.join(workdir, FILE_LIST)
   try:
@@ -120,26 +151,42 @@ def check_file_list(workdir: str, file_list: dict, start_step: int, config):
     logging.warning('Cannot read %s (%s): resuming without checking the streamed file list.',
                     path, e)
     previous = None
+  if previous is not None and previous.get('kind', 'streamed') != file_list.get('kind', 'streamed'):
+    previous = None  # Streamed then, decoded now (or back): the identities are not comparable.
   same = previous is not None and all(previous.get(k) == file_list[k] for k in ('count', 'sha256'))
   if start_step and previous is not None and not same:
     count_then, count_now = previous.get('count'), file_list.get('count')
     change = (f'{count_then} files when the run started, {count_now} now' if count_then != count_now
-              else f'the same count ({count_now}) but other files or labels')
+              else f'the same count ({count_now}) but other files, images or labels')
     where = file_list.get('where', 'the train split')
+    what = 'streamed file list' if file_list.get('kind', 'streamed') == 'streamed' else 'data'
     if not config.get('allow_config_change', False):
       raise errors.CheckpointError(
-          f'Refusing to resume from step {start_step}: the streamed file list of {where} changed '
-          f'({change}; recorded in {path}), so the run would continue on another data order. '
+          f'Refusing to resume from step {start_step}: the {what} of {where} changed '
+          f'({change}; recorded in {path}), so the run would continue on other data (another '
+          'data order; a memory bank of other examples). '
           'Restore the folder, use a new --workdir, or pass --config.allow_config_change=True '
           'to resume on the new list.')
     logging.warning('Resuming from step %d on a changed file list of %s (%s), as allowed by '
                     'config.allow_config_change: the data order from here on differs.',
                     start_step, where, change)
-  if not same and jax.process_index() == 0:
-    try:
-      files.atomic_write(path, lambda f: json.dump(file_list, f))
-    except OSError as e:
-      raise errors.CheckpointError(f'Cannot write {path} ({e}): make --workdir writable.') from e
+
+
+def record_file_list(workdir: str, file_list: dict):
+  """Writes WORKDIR/stream_file_list.json (process 0), once the run is accepted."""
+  path = os.path.join(workdir, FILE_LIST)
+  if jax.process_index() != 0:
+    return
+  try:
+    with open(path) as f:
+      if json.load(f) == file_list:
+        return
+  except (OSError, ValueError):
+    pass
+  try:
+    files.atomic_write(path, lambda f: json.dump(file_list, f))
+  except OSError as e:
+    raise errors.CheckpointError(f'Cannot write {path} ({e}): make --workdir writable.') from e
 
 
 def check_resume_step(start_step: int, total_steps: int, config, directory: str):
@@ -174,6 +221,29 @@ def max_abs(tree) -> float:
 
 def all_finite(tree) -> bool:
   return math.isfinite(max_abs(tree))
+
+
+def first_non_finite(tree) -> Optional[str]:
+  """The path of the first floating-point leaf holding NaN/Inf ('params/conv1/kernel'), or None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+      return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                      for k in path)
+  return None
+
+
+def check_finite_weights(tree, where: str):
+  """CheckpointError naming `where` (the file or checkpoint) and the first non-finite tensor.
+
+  Imported and restored weights are checked before use: a NaN in them would
+  otherwise become an accuracy of chance, or a run that diverges at step 1.
+  """
+  bad = first_non_finite(tree)
+  if bad is not None:
+    raise errors.CheckpointError(
+        f'{where} holds non-finite weights (NaN/Inf, first in {bad}): they cannot be trained '
+        'or evaluated. Use another checkpoint (an earlier step, or the file as published).')
 
 
 class Guard:

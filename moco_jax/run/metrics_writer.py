@@ -116,7 +116,7 @@ class MetricsWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    files.make_dir(workdir, 'metrics')
     if config is not None:
       tensorboard = tensorboard and config.get('tensorboard', True)
     if tensorboard:

@@ -53,7 +53,7 @@ def has_run_config(workdir: Optional[str]) -> bool:
 def write_run_config(workdir: str, config) -> str:
   """Writes `config` to WORKDIR/config.json atomically (a reader never sees half of it)."""
   path = config_path(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  files.make_dir(workdir, 'config.json')
   files.atomic_write(path, lambda f: f.write(config.to_json_best_effort(indent=2, sort_keys=True)))
   return path
 

@@ -10,6 +10,7 @@ import jax
 import optax
 
 from moco_jax import models
+from moco_jax.core import checks
 
 SCHEDULES = ('cosine', 'step', 'constant')
 
@@ -51,6 +52,20 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> C
 
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars', 'lars_mocov3')
+
+
+def check_config(optim_config) -> None:
+  """ConfigError naming the first field of `config.optim` the optimiser or schedule cannot use."""
+  check = lambda field, ok, rule, hint='': checks.check(optim_config, field, ok, rule, hint,
+                                                         prefix='config.optim.')
+  checks.choice(optim_config, 'name', OPTIMIZERS, prefix='config.optim.')
+  checks.choice(optim_config, 'schedule', SCHEDULES, prefix='config.optim.')
+  check('base_lr', lambda v: checks.number(v) and v > 0, 'must be > 0',
+        'the lr for batch 256; MoCo v2: 0.03')
+  check('weight_decay', lambda v: checks.number(v) and v >= 0, 'must be >= 0')
+  check('momentum', lambda v: checks.number(v) and 0 <= v < 1, 'must be in [0, 1)')
+  check('warmup_epochs', lambda v: checks.number(v) and v >= 0, 'must be >= 0', '0: no warm-up')
+  check('step_epochs', checks.ascending, 'must be ascending epochs >= 0')
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:

@@ -30,6 +30,7 @@ import numpy as np
 from moco_jax.core import errors
 from moco_jax import models
 from moco_jax.models import describe
+from moco_jax.run import guard
 from moco_jax.weights import torchvision_names
 
 ENCODERS = ('encoder_q', 'encoder_k')
@@ -64,8 +65,10 @@ def read_checkpoint(path: str) -> dict:
     raise errors.CheckpointError(f'{_where(path)} holds a {type(obj).__name__}, not a '
                                  'checkpoint dict with a state_dict.')
   # float32 NumPy whatever the stored float type (NumPy has no bfloat16).
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
-          for k, v in state.items() if isinstance(v, torch.Tensor)}
+  arrays = {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+  guard.check_finite_weights(arrays, _where(path))
+  return arrays
 
 
 def _first_line(error, limit: int = 200) -> str:
