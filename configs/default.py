@@ -93,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
   # from disk instead of held in memory; -1: 25% of the host's RAM; 0: always stream.
   config.data.max_in_memory_gb = -1.0
   config.data.stream_processes = -1  # Streaming: grain worker processes; -1: cores - 1; 0: none.
+  # Streaming: 'device' = the host decodes each image into a padded canvas and the step cuts both
+  # RandomResizedCrop views; 'host' = the host cuts them (twice the host work per image).
+  config.data.stream_crops = 'device'
+  config.data.canvas_side = 512  # Streaming, crops on the device: canvas side; larger images reduced.
+  config.data.decoder = 'pillow'  # Streaming: JPEG decoder, 'pillow' or 'simplejpeg' (same pixels).
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
 

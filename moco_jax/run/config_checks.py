@@ -123,6 +123,13 @@ def _validate_ranges(config):
          f'must be -1 (= image_size) or >= config.data.image_size={config.data.image_size}',
          'a smaller decoded side would train on upscaled thumbnails')
   _check(config, 'data.num_workers', positive_int, 'must be >= 1 (decoding threads)')
+  if 'stream_crops' in config.data:  # Streaming input (moco_jax/data/canvas_loader.py).
+    _check(config, 'data.stream_crops', lambda v: v in ('device', 'host'),
+           "must be 'device' (the step cuts the crops) or 'host' (the loader cuts them)")
+    _check(config, 'data.canvas_side', positive_int,
+           'must be >= 1 (px): the side of the canvas each streamed image is decoded into')
+    _check(config, 'data.decoder', lambda v: v in ('pillow', 'simplejpeg'),
+           "must be 'pillow' or 'simplejpeg'")
   for field in ('train_split', 'eval_split'):
     _check(config, f'data.{field}', lambda v: isinstance(v, str) and v.strip(),
            'must name a split')
