@@ -189,6 +189,29 @@ def run_canvas(data: str, cores: int, batch: int, steps: int, warmup: int, size:
   return {'loader': name, 'images_per_sec': steps * batch / seconds, 'reduced': reduced}
 
 
+def run_canvas_loop(data: str, images: int, canvas_side: int = 512,
+                    decoder: str = 'pillow') -> dict:
+  """Row b's bare per-image work (read, decode into a canvas) in a loop on one core: no loader."""
+  _pin(1)
+  sys.path.insert(0, _ROOT)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  config = default.get_config().data
+  config.update(dict(path=data, max_in_memory_gb=0.0,
+                     cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
+  source = streaming.open_source(config)
+  canvas = np.empty((canvas_side, canvas_side, 3), np.uint8)
+  for i in range(20):
+    canvas_loader.decode_into(source.read(i % len(source)), canvas, decoder)
+  start = time.perf_counter()
+  for i in range(images):
+    canvas_loader.decode_into(source.read((20 + i) % len(source)), canvas, decoder)
+  name = 'b-loop' + ('' if decoder == 'pillow' else f' ({decoder})')
+  return {'loader': name, 'images_per_sec': images / (time.perf_counter() - start)}
+
+
 def run_ours_loop(data: str, images: int, size: int) -> dict:
   """The bare per-image work (read, decode, two crops) in a loop on one core: no loader."""
   _pin(1)
@@ -208,7 +231,7 @@ def run_ours_loop(data: str, images: int, size: int) -> dict:
   start = time.perf_counter()
   for i in range(images):
     load(20 + i)
-  return {'loader': 'ours-loop', 'images_per_sec': images / (time.perf_counter() - start)}
+  return {'loader': 'a-loop', 'images_per_sec': images / (time.perf_counter() - start)}
 
 
 def run_torch(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
@@ -284,7 +307,8 @@ def _row_torch_mocov2(args):
 # row cannot run here and `call` says why; None skips it. Row c (packed shards) goes after b.
 HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_d, _row_torch_mocov2]
 # (numerator, denominator) rows whose per-core ratio the table reports.
-RATIOS = [('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
+RATIOS = [('b-loop', 'a-loop'), ('b-loop (simplejpeg)', 'a-loop'),
+          ('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
           ('c: packed shards', 'a: host crops'), ('c: packed shards', 'd: torchvision'),
           ('b: device crops', 'd: torchvision'), ('a: host crops', 'd: torchvision')]
 
@@ -322,9 +346,12 @@ def host(args):
         missing[name] = call
         continue
       rows.append(_fresh(call, python, args.nice))
-  if args.loop:
-    rows.append(_fresh(f'b.run_ours_loop({args.data!r}, {args.loop}, {args.size})',
-                       sys.executable, args.nice))
+    if args.loop:  # The bare per-image work of rows a and b, no loader, one core.
+      rows.append(_fresh(f'b.run_ours_loop({args.data!r}, {args.loop}, {args.size})',
+                         sys.executable, args.nice))
+      for decoder in ('pillow', 'simplejpeg') if args.simplejpeg else ('pillow',):
+        rows.append(_fresh(f'b.run_canvas_loop({args.data!r}, {args.loop}, {args.canvas_side}, '
+                           f'{decoder!r})', sys.executable, args.nice))
   best = {}
   for row in rows:
     best[row['loader']] = max(best.get(row['loader'], 0), row['images_per_sec'])
@@ -336,7 +363,7 @@ def host(args):
   print('| --- | --- | --- | --- |')
   per_core = {}
   for name, ips in best.items():
-    cores = 1 if name == 'ours-loop' else args.cores
+    cores = 1 if name.endswith('loop') or '-loop ' in name else args.cores
     per_core[name] = ips / cores
     print(f'| {name} | {cores} | {ips:.1f} | {ips / cores:.1f} |')
   for name, why in missing.items():
@@ -346,8 +373,7 @@ def host(args):
   print('| --- | --- |')
   for top, bottom in RATIOS:
     if top in per_core and bottom in per_core:
-      print(f'| ({top[0]}) / ({bottom[0]}): {top[3:]} / {bottom[3:]} | '
-            f'{per_core[top] / per_core[bottom]:.2f}x |')
+      print(f'| {top} / {bottom} | {per_core[top] / per_core[bottom]:.2f}x |')
   for name, value in per_core.items():
     if name[0] in 'abc':
       print(f'Cores to feed 5,000 img/s (one H100, two 224 px views each) with {name}: '
@@ -527,7 +553,8 @@ def main():
   h.add_argument('--warmup', type=int, default=3)
   h.add_argument('--size', type=int, default=224)
   h.add_argument('--rounds', type=int, default=1)
-  h.add_argument('--loop', type=int, default=0, help='also time N images in a bare loop')
+  h.add_argument('--loop', type=int, default=0,
+                 help='also time N images of rows a and b in a bare loop (no loader, one core)')
   h.add_argument('--peer_python', '--torch_python', dest='peer_python', default='',
                  help='python of a venv with torch + torchvision (row d)')
   h.add_argument('--canvas_side', type=int, default=512)

@@ -11,6 +11,10 @@ process slices, 1 vs 8 devices, and simplejpeg's pixels.
 
 import functools
 import io
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,7 @@ from moco_jax.data import streaming
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 # Pillow resamples 8-bit images in two passes (columns, then rows), each
 # rounded to uint8 with coefficients in 22-bit fixed point: the first pass is
@@ -284,6 +289,41 @@ def test_canvas_loader_replaces_unreadable_files_as_the_host_crop_loader(tmp_pat
   for a, b in zip(canvas, host):  # The same substitutes, read in the same places.
     np.testing.assert_array_equal(a['index'], b['index'])
     np.testing.assert_array_equal(a['skipped'], b['skipped'])
+
+
+def test_canvas_batches_from_worker_processes_are_the_same_and_leak_no_shared_memory(tmp_path):
+  """With grain worker processes the canvases are decoded straight into shared memory:
+  the same batches as without workers, and every segment released by the end."""
+  root = _tree(tmp_path / 'tree')
+  script = tmp_path / 'workers.py'
+  script.write_text(f"""
+import numpy as np
+from configs import default
+from moco_jax.data import canvas_loader
+from moco_jax.data import streaming
+
+def main():
+  config = default.get_config().data
+  config.update(dict(path={str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, max_in_memory_gb=0.0))
+  source = streaming.open_source(config)
+  kwargs = dict(global_batch=4, seed=0, canvas_side=48, num_threads=1)
+  workers = canvas_loader.train_batches(source, num_processes=2, **kwargs)
+  threads = canvas_loader.train_batches(source, num_processes=0, **kwargs)
+  held = [next(workers) for _ in range(5)]  # Alive at exit, as a train loop's last batch is.
+  for batch in held:
+    want = next(threads)
+    for key in want:
+      np.testing.assert_array_equal(np.asarray(batch[key]), want[key])
+  workers.close()
+  print('ok')
+
+if __name__ == '__main__':  # Grain's worker processes are spawned: they import this file.
+  main()
+""")
+  out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]
+  assert 'leaked shared_memory' not in out.stderr, out.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------

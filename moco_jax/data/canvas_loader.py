@@ -108,6 +108,9 @@ class LoadCanvasBatch:
     step = int(step)
     indices = batching.train_indices(self.num, self.global_batch, self.seed, step)
     mine = indices[self.offset:self.offset + self.local]
+    # A plain array, copied once into shared memory by grain in a worker process.
+    # (Decoding straight into a grain SharedMemoryArray saves that copy but leaks
+    # the segments of batches still in a worker's read buffer when the loader closes.)
     batch = {'image': np.empty((self.local, self.side, self.side, 3), np.uint8),
              'size': np.empty((self.local, 2), np.int32),
              'label': np.empty((self.local,), np.int32),
