@@ -1,30 +1,38 @@
-"""Streaming input benchmarks (issue 9): host throughput per core vs torchvision, and memory.
+"""Streaming input benchmarks (issues 9, 29): host throughput per core by input path, and memory.
 
   # 1. ImageNet-like JPEGs (about 500x375, quality 90) in a temporary directory, never committed:
   python benchmarks/bench_stream.py generate --out=/tmp/inet_like --num=10000
-  # 2. Host throughput: decode + two RandomResizedCrop views at 224 px, ours (grain) vs
-  #    torchvision's ImageFolder + DataLoader, same cores, same files:
+  # 2. Host throughput per core of each input path (issue 29's table), same cores, same files:
   python benchmarks/bench_stream.py host --data=/tmp/inet_like --cores=1 \
-      --torch_python=/work/torchvenv/bin/python
-  # 3. Peak host RSS of a short configs/imagenet.py run on two folder sizes:
+      --peer_python=/work/.peer_venv/bin/python
+  # 3. XLA FLOPs of the train step with the crops on the host vs on the device:
+  python benchmarks/bench_stream.py flops --preset=r50_224 --batch=8
+  # 4. Peak host RSS of a short configs/imagenet.py run on two folder sizes:
   python benchmarks/bench_stream.py memory --sizes=2500,10000 --out=/tmp/mem_trees
 
-`host` runs, each in a fresh process pinned to the same `--cores` CPUs
-(sched_setaffinity), over the same files:
-  ours        moco_jax.data.host_crops.train_batches with `cores` grain worker
-              processes: decode (JPEG draft where the crops allow) + two
-              RandomResizedCrop(224, scale=(0.2, 1)) views -> uint8
-              [B, 2, 224, 224, 3]. Colour ops run later, on the accelerator.
-  torch-crop  torchvision ImageFolder + DataLoader(num_workers=cores), each
-              example two RandomResizedCrop(224, scale=(0.2, 1)) +
-              PILToTensor views: the same host work as ours.
-  torch-mocov2  the same with MoCo v2's full aug+ per view on the host (what
-              the official main_moco.py runs): RandomResizedCrop, ColorJitter
-              (p 0.8), RandomGrayscale (0.2), GaussianBlur (p 0.5),
-              RandomHorizontalFlip, ToTensor, Normalize.
+`host` runs each row in a fresh process pinned to the same `--cores` CPUs
+(sched_setaffinity), over the same files, and prints img/s per core and the
+ratios. The rows (`HOST_ROWS`, one function each; a new input path adds one):
+  a  host crops     today's streamed path (data.stream_crops='host'):
+                    `host_crops.train_batches`, `cores` grain worker
+                    processes: decode (JPEG draft where the crops allow) + two
+                    RandomResizedCrop(224, scale=(0.2, 1)) views -> uint8
+                    [B, 2, 224, 224, 3]. Colour ops later, on the accelerator.
+  b  device crops   JPEG folder + crops on the device (data.stream_crops=
+                    'device', the default): `canvas_loader.train_batches`, the
+                    host only decodes each image into a 512 px canvas -> uint8
+                    [B, 512, 512, 3] + sizes; `--decoder` picks Pillow or
+                    simplejpeg (row b-simplejpeg with --simplejpeg).
+  c  packed shards  (issue 29 item 2: added by the packed source with its row function)
+  d  torchvision    torchvision ImageFolder + DataLoader(num_workers=cores),
+                    each example two RandomResizedCrop(224, scale=(0.2, 1)) +
+                    PILToTensor views: the same host work as row a. Needs
+                    torch, in its own venv: --peer_python (row skipped, and
+                    said so, without it). With it also `torch-mocov2`: MoCo
+                    v2's whole aug+ per view on the host, as the official
+                    main_moco.py runs it.
 Throughput = images (each with its two views) per second after `--warmup`
-batches, divided by the cores for per core. The torch side runs in its own
-venv (`--torch_python`), never the project's.
+batches, divided by the cores for per core.
 """
 
 import argparse
@@ -149,7 +157,59 @@ def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: i
   seconds = time.perf_counter() - start
   assert out['image'].shape == (batch, 2, size, size, 3)
   it.close()
-  return {'loader': 'ours', 'images_per_sec': steps * batch / seconds}
+  return {'loader': 'a: host crops', 'images_per_sec': steps * batch / seconds}
+
+
+def run_canvas(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
+               canvas_side: int = 512, decoder: str = 'pillow') -> dict:
+  """Row b: the canvas loader (host decodes only), `cores` grain worker processes."""
+  _pin(cores)
+  sys.path.insert(0, _ROOT)
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  config = default.get_config().data
+  config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
+                     cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
+  source = streaming.open_source(config)
+  it = canvas_loader.train_batches(source, global_batch=batch, seed=0, canvas_side=canvas_side,
+                                   num_threads=1, num_processes=cores, prefetch=2,
+                                   decoder=decoder)
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  reduced = 0
+  for _ in range(steps):
+    out = next(it)
+    reduced += int(out['reduced'].sum())
+  seconds = time.perf_counter() - start
+  assert out['image'].shape == (batch, canvas_side, canvas_side, 3)
+  it.close()
+  name = 'b: device crops' + ('' if decoder == 'pillow' else f' ({decoder})')
+  return {'loader': name, 'images_per_sec': steps * batch / seconds, 'reduced': reduced}
+
+
+def run_canvas_loop(data: str, images: int, canvas_side: int = 512,
+                    decoder: str = 'pillow') -> dict:
+  """Row b's bare per-image work (read, decode into a canvas) in a loop on one core: no loader."""
+  _pin(1)
+  sys.path.insert(0, _ROOT)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  config = default.get_config().data
+  config.update(dict(path=data, max_in_memory_gb=0.0,
+                     cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
+  source = streaming.open_source(config)
+  canvas = np.empty((canvas_side, canvas_side, 3), np.uint8)
+  for i in range(20):
+    canvas_loader.decode_into(source.read(i % len(source)), canvas, decoder)
+  start = time.perf_counter()
+  for i in range(images):
+    canvas_loader.decode_into(source.read((20 + i) % len(source)), canvas, decoder)
+  name = 'b-loop' + ('' if decoder == 'pillow' else f' ({decoder})')
+  return {'loader': name, 'images_per_sec': images / (time.perf_counter() - start)}
 
 
 def run_ours_loop(data: str, images: int, size: int) -> dict:
@@ -171,7 +231,7 @@ def run_ours_loop(data: str, images: int, size: int) -> dict:
   start = time.perf_counter()
   for i in range(images):
     load(20 + i)
-  return {'loader': 'ours-loop', 'images_per_sec': images / (time.perf_counter() - start)}
+  return {'loader': 'a-loop', 'images_per_sec': images / (time.perf_counter() - start)}
 
 
 def run_torch(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
@@ -211,52 +271,200 @@ def run_torch(data: str, cores: int, batch: int, steps: int, warmup: int, size: 
     views, _ = next(it)
   seconds = time.perf_counter() - start
   assert tuple(views[0].shape) == (batch, 3, size, size)
-  return {'loader': f'torch-{transform}', 'images_per_sec': steps * batch / seconds}
+  name = 'd: torchvision' if transform == 'crop' else f'torch-{transform}'
+  return {'loader': name, 'images_per_sec': steps * batch / seconds}
+
+
+def _row_a(args):
+  return 'a: host crops', f'b.run_ours({_common(args)})', sys.executable
+
+
+def _row_b(args):
+  return ('b: device crops', f'b.run_canvas({_common(args)}, {args.canvas_side}, "pillow")',
+          sys.executable)
+
+
+def _row_b_simplejpeg(args):
+  if not args.simplejpeg:
+    return None
+  return ('b: device crops (simplejpeg)',
+          f'b.run_canvas({_common(args)}, {args.canvas_side}, "simplejpeg")', sys.executable)
+
+
+def _row_d(args):
+  if not args.peer_python:
+    return 'd: torchvision', 'needs --peer_python (a venv with torch + torchvision)', None
+  return 'd: torchvision', f'b.run_torch({_common(args)}, "crop")', args.peer_python
+
+
+def _row_torch_mocov2(args):
+  if not args.peer_python:
+    return None
+  return 'torch-mocov2', f'b.run_torch({_common(args)}, "mocov2")', args.peer_python
+
+
+# The rows of `host`, in order: each `args -> (name, call, python)`; python None means the
+# row cannot run here and `call` says why; None skips it. Row c (packed shards) goes after b.
+HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_d, _row_torch_mocov2]
+# (numerator, denominator) rows whose per-core ratio the table reports.
+RATIOS = [('b-loop', 'a-loop'), ('b-loop (simplejpeg)', 'a-loop'),
+          ('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
+          ('c: packed shards', 'a: host crops'), ('c: packed shards', 'd: torchvision'),
+          ('b: device crops', 'd: torchvision'), ('a: host crops', 'd: torchvision')]
+
+
+def _common(args) -> str:
+  return f'{args.data!r}, {args.cores}, {args.batch}, {args.steps}, {args.warmup}, {args.size}'
+
+
+def _fresh(call: str, python: str, nice: int) -> dict:
+  """Runs `call` (an expression over bench_stream as b) in a fresh `python`; its dict."""
+  code = (f'import sys, json; sys.path.insert(0, {os.path.join(_ROOT, "benchmarks")!r}); '
+          f'import bench_stream as b\nif __name__ == "__main__":\n  print("RESULT", '
+          f'json.dumps({call}))')
+  script = os.path.join(tempfile.gettempdir(), f'bench_stream_{os.getpid()}.py')
+  with open(script, 'w') as f:
+    f.write(code)
+  out = subprocess.run(['nice', '-n', str(nice), python, script], capture_output=True,
+                       text=True, timeout=3600, cwd=_ROOT)
+  lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+  if out.returncode or not lines:
+    raise RuntimeError(f'{call} failed:\n{out.stderr[-4000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
 
 
 def host(args):
-  rows = []
-  torch_python = args.torch_python
-
-  def fresh(call: str, python: str) -> dict:
-    code = (f'import sys, json; sys.path.insert(0, {os.path.join(_ROOT, "benchmarks")!r}); '
-            f'import bench_stream as b\nif __name__ == "__main__":\n  print("RESULT", '
-            f'json.dumps({call}))')
-    script = os.path.join(tempfile.gettempdir(), f'bench_stream_{os.getpid()}.py')
-    with open(script, 'w') as f:
-      f.write(code)
-    out = subprocess.run(['nice', '-n', str(args.nice), python, script], capture_output=True,
-                         text=True, timeout=3600, cwd=_ROOT)
-    lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
-    if out.returncode or not lines:
-      raise RuntimeError(f'{call} failed:\n{out.stderr[-4000:]}')
-    return json.loads(lines[-1][len('RESULT '):])
-
-  common = f'{args.data!r}, {args.cores}, {args.batch}, {args.steps}, {args.warmup}, {args.size}'
+  """Every row of HOST_ROWS, `--rounds` times alternating (same load for all); best of rounds."""
+  rows, missing = [], {}
   for _ in range(args.rounds):
-    rows.append(fresh(f'b.run_ours({common})', sys.executable))
-    if torch_python:
-      for transform in ('crop', 'mocov2'):
-        rows.append(fresh(f'b.run_torch({common}, {transform!r})', torch_python))
-  if args.loop:
-    rows.append(fresh(f'b.run_ours_loop({args.data!r}, {args.loop}, {args.size})',
-                      sys.executable))
+    for make in HOST_ROWS:
+      row = make(args)
+      if row is None:
+        continue
+      name, call, python = row
+      if python is None:
+        missing[name] = call
+        continue
+      rows.append(_fresh(call, python, args.nice))
+    if args.loop:  # The bare per-image work of rows a and b, no loader, one core.
+      rows.append(_fresh(f'b.run_ours_loop({args.data!r}, {args.loop}, {args.size})',
+                         sys.executable, args.nice))
+      for decoder in ('pillow', 'simplejpeg') if args.simplejpeg else ('pillow',):
+        rows.append(_fresh(f'b.run_canvas_loop({args.data!r}, {args.loop}, {args.canvas_side}, '
+                           f'{decoder!r})', sys.executable, args.nice))
   best = {}
   for row in rows:
     best[row['loader']] = max(best.get(row['loader'], 0), row['images_per_sec'])
   load = os.getloadavg()
   print(f'cores={args.cores} batch={args.batch} steps={args.steps} size={args.size} '
-        f'rounds={args.rounds} (best of rounds); load avg {load[0]:.1f}')
-  print('| loader | cores | img/s | img/s per core | ours / this |')
-  print('| --- | --- | --- | --- | --- |')
+        f'canvas={args.canvas_side} rounds={args.rounds} (best of rounds); load avg '
+        f'{load[0]:.1f}')
+  print('| row | cores | img/s | img/s per core |')
+  print('| --- | --- | --- | --- |')
+  per_core = {}
   for name, ips in best.items():
-    cores = 1 if name == 'ours-loop' else args.cores
-    ratio = best.get('ours', 0) / args.cores / (ips / cores)
-    print(f'| {name} | {cores} | {ips:.1f} | {ips / cores:.1f} | {ratio:.2f}x |')
-  per_core = best['ours'] / args.cores
-  print(f'Cores to feed 5,000 img/s (one H100, two 224 px views each): '
-        f'{5000 / per_core:.1f} at {per_core:.0f} img/s per core.')
+    cores = 1 if name.endswith('loop') or '-loop ' in name else args.cores
+    per_core[name] = ips / cores
+    print(f'| {name} | {cores} | {ips:.1f} | {ips / cores:.1f} |')
+  for name, why in missing.items():
+    print(f'| {name} | - | - | {why} |')
+  print()
+  print('| ratio (per core) | value |')
+  print('| --- | --- |')
+  for top, bottom in RATIOS:
+    if top in per_core and bottom in per_core:
+      print(f'| {top} / {bottom} | {per_core[top] / per_core[bottom]:.2f}x |')
+  for name, value in per_core.items():
+    if name[0] in 'abc':
+      print(f'Cores to feed 5,000 img/s (one H100, two 224 px views each) with {name}: '
+            f'{5000 / value:.1f} at {value:.0f} img/s per core.')
   return best
+
+
+# --------------------------------------------------------------------------
+# FLOPs of the step with the crops on the host and on the device.
+
+
+def step_flops(preset: str, batch: int, canvas_side: int, dtype: str) -> list:
+  """XLA's FLOPs per image of the compiled train step and of its augmentation alone.
+
+  Three inputs of the same step: crops cut on the host (uint8 [B, 2, S, S, 3]),
+  canvases cut in the step (uint8 [B, C, C, 3] + sizes), and for reference the
+  in-memory path (uint8 [B, cache side, ..., 3]). Compiled on this machine's
+  first device (XLA:CPU here: the HLO's FLOPs are the GPU's).
+  """
+  sys.path.insert(0, _ROOT)
+  sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import bench_train  # pylint: disable=g-import-not-at-top
+  from moco_jax.augmentation import augment  # pylint: disable=g-import-not-at-top
+  from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  config = bench_train.make_config(preset, batch=batch, dtype=dtype)
+  size = config.data.image_size
+  devices = jax.devices()[:1]
+  mesh = parallel.make_mesh(devices)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=1000, total_steps=1000)
+  tx = optim.create_optimizer(config, lr)
+  sharded = NamedSharding(mesh, P(parallel.AXIS))
+
+  def spec(shape, dtype_):
+    return jax.ShapeDtypeStruct(shape, dtype_, sharding=sharded)
+
+  def flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get('flops', 0.0)) / batch
+
+  results = []
+  indices = spec((batch,), np.int32)
+  for name, kwargs, inputs in (
+      ('host crops (a)', dict(host_crops=True), (spec((batch, 2, size, size, 3), np.uint8),)),
+      ('device crops (b)', dict(canvas=True),
+       (spec((batch, canvas_side, canvas_side, 3), np.uint8), spec((batch, 2), np.int32)))):
+    setup = step_lib.make_step_setup(config, 1, tx, **kwargs)
+    state, _ = bench_train.abstract_step_inputs(config, setup, mesh)
+    start = time.perf_counter()
+    step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+    compiled = step.lower(state, *inputs, indices).compile()
+    seconds = time.perf_counter() - start
+    results.append({'input': name, 'step_gflop_per_image': flops(compiled) / 1e9,
+                    'compile_s': seconds})
+  # The augmentation alone (the part that differs), per image (two views).
+  aug, key = config.aug, jax.random.key(0)
+  ids = jnp.arange(batch)
+  crops = jax.ShapeDtypeStruct((batch, 2, size, size, 3), np.uint8)
+  canvases = jax.ShapeDtypeStruct((batch, canvas_side, canvas_side, 3), np.uint8)
+  sizes = jax.ShapeDtypeStruct((batch, 2), np.int32)
+  from_crops = jax.jit(functools.partial(augment.two_views_from_crops, aug_config=aug,
+                                         image_size=size))
+  from_canvas = jax.jit(functools.partial(augment.two_views_from_canvas, aug_config=aug,
+                                          image_size=size))
+  results[0]['aug_gflop_per_image'] = flops(from_crops.lower(key, crops, ids).compile()) / 1e9
+  results[1]['aug_gflop_per_image'] = flops(
+      from_canvas.lower(key, canvases, sizes, ids).compile()) / 1e9
+  return results
+
+
+def flops(args):
+  results = step_flops(args.preset, args.batch, args.canvas_side, args.dtype)
+  print(f'preset={args.preset} batch={args.batch} canvas={args.canvas_side} dtype={args.dtype} '
+        '(XLA cost analysis of the compiled program, 1 device)')
+  print('| step input | step GFLOP/img | of which augmentation GFLOP/img | compile s |')
+  print('| --- | --- | --- | --- |')
+  for r in results:
+    print(f'| {r["input"]} | {r["step_gflop_per_image"]:.3f} | {r["aug_gflop_per_image"]:.3f} | '
+          f'{r["compile_s"]:.0f} |')
+  a, b = results
+  print(f'Device crops add {b["step_gflop_per_image"] - a["step_gflop_per_image"]:.3f} GFLOP/img '
+        f'({100 * (b["step_gflop_per_image"] / a["step_gflop_per_image"] - 1):.1f}% of the step).')
+  return results
 
 
 # --------------------------------------------------------------------------
@@ -345,9 +553,18 @@ def main():
   h.add_argument('--warmup', type=int, default=3)
   h.add_argument('--size', type=int, default=224)
   h.add_argument('--rounds', type=int, default=1)
-  h.add_argument('--loop', type=int, default=0, help='also time N images in a bare loop')
-  h.add_argument('--torch_python', default='')
+  h.add_argument('--loop', type=int, default=0,
+                 help='also time N images of rows a and b in a bare loop (no loader, one core)')
+  h.add_argument('--peer_python', '--torch_python', dest='peer_python', default='',
+                 help='python of a venv with torch + torchvision (row d)')
+  h.add_argument('--canvas_side', type=int, default=512)
+  h.add_argument('--simplejpeg', action='store_true', help='also row b with data.decoder=simplejpeg')
   h.add_argument('--nice', type=int, default=10)
+  fl = sub.add_parser('flops')
+  fl.add_argument('--preset', default='r50_224')
+  fl.add_argument('--batch', type=int, default=8)
+  fl.add_argument('--canvas_side', type=int, default=512)
+  fl.add_argument('--dtype', default='bfloat16')
   m = sub.add_parser('memory')
   m.add_argument('--out', required=True)
   m.add_argument('--sizes', default='2500,10000')
@@ -363,6 +580,8 @@ def main():
              unique=args.unique)
   elif args.command == 'host':
     host(args)
+  elif args.command == 'flops':
+    flops(args)
   else:
     memory(args)
 

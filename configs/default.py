@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Images with more pixels than this are refused as too large (Pillow's decompression-bomb
   # guard, reported with the count); raise it for real giant scans; -1: no limit.
   config.data.max_image_pixels = 178_956_970
+  # Streaming: 'device' = the host decodes each image into a padded canvas and the step cuts both
+  # RandomResizedCrop views; 'host' = the host cuts them (twice the host work per image).
+  config.data.stream_crops = 'device'
+  config.data.canvas_side = 512  # Streaming, crops on the device: canvas side; larger images reduced.
+  config.data.decoder = 'pillow'  # Streaming: JPEG decoder, 'pillow' or 'simplejpeg' (same pixels).
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.
 

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from moco_jax.core import parallel
 from moco_jax.data import batching
+from moco_jax.data import canvas_loader
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import streaming
@@ -55,8 +56,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config, learning_rate_fn)
-  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=streamed,
-                                  total_steps=total_steps, num_examples=len(train_ds))
+  canvas = streamed and data.spec.stream_crops == 'device'
+  setup = step_lib.make_step_setup(config, num_devices, tx, host_crops=streamed and not canvas,
+                                   total_steps=total_steps, num_examples=len(train_ds),
+                                   canvas=canvas)
 
   official_parts = released_weights_for_new_run(config, workdir)  # config.init_from
   state = step_lib.init_state(config, setup, mesh)
@@ -87,7 +90,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   on_device = data.spec.on_device and not streamed
   p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device,
                                       with_indices=True)
-  if streamed:
+  if canvas:
+    next_batch = _canvas_feeder(config, data.spec, train_ds, mesh, start_step, total_steps)
+  elif streamed:
     next_batch = _stream_feeder(config, data.spec, train_ds, mesh, start_step, total_steps)
     if data.spec.on_device:
       logging.warning('Streaming: data.on_device is off (it would hold the train split in '
@@ -165,8 +170,13 @@ def log_run_summary(config, data: sources.Source, setup: step_lib.StepSetup, tra
                     steps_per_epoch: int, total_steps: int, start_step: int):
   """What the run is about to do, in a few lines, before anything is compiled."""
   images = getattr(train_ds, 'images', None)  # None: streamed (decoded at every step).
-  decoded = (f'decoded once at {images.shape[1]} px' if images is not None
-             else 'streamed (decoded and cropped on the host at every step)')
+  if images is not None:
+    decoded = f'decoded once at {images.shape[1]} px'
+  elif setup.canvas:
+    decoded = (f'streamed (decoded on the host into {data.spec.canvas_side} px canvases at every '
+               'step, cropped on the device)')
+  else:
+    decoded = 'streamed (decoded and cropped on the host at every step)'
   logging.info('Data: %s; train split %r: %d images, %d classes; images %s, network input '
                '%d px.', data.describe(), data.spec.train_split, len(train_ds),
                len(train_ds.class_names), decoded, data.spec.image_size)
@@ -213,6 +223,53 @@ def _batch_feeder(config, train_ds, mesh: Mesh, start_step: int, on_device: bool
   return feed
 
 
+def _canvas_feeder(config, spec, source, mesh: Mesh, start_step: int,
+                   total_steps: int) -> Callable:
+  """step -> (sharded canvases, sharded sizes, sharded indices) from the canvas loader.
+
+  This process decodes only its slice of each global batch into uint8
+  [b, C, C, 3] canvases with their true sizes (`moco_jax.data.canvas_loader`);
+  the step cuts both crops. Reports replaced files, and once that images
+  larger than the canvas were reduced on the host.
+  """
+  processes, threads = host_crops.loader_workers(spec)
+  side = spec.canvas_side
+  local = config.batch_size // jax.process_count()
+  in_flight = (processes * (threads + 2) if processes else threads + 2)
+  logging.info('Streaming %s: %d grain worker processes x %d threads (data.stream_processes, '
+               'data.num_workers), each image decoded (%s) into a %d px canvas, both crops cut '
+               'on the device; up to %d batches of %.0f MiB in flight.', source.where, processes,
+               threads, spec.decoder, side, in_flight,
+               canvas_loader.batch_bytes(local, side) / 2**20)
+  batches = canvas_loader.train_batches(
+      source, global_batch=config.batch_size, seed=config.seed, canvas_side=side,
+      start_step=start_step, end_step=total_steps, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=threads, num_processes=processes,
+      decoder=spec.decoder)
+  replaced, reduced = [0], [False]
+
+  def feed(step):
+    del step  # The loader starts at start_step and yields the steps in order.
+    batch = next(batches)
+    bad = int(batch['skipped'].sum())
+    if bad:
+      replaced[0] += bad
+      logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
+                      'in this run; the warnings above name them).', bad, replaced[0])
+    if not reduced[0] and batch['reduced'].any():
+      reduced[0] = True
+      logging.info('Some images are larger than data.canvas_side=%d px: they are reduced on the '
+                   'host (JPEG draft to 1/2, 1/4 or 1/8, then a resize if still larger) and their '
+                   'crops drawn on the reduced image. Raise data.canvas_side to keep them whole '
+                   '(said once).', side)
+    return (parallel.shard_batch(batch['image'], mesh),
+            parallel.shard_batch(batch['size'], mesh),
+            parallel.shard_batch(batch['index'].astype(np.int32), mesh))
+
+  feed.close = batches.close
+  return feed
+
+
 def _stream_feeder(config, spec, source, mesh: Mesh, start_step: int,
                    total_steps: int) -> Callable:
   """step -> (sharded crops, sharded indices) from the streaming loader; reports replaced files.
@@ -229,7 +286,7 @@ def _stream_feeder(config, spec, source, mesh: Mesh, start_step: int,
       image_size=spec.image_size, crop_scale=config.aug.crop_scale,
       crop_ratio=config.aug.crop_ratio, start_step=start_step, end_step=total_steps,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=threads, num_processes=processes)
+      num_threads=threads, num_processes=processes, decoder=spec.decoder)
   replaced = [0]
 
   def feed(step):

@@ -55,6 +55,10 @@ def test_shipped_configs_validate(name):
     ('data.cache_size', 16, 'config.data.cache_size=16 must be -1 (= image_size x cache_ratio) or >= '
      'config.data.image_size=32'),
     ('data.num_workers', 0, 'config.data.num_workers=0 must be >= 1'),
+    ('data.stream_crops', 'gpu', "config.data.stream_crops='gpu' must be 'device'"),
+    ('data.canvas_side', 0, 'config.data.canvas_side=0 must be >= 1 (px)'),
+    ('data.decoder', 'turbojpeg', "config.data.decoder='turbojpeg' must be 'pillow' or "
+     "'simplejpeg'"),
     ('aug.crop_scale', (1.0, 0.2), 'config.aug.crop_scale=(1.0, 0.2) must be (min, max)'),
     ('aug.crop_scale', (0.2, 1.5), 'config.aug.crop_scale=(0.2, 1.5)'),
     ('aug.crop_ratio', (0.0, 1.0), 'config.aug.crop_ratio=(0.0, 1.0)'),

@@ -229,12 +229,15 @@ def _imagenet_overrides(tree, cache, steps):
           'data.stream_processes': 0, 'data.num_workers': 2}
 
 
-def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
+@pytest.mark.parametrize('crops', ['device', 'host'])
+def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path, crops):
   """`main.py --config=configs/imagenet.py --config.data.path=<1,000-class folder>` streams;
-  killed with SIGKILL and rerun, it ends in the uninterrupted run's state."""
+  killed with SIGKILL and rerun, it ends in the uninterrupted run's state. Both streamed
+  forms: canvases cropped in the step (the default) and crops cut on the host."""
   steps = 12
   tree = _imagenet_tree(tmp_path / 'imagenet')
   overrides = _imagenet_overrides(tree, tmp_path / 'cache', steps)
+  overrides.update({'data.stream_crops': crops, 'data.canvas_side': 48})
   # XLA:CPU's backend optimisations off: ~10x less compile time, the same program in all runs.
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
              '--xla_backend_optimization_level=0')
@@ -247,6 +250,7 @@ def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
   straight = subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
                             capture_output=True, text=True, timeout=600)
   assert 'streaming it' in straight.stderr and '1000 classes' in straight.stderr
+  assert ('cropped on the device' in straight.stderr) == (crops == 'device')
   rows = [json.loads(line) for line in open(tmp_path / 'straight' / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == list(range(1, steps + 1))
   assert all(np.isfinite(r['train_loss']) for r in rows)

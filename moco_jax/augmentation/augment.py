@@ -11,9 +11,12 @@ Per-example randomness comes only from `_example_keys(rng, example_ids)`: keys
 folded from each example's global index. A batch split 1, 2 or 8 ways across
 devices therefore gets identical views.
 
-Streamed data (`moco_jax.data.streaming`) arrives as both views' crops, cut on
-the host from the whole original image; `two_views_from_crops` then runs
-everything but the crop, from the same per-example uniforms.
+Streamed data (`moco_jax.data.streaming`) arrives either as each image in a
+padded canvas with its true size (`data.stream_crops='device'`):
+`two_views_from_canvas` draws both boxes over the true size and crops here; or
+as both views' crops, cut on the host from the whole original image
+(`data.stream_crops='host'`): `two_views_from_crops` then runs everything but
+the crop, from the same per-example uniforms.
 
 The pipeline (`config.aug`) follows MoCo v2's "aug+" (torchvision):
   RandomResizedCrop(scale, ratio) -> RandomApply(ColorJitter(b, c, s, h), p)
@@ -49,6 +52,11 @@ def _example_keys(rng: jax.Array, example_ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
 
 
+def _view_uniforms(aug_config) -> int:
+  """How many uniforms one view draws (solarize adds one, only when some view uses it)."""
+  return _VIEW_UNIFORMS + (1 if max(view_probs(aug_config, 'solarize')) > 0 else 0)
+
+
 def view_probs(aug_config, name: str) -> tuple:
   """(first view's, second view's) probability of `name` ('blur' | 'solarize').
 
@@ -62,7 +70,8 @@ def view_probs(aug_config, name: str) -> tuple:
 
 
 def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
-                crop: bool = True, second_view=False, dtype=jnp.float32) -> jax.Array:
+                crop: bool = True, second_view=False, dtype=jnp.float32,
+                true_size=None) -> jax.Array:
   """One MoCo view of one uint8 image [S, S, 3]: `dtype` [size, size, 3], normalised.
 
   All of a view's random numbers come from one `uniform` draw: each
@@ -76,16 +85,25 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
   some view uses it, so configs without it draw exactly what they drew before.
   `dtype` is float32, or float64 in a float64 run: then no float32 rounding
   (whose last bit XLA may round differently for another batch size) enters.
+  `true_size` (traced int32 [2], or None): `image` is a padded canvas
+  [C, C, 3] holding an image of this (height, width) in its top-left corner
+  (streamed input, `two_views_from_canvas`); the box is drawn over the true
+  size from the same uniforms and the padding never enters the crop.
   """
   blur_probs, solarize_probs = view_probs(aug_config, 'blur'), view_probs(aug_config, 'solarize')
   solarize = max(solarize_probs) > 0
-  u = jax.random.uniform(key, (_VIEW_UNIFORMS + (1 if solarize else 0),))
+  u = jax.random.uniform(key, (_view_uniforms(aug_config),))
   u_crop, u = u[:image_ops.CROP_UNIFORMS], u[image_ops.CROP_UNIFORMS:]
   u_factors, u_order = u[0:4], u[4:8]
   u_jitter, u_gray, u_sigma, u_blur, u_flip = u[8], u[9], u[10], u[11], u[12]
 
   x = image.astype(dtype) / 255.0
-  if crop:
+  if true_size is not None:
+    height, width = true_size[0], true_size[1]
+    box = image_ops.crop_box_in(u_crop, height, width, tuple(aug_config.crop_scale),
+                                tuple(aug_config.crop_ratio))
+    x = jnp.clip(image_ops.canvas_resized_crop(x, box, height, width, image_size), 0.0, 1.0)
+  elif crop:
     box = image_ops.crop_box_from_uniforms(u_crop, x.shape[0], x.shape[1],
                                            tuple(aug_config.crop_scale),
                                            tuple(aug_config.crop_ratio))
@@ -175,6 +193,54 @@ def two_views_from_crops(rng, crops, example_ids, aug_config, image_size, dtype=
       _second_view(batch))
   views = views.astype(dtype)
   return views[:batch], views[batch:]
+
+
+def two_views_from_canvas(rng, canvases, sizes, example_ids, aug_config, image_size,
+                          dtype=jnp.float32):
+  """`two_views` of images in padded canvases (streaming input): crops made here, from the same keys.
+
+  Args:
+    rng: the step's augmentation key (the same on every device).
+    canvases: uint8 [B, C, C, 3]: each example's decoded image in the top-left
+      corner of a C x C canvas (`moco_jax.data.canvas_loader`).
+    sizes: int32 [B, 2]: each image's true (height, width) in its canvas.
+    example_ids: int32 [B] global positions of these examples in the global batch.
+    aug_config, image_size, dtype: as `two_views`.
+
+  Returns:
+    (query_view, key_view), each [B, image_size, image_size, 3] in `dtype`:
+    RandomResizedCrop boxes drawn over each true size (`image_ops.crop_box_in`)
+    from the same per-example uniforms as `two_views`, resized as Pillow does
+    (`image_ops.canvas_resized_crop`), then the same colour ops.
+  """
+  batch = canvases.shape[0]
+  compute = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 in a float64 run.
+  sizes = jnp.asarray(sizes, jnp.int32)
+  views = jax.vmap(lambda k, im, hw, second: random_view(k, im, aug_config, image_size,
+                                                         second_view=second, dtype=compute,
+                                                         true_size=hw))(
+      _view_keys(rng, example_ids), jnp.concatenate([canvases, canvases]),
+      jnp.concatenate([sizes, sizes]), _second_view(batch))
+  views = views.astype(dtype)
+  return views[:batch], views[batch:]
+
+
+def crop_boxes_from_canvas(rng, sizes, example_ids, aug_config):
+  """float32 [2, B, 4]: the (top, left, h, w) boxes `two_views_from_canvas` cuts (query, key).
+
+  The same keys and uniforms as the views (tests compare them with the host's
+  `crop_box`, the law of the host-crop path).
+  """
+  batch = sizes.shape[0]
+  sizes = jnp.asarray(sizes, jnp.int32)
+
+  def box(key, hw):
+    u = jax.random.uniform(key, (_view_uniforms(aug_config),))[:image_ops.CROP_UNIFORMS]
+    return image_ops.crop_box_in(u, hw[0], hw[1], tuple(aug_config.crop_scale),
+                                 tuple(aug_config.crop_ratio))
+
+  boxes = jax.vmap(box)(_view_keys(rng, example_ids), jnp.concatenate([sizes, sizes]))
+  return boxes.reshape(2, batch, 4)
 
 
 def eval_view(images, image_size, aug_config, dtype=jnp.float32):

@@ -63,6 +63,82 @@ def crop_box_from_uniforms(u: jax.Array, height: int, width: int, scale, ratio) 
   return jnp.where(valid.any(), box, fallback)
 
 
+def crop_box_in(u: jax.Array, height: jax.Array, width: jax.Array, scale, ratio) -> jax.Array:
+  """`crop_box_from_uniforms` for an image whose size is traced: int32 `height`, `width`.
+
+  The streamed canvas path (`canvas_views`): every example sits in the same
+  padded canvas, with its own true size. The same float32 arithmetic as
+  `crop_box_from_uniforms` and `host_crops.crop_box` (so the same box for the
+  same uniforms), and the fallback of `crop_fallback.fallback_box` in float32
+  (Python's float64 there: the two agree whenever no ratio product lands within
+  float32 rounding of a .5 tie, which `tests/test_device_crops.py` checks on a
+  grid of sizes for the default ratios).
+  """
+  f32 = jnp.float32
+  height, width = jnp.asarray(height, jnp.int32), jnp.asarray(width, jnp.int32)
+  hf, wf = height.astype(f32), width.astype(f32)
+  u_area, u_ratio = u[:_CROP_TRIES], u[_CROP_TRIES:2 * _CROP_TRIES]
+  u_top, u_left = u[2 * _CROP_TRIES], u[2 * _CROP_TRIES + 1]
+  area = (height * width).astype(f32) * (f32(scale[0]) + f32(scale[1] - scale[0]) * u_area)
+  lo, hi = f32(math.log(ratio[0])), f32(math.log(ratio[1]))
+  aspect = jnp.exp(lo + (hi - lo) * u_ratio)
+  w = jnp.round(jnp.sqrt(area * aspect))
+  h = jnp.round(jnp.sqrt(area / aspect))
+  valid = (w > 0) & (w <= wf) & (h > 0) & (h <= hf)
+  first = jnp.argmax(valid)
+  w, h = w[first], h[first]
+  top = jnp.minimum(jnp.floor(u_top * (hf - h + 1)), hf - h)
+  left = jnp.minimum(jnp.floor(u_left * (wf - w + 1)), wf - w)
+  box = jnp.stack([top, left, h, w])
+  # Fallback (crop_fallback.fallback_box): the whole image trimmed to the nearest allowed ratio.
+  in_ratio = wf / hf
+  fw = jnp.where(in_ratio > f32(ratio[1]), jnp.round(hf * f32(ratio[1])), wf)
+  fh = jnp.where(in_ratio < f32(ratio[0]), jnp.round(wf / f32(ratio[0])), hf)
+  fw = jnp.where(in_ratio < f32(ratio[0]), wf, fw)
+  fh = jnp.where(in_ratio > f32(ratio[1]), hf, fh)
+  fallback = jnp.stack([jnp.floor((hf - fh) / 2), jnp.floor((wf - fw) / 2), fh, fw])
+  return jnp.where(valid.any(), box, fallback)
+
+
+def _resample_matrix(start: jax.Array, length: jax.Array, size: int, extent: jax.Array,
+                     canvas: int, dtype) -> jax.Array:
+  """[size, canvas]: PIL's antialiased bilinear weights of [start, start + length) -> size samples.
+
+  Pillow's `resize(box=...)` (and so the host crops and torchvision's PIL
+  path): output o is centred on input coordinate c = start + (o + 0.5) s,
+  s = length / size, and weighs input pixel j by the triangle
+  max(0, 1 - |j + 0.5 - c| / max(s, 1)) over the pixels of the IMAGE (j <
+  `extent`, its true size, not the canvas: the padding never enters),
+  normalised to sum 1. Pixels just outside the box count as PIL counts them.
+  Computed in `dtype` (the image's: float64 in a float64 run).
+  """
+  start, length = start.astype(dtype), length.astype(dtype)
+  scale = length / size
+  support = jnp.maximum(scale, 1.0)
+  centre = start + (jnp.arange(size, dtype=dtype) + 0.5) * scale
+  j = jnp.arange(canvas, dtype=dtype) + 0.5
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(j[None, :] - centre[:, None]) / support)
+  weights = jnp.where(jnp.arange(canvas)[None, :] < extent, weights, 0.0)
+  return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def canvas_resized_crop(canvas: jax.Array, box: jax.Array, height: jax.Array, width: jax.Array,
+                        size: int) -> jax.Array:
+  """`resized_crop` of the image in the top-left (height, width) of a padded canvas [C, C, 3].
+
+  Two resampling matmuls (rows, then columns) with weights built from the
+  traced box and true size: no dynamic shapes, and the canvas padding gets
+  weight 0. HIGHEST precision: on GPUs a float32 matmul otherwise runs in
+  TF32 (10-bit mantissa, ~1/4 of a uint8 level of error).
+  """
+  top, left, h, w = box[0], box[1], box[2], box[3]
+  rows = _resample_matrix(top, h, size, height, canvas.shape[0], canvas.dtype)
+  cols = _resample_matrix(left, w, size, width, canvas.shape[1], canvas.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,hwc->owc', rows, canvas, precision=hi)
+  return jnp.einsum('pw,owc->opc', cols, x, precision=hi)
+
+
 def _lerp_axis(image: jax.Array, start: jax.Array, length: jax.Array, size: int,
                axis: int) -> jax.Array:
   """Bilinear resampling of [start, start + length) along `axis` to `size` samples.

@@ -41,6 +41,12 @@ def check_config(data) -> None:
          'must be >= 0 (GiB), or -1 for 25% of RAM')
   _check(data, 'stream_processes', lambda v: checks.integer(v) and v >= -1,
          'must be an int >= 0, or -1 for one per core but one')
+  _check(data, 'stream_crops', lambda v: v in ('device', 'host'),
+         "must be 'device' (the step cuts the crops) or 'host' (the loader cuts them)")
+  _check(data, 'canvas_side', checks.positive_int,
+         'must be >= 1 (px): the side of the canvas each streamed image is decoded into')
+  _check(data, 'decoder', lambda v: v in ('pillow', 'simplejpeg'),
+         "must be 'pillow' or 'simplejpeg'")
   _check(data, 'max_image_pixels', lambda v: checks.integer(v) and (v == -1 or v > 0),
          'must be > 0 (pixels), or -1 for no limit', "Pillow's default: 178956970")
   _check(data, 'synthetic_examples', checks.positive_int, 'must be > 0',

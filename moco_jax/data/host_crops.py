@@ -30,6 +30,7 @@ from moco_jax.augmentation import crop_fallback
 from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import decode
+from moco_jax.data import decoders
 from moco_jax.data.dataset import StreamSource
 from moco_jax.data.spec import DataSpec
 
@@ -91,7 +92,8 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray
   return np.array(crop_fallback.fallback_box(height, width, ratio), np.int64)
 
 
-def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.ndarray]:
+def two_crops(encoded, u: np.ndarray, size: int, scale, ratio,
+              decoder: str = 'pillow') -> Optional[np.ndarray]:
   """Decodes one image and cuts a RandomResizedCrop per row of `u`: uint8 [V, size, size, 3].
 
   (V = 2 for MoCo's two views; the paper's linear protocol cuts 1.)
@@ -109,6 +111,7 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
     u: float32 [V, CROP_UNIFORMS] (`crop_uniforms`: V = 2).
     size: output side (data.image_size).
     scale, ratio: RandomResizedCrop's ranges (aug.crop_scale, aug.crop_ratio).
+    decoder: 'pillow' or 'simplejpeg' (data.decoder; `decoders`).
   """
   boxes = []
 
@@ -123,7 +126,7 @@ def two_crops(encoded, u: np.ndarray, size: int, scale, ratio) -> Optional[np.nd
 
   try:
     # The in-memory path's decoder (16-bit, float, CMYK, palette... the same 8-bit RGB).
-    image, (width, height) = decode.load_rgb(encoded, reduce_to)
+    image, (width, height) = decoders.load_rgb(encoded, reduce_to, decoder)
     if not boxes:  # Not a JPEG: reduce_to was not asked.
       boxes = [crop_box(u[v], height, width, scale, ratio) for v in range(len(u))]
     with image:
@@ -157,7 +160,8 @@ class LoadExample:
   """
 
   def __init__(self, source: StreamSource, *, global_batch: int, seed: int, process_index: int,
-               process_count: int, image_size: int, crop_scale, crop_ratio, uniforms=None):
+               process_count: int, image_size: int, crop_scale, crop_ratio, uniforms=None,
+               decoder: str = 'pillow'):
     self.source = source
     self.num = len(source)
     self.global_batch, self.seed = global_batch, seed
@@ -166,6 +170,7 @@ class LoadExample:
     self.image_size = image_size
     self.scale, self.ratio = tuple(crop_scale), tuple(crop_ratio)
     self.uniforms = uniforms
+    self.decoder = decoder
 
   def __call__(self, i: int) -> dict:
     step, j = divmod(int(i), self.local)
@@ -183,7 +188,7 @@ class LoadExample:
         encoded = self.source.read(candidate)
       except OSError:
         encoded = b''
-      crops = two_crops(encoded, u, self.image_size, self.scale, self.ratio)
+      crops = two_crops(encoded, u, self.image_size, self.scale, self.ratio, self.decoder)
       if crops is not None:
         if attempt:
           logging.warning('Unreadable image %s (not a readable image file): read %s instead.',
@@ -199,7 +204,8 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
                   crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), start_step: int = 0,
                   end_step: Optional[int] = None, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 4,
-                  num_processes: int = 0, prefetch: int = 2, uniforms=None) -> Iterator[dict]:
+                  num_processes: int = 0, prefetch: int = 2, uniforms=None,
+                  decoder: str = 'pillow') -> Iterator[dict]:
   """Yields this process's slice of every global batch from `start_step` on, streamed.
 
   Batches are {'image': uint8 [b, 2, image_size, image_size, 3] (both
@@ -215,6 +221,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
     prefetch: batches buffered ahead (memory: about (num_threads + prefetch)
       batches in flight per worker process, or in this process without).
     uniforms: `LoadExample`'s (None: MoCo's two views).
+    decoder: 'pillow' or 'simplejpeg' (data.decoder).
   """
   import grain  # pylint: disable=g-import-not-at-top
   num = len(source)
@@ -224,9 +231,15 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_s
   end_step = end_step if end_step is not None else 2**40
   load = LoadExample(source, global_batch=global_batch, seed=seed, process_index=process_index,
                      process_count=process_count, image_size=image_size, crop_scale=crop_scale,
-                     crop_ratio=crop_ratio, uniforms=uniforms)
+                     crop_ratio=crop_ratio, uniforms=uniforms, decoder=decoder)
   ds = grain.MapDataset.range(start_step * local, end_step * local).map(load)
   ds = ds.batch(local, drop_remainder=True)
+  return read_batches(ds, num_threads, num_processes, prefetch)
+
+
+def read_batches(ds, num_threads: int, num_processes: int, prefetch: int) -> Iterator[dict]:
+  """A grain MapDataset of whole batches, read by threads and optionally worker processes."""
+  import grain  # pylint: disable=g-import-not-at-top
   threads = max(1, int(num_threads))
   # In flight: `threads` batches being read, plus `prefetch` ready ones (in the
   # worker processes' shared-memory queues when there are workers).

@@ -51,6 +51,9 @@ class DataSpec:
   num_workers: int = 4
   stream_processes: int = -1
   on_device: bool = False
+  stream_crops: str = 'device'
+  canvas_side: int = 512
+  decoder: str = 'pillow'
   synthetic_examples: int = 0
   synthetic_classes: int = 0
 
@@ -141,6 +144,9 @@ def from_config(data_config) -> DataSpec:
       num_workers=int(data_config.get('num_workers', 4)),
       stream_processes=int(data_config.get('stream_processes', -1)),
       on_device=bool(data_config.get('on_device', False)),
+      stream_crops=str(data_config.get('stream_crops', 'device')),
+      canvas_side=int(data_config.get('canvas_side', 512)),
+      decoder=str(data_config.get('decoder', 'pillow')),
       synthetic_examples=int(data_config.get('synthetic_examples', 0)) if synthetic else 0,
       synthetic_classes=int(data_config.get('synthetic_classes', 0)) if synthetic else 0)
 

@@ -11,9 +11,10 @@ split through `moco_jax.data.host_crops`, evaluation through
   * Every step, each JAX process reads and decodes only its own 1/P slice of
     the global batch: the examples of step s are `train_indices(N, B, seed, s)`
     (the in-memory path's order), sliced by process.
-  * The host decodes each image once per step and cuts MoCo's two
-    RandomResizedCrop views from the whole original image
-    (`moco_jax.data.host_crops`); colour ops stay on the accelerator.
+  * The host decodes each image once per step into a padded canvas and the
+    step cuts MoCo's two RandomResizedCrop views (`moco_jax.data.canvas_loader`,
+    data.stream_crops='device'); or the host cuts them from the whole original
+    image (`moco_jax.data.host_crops`, 'host'); colour ops stay on the accelerator.
   * The loader is grain: a `MapDataset` over this process's flat example
     positions, mapped by `LoadExample`, batched, read with threads
     (`ReadOptions`) and optionally worker processes (`mp_prefetch`). Because

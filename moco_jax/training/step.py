@@ -32,19 +32,31 @@ class StepSetup:
   image_size: int
   dtype: Any
   # The batch is uint8 [B, 2, image_size, image_size, 3], both views' crops
-  # cut on the host (streaming input): the step skips its own crop.
+  # cut on the host (streaming input, data.stream_crops='host'): the step
+  # skips its own crop.
   host_crops: bool = False
+  # The batch is uint8 [B, C, C, 3], each image in a padded canvas, with its
+  # int32 [B, 2] true (height, width) beside it (streaming input,
+  # data.stream_crops='device'): the step draws and cuts both crops.
+  canvas: bool = False
 
 
-def augment_views(state: state_lib.TrainState, images: jax.Array, setup: StepSetup):
+def augment_views(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
+                  sizes=None):
   """(query_view, key_view, method_rng) of this device's images at this step.
 
   Per-example randomness comes from the example's index in the global batch,
   so the views are the same however the batch is split across devices.
+  `sizes`: int32 [local_batch, 2], the true (height, width) of each canvas
+  (`setup.canvas`), else None.
   """
   aug_rng, method_rng = state_lib.step_rngs(state.rng, state.step)
   local = images.shape[0]
   example_ids = jax.lax.axis_index(parallel.AXIS) * local + jnp.arange(local)
+  if setup.canvas:
+    query_view, key_view = augment.two_views_from_canvas(
+        aug_rng, images, sizes, example_ids, setup.aug, setup.image_size, setup.dtype)
+    return query_view, key_view, method_rng
   views = augment.two_views_from_crops if setup.host_crops else augment.two_views
   query_view, key_view = views(aug_rng, images, example_ids, setup.aug, setup.image_size,
                                setup.dtype)
@@ -71,21 +83,23 @@ def step_on_views(state: state_lib.TrainState, batch: base.StepBatch, setup: Ste
 
 
 def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
-               learning_rate_fn: Callable, indices=None):
+               learning_rate_fn: Callable, indices=None, sizes=None):
   """One step on this device's slice of the batch (call under shard_map).
 
   Args:
     state: the replicated train state.
     images: uint8 [local_batch, S, S, 3] decoded images of this device (with
-      `setup.host_crops`: uint8 [local_batch, 2, size, size, 3], both views' crops).
+      `setup.host_crops`: uint8 [local_batch, 2, size, size, 3], both views' crops;
+      with `setup.canvas`: uint8 [local_batch, C, C, 3], padded canvases).
     setup: static method, optimiser and hyper-parameters.
     learning_rate_fn: step -> lr, for the metrics only.
     indices: int32 [local_batch] dataset indices of the images, or None.
+    sizes: int32 [local_batch, 2] true (height, width) in each canvas (`setup.canvas`).
 
   Returns:
     (new_state, metrics); both identical on every device.
   """
-  query_view, key_view, method_rng = augment_views(state, images, setup)
+  query_view, key_view, method_rng = augment_views(state, images, setup, sizes)
   batch = base.StepBatch(query_view, key_view, indices, method_rng)
   new_state, loss, accuracy = step_on_views(state, batch, setup)
   loss, accuracy = parallel.pmean_packed((loss, accuracy))
@@ -107,7 +121,9 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
   may keep state per example); or, with `on_device_data`, as step(state,
   dataset, indices): the whole decoded split stays on every device and the
   host sends only the int32 indices of the batch, so no image crosses the
-  host-device link during training.
+  host-device link during training. With `setup.canvas` (streamed canvases)
+  it is step(state, canvases, sizes, indices), sizes int32 [B, 2] sharded
+  like the canvases.
   The state is donated: its buffers (the queue above all) are reused in place.
   """
   step = functools.partial(train_step, setup=setup, learning_rate_fn=learning_rate_fn)
@@ -117,7 +133,12 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
   def step_with_indices(state, images, indices):
     return step(state, images, indices=indices)
 
-  if on_device_data:
+  def step_on_canvases(state, canvases, sizes, indices):
+    return step(state, canvases, indices=indices, sizes=sizes)
+
+  if setup.canvas:
+    fn, in_specs = step_on_canvases, (P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
+  elif on_device_data:
     fn, in_specs = gather_and_step, (P(), P(), P(parallel.AXIS))
   elif with_indices:
     fn, in_specs = step_with_indices, (P(), P(parallel.AXIS), P(parallel.AXIS))
@@ -129,8 +150,11 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
 
 
 def make_step_setup(config, num_devices: int, tx, host_crops: bool = False,
-                    total_steps: int = 0, num_examples: int = 0) -> StepSetup:
+                    total_steps: int = 0, num_examples: int = 0,
+                    canvas: bool = False) -> StepSetup:
   """The static pieces of the step `config` describes on `num_devices` devices.
+
+  `host_crops` / `canvas`: the streamed input's two forms (`StepSetup`).
 
   `total_steps` (0: unknown) reaches methods whose schedules span the run;
   `num_examples` is the train split's size (a memory bank has a row per example).
@@ -138,7 +162,7 @@ def make_step_setup(config, num_devices: int, tx, host_crops: bool = False,
   method = registry.create(config, num_devices, num_examples).with_total_steps(total_steps)
   return StepSetup(method=method, tx=tx, aug=config.aug,
                    image_size=config.data.image_size, dtype=jnp.dtype(config.model.dtype),
-                   host_crops=host_crops)
+                   host_crops=host_crops, canvas=canvas)
 
 
 def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
