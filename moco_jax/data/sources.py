@@ -24,14 +24,15 @@ import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import folder
+from moco_jax.data import packed
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_field
 
 
 def resolve_source(data_config) -> str:
-  """Which source to read: a set `data.path` always means the folder source."""
+  """Which source to read: a set `data.path` is a packed directory (it has a manifest) or a folder."""
   if data_config.get('path', ''):
-    return 'folder'
+    return 'packed' if packed.is_packed(data_config.path) else 'folder'
   source = data_config.source
   if source not in ('tfds', 'folder', 'synthetic'):
     raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
@@ -80,4 +81,6 @@ def load_split(data_config, split: str) -> ImageDataset:
     return load_synthetic(data_config, split, side)
   if source == 'folder':
     return folder.load_folder(data_config, split, side)
+  if source == 'packed':
+    return packed.load_packed(data_config, split, side)
   return tfds_source.load_tfds(data_config, split, side)

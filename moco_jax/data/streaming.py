@@ -50,6 +50,7 @@ from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import folder
 from moco_jax.data import folder_reader
+from moco_jax.data import packed
 from moco_jax.data import sources
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import StreamSource  # pylint: disable=unused-import (re-exported)
@@ -201,6 +202,8 @@ def file_list_fingerprint(source: StreamSource) -> dict:
     source._open()  # pylint: disable=protected-access
     digest.update(np.ascontiguousarray(source._names).tobytes())  # pylint: disable=protected-access
     digest.update(np.ascontiguousarray(source._labels).tobytes())  # pylint: disable=protected-access
+  elif isinstance(source, packed.PackedSource):  # Its files' checksums name its content.
+    digest.update(source.fingerprint.encode())
   digest.update(str(len(source)).encode())
   return {'count': len(source), 'sha256': digest.hexdigest(), 'where': source.where}
 
@@ -215,6 +218,8 @@ def open_source(data_config, split: str = 'train') -> StreamSource:
     return folder_reader.open_folder_source(data_config, split)
   if source == 'tfds':
     return tfds_source.open_tfds_source(data_config, split)
+  if source == 'packed':
+    return packed.open_packed_source(data_config, split)
   return sources.SyntheticSource(data_config, split)
 
 

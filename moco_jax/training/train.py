@@ -141,7 +141,7 @@ def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch
   """What the run is about to do, in a few lines, before anything is compiled."""
   data = config.data
   source = sources.resolve_source(data)
-  where = {'folder': data.get('path', ''),
+  where = {'folder': data.get('path', ''), 'packed': data.get('path', ''),
            'tfds': f'{data.name} ({data.data_dir or "tfds default dir"})',
            'synthetic': f'{data.synthetic_examples} random images'}.get(source, '')
   images = getattr(train_ds, 'images', None)  # None: streamed (decoded at every step).
