@@ -273,6 +273,8 @@ def _pack_split(out: str, which: str, inp: SplitInput, workers: int, progress: _
         try:
           _write_shard(path, records)
         except (OSError, RuntimeError) as e:
+          if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
           raise _write_error(out, path, e) from e
         state = {'positions': [positions.start, positions.stop], 'sha256': packed.sha256_file(path),
                  'bytes': os.path.getsize(path), 'count': len(records),
