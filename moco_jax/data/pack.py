@@ -121,8 +121,13 @@ def _archive_inputs(data_config, side: int) -> dict:
                                         'workers': int(data_config.num_workers)})
   inputs = {}
   for which in ('train', 'eval'):
-    split_dir, class_names, by_class = folder._folder_split(  # pylint: disable=protected-access
-        tree, data_config, which)
+    try:
+      split_dir, class_names, by_class = folder._folder_split(  # pylint: disable=protected-access
+          tree, data_config, which)
+    except errors.DataError as e:
+      if _no_eval_split(which, e):
+        break
+      raise
     names, labels = [], []
     for name in by_class:
       names.extend(by_class[name])
@@ -141,14 +146,28 @@ def _inputs(data_config, kind: str, side: int) -> dict:
     return _archive_inputs(data_config, side)
   inputs = {}
   for which in ('train', 'eval'):
-    if kind == 'folder':
-      source = folder_reader.open_folder_source(data_config, which)
-      split = os.path.basename(source.where)
-    else:
-      split = tfds_source.builder_and_split(data_config, which)[1]
-      source = tfds_source.open_tfds_source(data_config, which)
+    try:
+      if kind == 'folder':
+        source = folder_reader.open_folder_source(data_config, which)
+        split = os.path.basename(source.where)
+      else:
+        split = tfds_source.builder_and_split(data_config, which)[1]
+        source = tfds_source.open_tfds_source(data_config, which)
+    except errors.DataError as e:
+      if _no_eval_split(which, e):
+        break
+      raise
     inputs[which] = _stream_input(source, split, side)
   return inputs
+
+
+def _no_eval_split(which: str, error) -> bool:
+  """Whether `error` says the source has no eval split: then only train is packed (logged)."""
+  if which != 'eval' or 'is not in' not in str(error):
+    return False
+  logging.warning('Packing the train split only: %s Evaluations of the packed copy will say so '
+                  'too.', error)
+  return True
 
 
 def _identity(data_config, kind: str) -> dict:
