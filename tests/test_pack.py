@@ -127,45 +127,72 @@ def test_every_mode_on_a_packed_copy_gives_the_source_results(tree, packed_dir, 
   assert os.path.exists(export.run_export(config, str(tmp_path / 't_stream')))
 
 
-def test_re_encoded_pixels_are_within_the_jpeg_quantisation_bound(tmp_path):
-  """A PNG at short side == pack_side is re-encoded only (no resize): the decoded split differs
-  from the source's by JPEG's quantisation error, bounded from the file's own tables.
+def _oscillation(channel, radius):
+  """max - min of `channel` over the (2 radius + 1)^2 window around each pixel (edge-padded)."""
+  padded = np.pad(channel, radius, mode='edge')
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * radius + 1,) * 2)
+  return windows.max(axis=(-1, -2)) - windows.min(axis=(-1, -2))
 
-  Bound, per 8x8 block: each DCT coefficient is off by at most q/2 (q its table step); the
-  JPEG DCT is orthonormal, so a block's RMS error in a YCbCr channel is at most
-  sqrt(mean_k (q_k / 2)^2). RGB = Y + a Cb + b Cr with |a| + |b| <= 1.772 (B; G: 1.058,
-  R: 1.402), so an RGB channel's RMS error is <= RMS_Y + 1.772 RMS_C, plus 1.5 for the
-  three roundings (colour conversion on encode and decode, the integer IDCT). Decoding to S
-  x S is an antialiased resize with non-negative weights summing to 1 (a convex
-  combination: RMS does not grow, Jensen) and both sides round once more (+1).
+
+def test_re_encoded_pixels_are_within_the_jpeg_error_bound(tmp_path):
+  """A PNG at short side == pack_side is re-encoded only (no resize): the decoded split differs
+  from the source's by JPEG's error, bounded from the file's own tables and the image itself.
+
+  Bound, in RMS over an image: (1) quantisation: each DCT coefficient is off by at most q/2
+  (q its table step) and JPEG's 8x8 DCT is orthonormal, so a channel's RMS error is at most
+  sqrt(mean_k (q_k / 2)^2) (table 0 for Y, 1 for Cb and Cr). (2) 4:2:0 chroma: the encoder
+  averages 2x2 blocks and the decoder's upsampling interpolates neighbouring averages, both
+  convex combinations of source pixels within 2 px, so a chroma value is off by at most the
+  chroma's oscillation (max - min) over the 5x5 window around it: RMS of that, from the
+  source (0 for grey images, whose constant chroma blocks also quantise exactly). (3) RGB = Y + a Cb + b Cr with |a| + |b| <= 1.772 (B; G 1.058, R 1.402), so an RGB
+  channel's RMS error <= RMS_Y + 1.772 RMS_C, plus 1.5 for three roundings (colour conversion
+  on encode and decode, the integer IDCT). (4) Decoding to S x S is an antialiased resize
+  whose weights are non-negative and sum to 1 (convex: RMS does not grow, by Jensen); both
+  sides round once more (+1).
   """
-  side = 32
+  side = 64
   rng = np.random.default_rng(1)
   root = tmp_path / 'png'
   for split in ('train', 'val'):
     for c in range(2):
       (root / split / f'c{c}').mkdir(parents=True)
-      for i in range(3):
-        _photo(rng, side + 8 * i, side).save(root / split / f'c{c}' / f'{i}.png')
-  config = _config(root, tmp_path, **{'data.pack_side': side, 'data.cache_size': 24})
+      for i in range(3):  # Smooth colour fields (c0) and grey photos with texture (c1).
+        width = side + 16 * i
+        if c == 0:
+          field = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+          image = Image.fromarray(field).resize((width, side), Image.BILINEAR)
+        else:
+          image = _photo(rng, width, side).convert('L').convert('RGB')
+        image.save(root / split / f'c{c}' / f'{i}.png')
+  config = _config(root, tmp_path, **{'data.pack_side': side, 'data.cache_size': 48})
   out = tmp_path / 'out'
   pack.run_pack(config, str(out))
   source = streaming.open_source(_config(out, tmp_path).data, 'train')
-  jpeg = Image.open(io.BytesIO(source.read(0)))
-  assert jpeg.format == 'JPEG' and jpeg.size == (side, side)  # 0.png is 32 x 32: no resize.
-  tables = jpeg.quantization
-  rms = [np.sqrt(np.mean((np.asarray(tables[t], np.float64) / 2) ** 2)) for t in (0, 1)]
-  bound = rms[0] + 1.772 * rms[1] + 1.5 + 1.0
   want = sources.load_split(config.data, 'train')
-  got = sources.load_split(_config(out, tmp_path, **{'data.cache_size': 24}).data, 'train')
+  got = sources.load_split(_config(out, tmp_path, **{'data.cache_size': 48}).data, 'train')
   np.testing.assert_array_equal(got.labels, want.labels)
   diff = got.images.astype(np.float64) - want.images.astype(np.float64)
   per_image_rms = np.sqrt(np.mean(diff ** 2, axis=(1, 2, 3)))
-  assert per_image_rms.max() <= bound, (per_image_rms, bound)
+  for i in range(len(source)):
+    jpeg = Image.open(io.BytesIO(source.read(i)))
+    original = Image.open(root / source.name(i))
+    assert jpeg.format == 'JPEG' and jpeg.size == original.size  # Short side 64: no resize.
+    quant = [np.sqrt(np.mean((np.asarray(jpeg.quantization[t], np.float64) / 2) ** 2))
+             for t in (0, 1)]
+    ycc = np.asarray(original.convert('YCbCr'), np.float64)
+    if np.ptp(ycc[..., 1:]) == 0:  # Grey: constant chroma blocks quantise exactly (DC only).
+      bound = quant[0] + 1.5 + 1.0
+    else:
+      chroma = max(np.sqrt(np.mean(_oscillation(ycc[..., c], 2) ** 2)) for c in (1, 2))
+      bound = quant[0] + 1.772 * (quant[1] + chroma) + 1.5 + 1.0
+      # The bound can fail: swapping red and blue would be far outside it.
+      swapped = want.images[i].astype(np.float64)[..., ::-1] - want.images[i]
+      assert np.sqrt(np.mean(swapped ** 2)) > bound
+    assert per_image_rms[i] <= bound, (i, per_image_rms[i], bound)
   # A larger image is resized to short side == pack_side, its aspect ratio kept.
   big = root / 'train' / 'c0' / 'big.png'
-  _photo(rng, 100, 64).save(big)
-  assert Image.open(io.BytesIO(pack.reencode(big.read_bytes(), side))).size == (50, 32)
+  _photo(rng, 200, 128).save(big)
+  assert Image.open(io.BytesIO(pack.reencode(big.read_bytes(), side))).size == (100, 64)
 
 
 def _shard_paths(out):
