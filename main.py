@@ -13,7 +13,8 @@ A new run (no DIR/config.json yet) needs --config.
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
 DIR/backbone_torchvision.npz; report writes DIR/report/index.html for the
-latest checkpoint.
+latest checkpoint; pack writes the train and eval splits of --config.data.path (or
+tfds) as ArrayRecord shards + manifest.json into DIR, which --config.data.path=DIR then reads.
 
 This file is intentionally kept short, as flax's examples: it maps each mode to
 the function that does the work (which tests call too). Flags, the config's
@@ -30,6 +31,7 @@ from absl import app
 from absl import logging
 
 from moco_jax import cli
+from moco_jax.data import pack
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
@@ -45,6 +47,7 @@ MODES = {
         'Wrote %s.', export.run_export(config, workdir)),
     'report': lambda config, workdir: logging.info(
         'Wrote %s.', report.run_report(config, workdir)),
+    'pack': pack.run_pack,
 }
 
 

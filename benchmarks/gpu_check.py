@@ -129,12 +129,22 @@ def sizes(rehearse: bool) -> dict:
                 tta_model=['--config.model.name=resnet_tiny', '--config.model.width=8',
                            '--config.model.stem=cifar', '--config.data.image_size=16',
                            '--config.moco.queue_size=1024', '--config.eval.batch_size=1024'],
-                tta_budget_s=130, deadline_s=720, variants=XLA_VARIANTS[:1])
+                # 720 s before the packed_stream stage (issue 29), which adds <= 200 s.
+                tta_budget_s=130, deadline_s=920, variants=XLA_VARIANTS[:1],
+                stream=['--step_config=' + os.path.join(_ROOT, 'configs', 'tiny.py'),
+                        '--step_steps=6', '--step_log_every=2', '--config.batch_size=32',
+                        '--config.data.image_size=16', '--config.moco.queue_size=256'],
+                stream_budget_s=200)
   return dict(preset='r50_224', arch='resnet50', px=224, batch=256, mem_batch=32, queue=65536,
               big_queue=1_048_576, steps=20, warmup=3, peer_steps=10, peer_warmup=3,
               # 16 decoding threads (the machine's cores): the archive's decode counts in the budget.
               tta_model=['--config.data.num_workers=16'], tta_budget_s=120, deadline_s=540,
-              variants=XLA_VARIANTS)
+              variants=XLA_VARIANTS,
+              # R50 at 224 px, batch 256, bf16: the step the host must keep fed.
+              stream=['--step_config=' + os.path.join(_ROOT, 'configs', 'imagenet.py'),
+                      '--step_steps=40', '--step_log_every=10', '--config.data.num_workers=16',
+                      '--config.model.dtype=bfloat16'],
+              stream_budget_s=200)
 
 
 def plan(args, tmp: str) -> list:
@@ -178,6 +188,10 @@ def plan(args, tmp: str) -> list:
       ours('ours_fp32', 'float32'),
       Stage('time_to_accuracy', tta, s['tta_budget_s'] + 45, min_s=60, kind='tta',
             json_path=workdir, soft_stop_s=s['tta_budget_s'], needs=('archive',)),
+      # Issue 29: pack the archive, then the streamed step (input included) vs synthetic data.
+      Stage('packed_stream', [py, os.path.join(_ROOT, 'benchmarks', 'bench_packed.py'),
+                              '--step_archive=' + os.path.join(_ROOT, ARCHIVE), *s['stream']],
+            s['stream_budget_s'], min_s=90, kind='json_line', needs=('archive',)),
       ours('mem32_bf16', 'bfloat16', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('mem32_fp32', 'float32', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('queue_big_bf16', 'bfloat16', queue=s['big_queue'], steps=max(s['steps'] // 2, 2),
@@ -358,6 +372,8 @@ def derive(results: dict) -> dict:
   if step_ms('ours_bf16') and step_ms('queue_big_bf16'):
     derived['queue_step_ms'] = {str(results['ours_bf16']['queue']): step_ms('ours_bf16'),
                                 str(results['queue_big_bf16']['queue']): step_ms('queue_big_bf16')}
+  if (results.get('packed_stream') or {}).get('packed_over_synthetic'):
+    derived['packed_stream_over_synthetic'] = results['packed_stream']['packed_over_synthetic']
   variants = {n: ips(n) / ips('ours_bf16') for n in results
               if n.startswith('xla_') and ips(n) and ips('ours_bf16')}
   if variants:

@@ -8,7 +8,8 @@
 #
 # --prepare fills the git-ignored folders that must travel with the device call: .whl/
 # (ml-collections, which the GPU image lacks, and the pinned flax, optax and orbax-checkpoint,
-# so that the GPU runs the versions the rehearsal proved; all pure Python), .data/ (the 128 px
+# so that the GPU runs the versions the rehearsal proved; all pure Python; plus grain and
+# array-record for the packed-shards stage, CPython 3.12 binaries), .data/ (the 128 px
 # Imagenette archive from ../shared/data) and .peer/moco (the official code at 7397dfe, exported from DIR, the git directory that the
 # search tool's `fetch github:facebookresearch/moco` returned), then measures their size.
 #
@@ -28,6 +29,13 @@ main() {
       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0 \
       flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 \
       || { echo "Error (wheels): pip download into .whl failed" >&2; exit 3; }
+    # Packed shards (issue 29): grain and array-record (binary, CPython 3.12) and what grain
+    # imports that the GPU image may lack.
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+      -d .whl grain==0.2.18 array-record==0.8.6 cloudpickle==3.1.3 etils==1.15.0 \
+      portpicker==1.6.0 psutil==7.2.2 \
+      || { echo "Error (wheels): pip download of grain/array-record into .whl failed" >&2; exit 3; }
     [ -f .data/imagenette2-128sq.tgz ] || cp "${GPUCHECK_ARCHIVE:-../shared/data/imagenette2-128sq.tgz}" .data/ \
       || { echo "Error (data): set GPUCHECK_ARCHIVE to imagenette2-128sq.tgz" >&2; exit 3; }
     if [ ! -f .peer/moco/moco/builder.py ]; then
@@ -42,8 +50,12 @@ main() {
   mkdir -p "$OUT" || exit 2
   if compgen -G '.whl/*.whl' >/dev/null; then
     SITE=$(mktemp -d /tmp/gpucheck_site.XXXXXX)
+    # Binary wheels are for the GPU image's CPython 3.12; another interpreter (a rehearsal in
+    # this venv) keeps its own grain and array-record.
+    PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    WHEELS=$(ls .whl/*.whl | grep -v -- '-cp3[0-9]*-' ; ls .whl/*-"$PYTAG"-*.whl 2>/dev/null)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" .whl/*.whl || { echo "Error (wheels): pip could not install .whl/*.whl" >&2; exit 3; }
+      --target "$SITE" $WHEELS || { echo "Error (wheels): pip could not install .whl/*.whl" >&2; exit 3; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export PYTHONUNBUFFERED=1

@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ''  # tfds data_dir ('' = tfds default).
   # tfds: download and prepare an unprepared dataset (builder.download_and_prepare); False: refuse.
   config.data.download = True
+  config.data.pack_side = 256  # --mode=pack: short side (px) of the re-encoded JPEGs, at most.
   config.data.path = ''  # ROOT/{train,val}/<class>/* dir or .tar/.tgz of one; set => source=folder.
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.

@@ -33,7 +33,7 @@ from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
 
-MODES = ('train', 'knn', 'linear_eval', 'export', 'report')
+MODES = ('train', 'knn', 'linear_eval', 'export', 'report', 'pack')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
@@ -100,7 +100,7 @@ def report_config():
     source = run_config.config_path(FLAGS.workdir) + ' (the run\'s own config)'
   logging.info('Config: %s%s', source, ''.join(f'\n  override {k} = {v!r}'
                                                for k, v in sorted(overrides.items())))
-  if FLAGS.mode != 'train' and not FLAGS['config'].config_filename.startswith(FROM_WORKDIR):
+  if FLAGS.mode not in ('train', 'pack') and not FLAGS['config'].config_filename.startswith(FROM_WORKDIR):
     try:
       diffs = run_config.differences(FLAGS.config, FLAGS.workdir)
     except (OSError, ValueError, KeyError, TypeError) as e:  # An unreadable config.json.
@@ -159,6 +159,8 @@ def validate_for_mode(config, mode: str, workdir: str):
   if mode == 'train':
     config_checks.validate(config, num_devices=jax.device_count(),
                            process_count=jax.process_count())
+  elif mode == 'pack':  # Writes no results: OUT must be empty or a stopped pack (data.pack).
+    config_checks.validate(config, num_devices=1, process_count=1)
   else:
     config_checks.validate(config, num_devices=1, process_count=1)
     results.check_before_evaluation(workdir, mode)

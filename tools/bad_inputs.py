@@ -407,6 +407,7 @@ def second_catalogue():
       lambda t: ([], [*TINY, wd(t), *SMALL_RUN, f'{_FSIZE}{200 * 1024}']))
   add('config', '--config.seed=-1', lambda t: ([], [*TINY, wd(t), '--config.seed=-1']))
   _mechanism_cases(add, wd, stream)
+  _pack_cases(add, wd, stream)
   return c
 
 
@@ -524,6 +525,44 @@ def _nan_checkpoint(workdir):
           't["params"] = jax.tree.unflatten(d, l); '
           f'shutil.rmtree({workdir!r} + "/checkpoints/" + str(s)); m.reload(); '
           'm.save(s, args=ocp.args.StandardSave(t)); m.wait_until_finished()')
+def _pack_cases(add, wd, stream):
+  """Issue 29's packed shards: --mode=pack's refusals and damaged packed directories."""
+  def pack_of(t):
+    src, out = _tree(t), os.path.join(t, 'packed')
+    return src, out, ['--mode=pack', *TINY, f'--config.data.path={src}', f'--workdir={out}']
+
+  def into_non_empty(t):
+    _, out, command = pack_of(t)
+    os.makedirs(out)
+    with open(os.path.join(out, 'notes.txt'), 'w') as f:
+      f.write('mine')
+    return [], command
+  add('pack', '--mode=pack into a non-empty directory', into_non_empty)
+  add('pack', '--mode=pack over a file-size limit (ulimit -f)',
+      lambda t: ([], [*pack_of(t)[2], f'{_FSIZE}{64 * 1024}']))
+
+  def damaged(how, mode_args):
+    def setup(t):
+      _, out, command = pack_of(t)
+      shard = os.path.join(out, 'train-00000-of-00001.array_record')
+      return [command, ['-c', how(shard, out)]], [
+          *TINY, wd(t), f'--config.data.path={out}', *FOLDER_RUN, *mode_args]
+    return setup
+  truncate = lambda shard, out: (f'p={shard!r}; d=open(p, "rb").read(); '
+                                 'open(p, "wb").write(d[:len(d) // 2])')
+  # Flip one byte in the middle of the first record's image (the file keeps its size).
+  corrupt = lambda shard, out: (f'p={shard!r}; d=bytearray(open(p, "rb").read()); '
+                                'i=d.find(b"MJP1") + 400; d[i] ^= 255; open(p, "wb").write(d)')
+  recount = lambda shard, out: (
+      f'import json; p={os.path.join(out, "manifest.json")!r}; m=json.load(open(p)); '
+      'm["splits"]["train"]["count"] += 1; json.dump(m, open(p, "w"))')
+  add('pack', 'train on a packed directory with a truncated shard', damaged(truncate, []))
+  add('pack', 'train (in memory) on a packed directory with a corrupt shard',
+      damaged(corrupt, []))
+  add('pack', 'train (streamed) on a packed directory with a corrupt shard',
+      damaged(corrupt, stream))
+  add('pack', '--mode=knn on a packed directory whose manifest does not match',
+      damaged(recount, ['--mode=knn', '--config.eval.random_init=True']))
 
 
 def _mechanism_cases(add, wd, stream):

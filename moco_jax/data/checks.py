@@ -47,6 +47,8 @@ def check_config(data) -> None:
          'must be >= 1 (px): the side of the canvas each streamed image is decoded into')
   _check(data, 'decoder', lambda v: v in ('pillow', 'simplejpeg'),
          "must be 'pillow' or 'simplejpeg'")
+  _check(data, 'pack_side', checks.positive_int,
+         'must be > 0 (px): --mode=pack re-encodes each image with its short side at most this')
   _check(data, 'max_image_pixels', lambda v: checks.integer(v) and (v == -1 or v > 0),
          'must be > 0 (pixels), or -1 for no limit', "Pillow's default: 178956970")
   _check(data, 'synthetic_examples', checks.positive_int, 'must be > 0',

@@ -19,6 +19,8 @@ Kinds:
     ImageFolder tree ROOT/{train,val}/<class>/*.
   * archive (`moco_jax.data.folder`): a .tar/.tgz/.tar.gz of such a tree,
     read as is; tar is sequential, so it is never streamed.
+  * packed (`moco_jax.data.packed`, written by `moco_jax.data.pack`): a
+    directory of ArrayRecord shards and a manifest, read at random.
   * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`,
     downloaded and prepared first if it is not (`data.download`).
   * synthetic (`moco_jax.data.synthetic`): random images, for benchmarks and tests.
@@ -27,6 +29,7 @@ Kinds:
 from moco_jax.core import errors
 from moco_jax.data import folder
 from moco_jax.data import folder_reader
+from moco_jax.data import packed
 from moco_jax.data import spec as spec_lib
 from moco_jax.data import synthetic
 from moco_jax.data import tfds_source
@@ -67,6 +70,19 @@ class ArchiveSource(Source):
     return f'the archive {self.spec.path}'
 
 
+class PackedSource(Source):
+  """ArrayRecord shards written by --mode=pack: read at random, decoded or streamed."""
+
+  def load(self, split: str) -> ImageDataset:
+    return packed.load_packed(self.spec, split)
+
+  def open(self, split: str) -> StreamSource:
+    return packed.open_packed_reader(self.spec, split)
+
+  def describe(self) -> str:
+    return f'the packed directory {self.spec.path}'
+
+
 class TfdsSource(Source):
   """A tfds dataset (downloaded and prepared when it can be), decoded or read at random."""
 
@@ -102,7 +118,8 @@ class SyntheticSource(Source):
             f'{self.spec.synthetic_classes} classes')
 
 
-KINDS = {'folder': FolderSource, 'archive': ArchiveSource, 'tfds': TfdsSource,
+KINDS = {'folder': FolderSource, 'archive': ArchiveSource, 'packed': PackedSource,
+         'tfds': TfdsSource,
          'synthetic': SyntheticSource}
 
 

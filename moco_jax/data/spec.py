@@ -14,7 +14,8 @@ import os
 from moco_jax.core import errors
 
 ARCHIVE_SUFFIXES = ('.tar', '.tgz', '.tar.gz')
-KINDS = ('folder', 'archive', 'tfds', 'synthetic')
+KINDS = ('folder', 'archive', 'packed', 'tfds', 'synthetic')
+PACKED_MANIFEST = 'manifest.json'  # A directory holding one is packed (`moco_jax.data.pack`).
 SOURCES = ('tfds', 'folder', 'synthetic')  # Every `data.source` (data.path set means a folder).
 # Splits tried, in order, when the configured eval split is missing:
 # ImageFolder archives use val/ (Imagenette) or test/ (CIFAR-10-images).
@@ -27,7 +28,7 @@ class DataSpec:
 
   Attributes:
     kind: 'folder' (an ImageFolder directory), 'archive' (a tar of one),
-      'tfds' or 'synthetic'.
+      'packed' (ArrayRecord shards written by --mode=pack), 'tfds' or 'synthetic'.
     path: `data.path`, absolute ('' for tfds and synthetic data).
     train_split, eval_split: the split names asked for (the eval split falls
       back to EVAL_FALLBACKS when absent).
@@ -54,6 +55,7 @@ class DataSpec:
   stream_crops: str = 'device'
   canvas_side: int = 512
   decoder: str = 'pillow'
+  pack_side: int = 256
   synthetic_examples: int = 0
   synthetic_classes: int = 0
 
@@ -115,7 +117,11 @@ def _kind(data_config) -> tuple[str, str]:
   raw = data_config.get('path', '') or ''
   if raw:
     path = os.path.normpath(os.path.abspath(os.path.expanduser(raw)))
-    return ('archive' if os.path.isfile(path) and is_archive_name(path) else 'folder'), path
+    if os.path.isfile(path) and is_archive_name(path):
+      return 'archive', path
+    if os.path.isfile(os.path.join(path, PACKED_MANIFEST)):
+      return 'packed', path
+    return 'folder', path
   source = data_config.get('source', 'tfds')
   if source not in SOURCES:
     raise errors.ConfigError(f'data.source={source!r} is not one of {" | ".join(SOURCES)}.')
@@ -147,6 +153,7 @@ def from_config(data_config) -> DataSpec:
       stream_crops=str(data_config.get('stream_crops', 'device')),
       canvas_side=int(data_config.get('canvas_side', 512)),
       decoder=str(data_config.get('decoder', 'pillow')),
+      pack_side=int(data_config.get('pack_side', 256)),
       synthetic_examples=int(data_config.get('synthetic_examples', 0)) if synthetic else 0,
       synthetic_classes=int(data_config.get('synthetic_classes', 0)) if synthetic else 0)
 
@@ -158,7 +165,7 @@ def identity(spec: DataSpec) -> dict:
   them); everything else in the spec (workers, cache dir, budget) only
   changes how they are read.
   """
-  out = {'kind': 'folder' if spec.kind == 'archive' else spec.kind}
+  out = {'kind': 'folder' if spec.kind in ('archive', 'packed') else spec.kind}
   if spec.path:
     out['path'] = spec.path
   if spec.kind == 'tfds':
