@@ -28,7 +28,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   """Raises ConfigError for the first config value that cannot work."""
   run_checks.check_config(config, num_devices=num_devices, process_count=process_count)
   model_checks.check_config(config.model)
-  data_checks.check_config(config.data)
+  data_checks.check_config(config)  # The data package reads its own section.
   aug_checks.check_config(config.aug)
   optim.check_config(config.optim)
   registry.check_config(config, num_devices)  # The method's own section.

@@ -123,7 +123,7 @@ class LoadCanvasBatch:
 
   def _load(self, index: int, j: int, batch: dict):
     candidate = index
-    for attempt in range(host_crops._MAX_SUBSTITUTES + 1):  # pylint: disable=protected-access
+    for attempt in range(host_crops.MAX_SUBSTITUTES + 1):
       if attempt:
         candidate = host_crops.substitute_index(self.num, self.seed, index, attempt)
       try:
@@ -143,7 +143,7 @@ class LoadCanvasBatch:
         batch['reduced'][j] = int(reduced)
         return
     raise errors.DataError(
-        f'{host_crops._MAX_SUBSTITUTES + 1} examples in a row failed to decode in '  # pylint: disable=protected-access
+        f'{host_crops.MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
         f'{self.source.where} (first: {self.source.name(index)}): is it an image folder?')
 
 
@@ -165,7 +165,7 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, canvas_
   num = len(source)
   if num // global_batch == 0:
     raise ValueError(f'batch_size={global_batch} is larger than the dataset ({num} examples).')
-  batching._local_batch(global_batch, process_count)  # pylint: disable=protected-access
+  batching.local_batch(global_batch, process_count)
   end_step = end_step if end_step is not None else 2**40
   load = LoadCanvasBatch(source, global_batch=global_batch, seed=seed,
                          process_index=process_index, process_count=process_count,

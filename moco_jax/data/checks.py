@@ -15,8 +15,9 @@ def _check(data, field, ok, rule, hint=''):
   checks.check(data, field, ok, rule, hint, prefix=PREFIX)
 
 
-def check_config(data) -> None:
+def check_config(config) -> None:
   """ConfigError naming the first field of `config.data` that cannot be loaded as asked."""
+  data = config.data
   _check(data, 'path', checks.text, "must be a path (a string; '' for none)")
   checks.choice(data, 'source', spec.SOURCES, prefix=PREFIX)
   # source=folder without a path: `spec.from_config` refuses it when the data is opened

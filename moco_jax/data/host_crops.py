@@ -40,7 +40,7 @@ from moco_jax.data.spec import DataSpec
 CROP_TRIES = 10
 CROP_UNIFORMS = 2 * CROP_TRIES + 2
 # How many substitutes are tried for an unreadable example before giving up.
-_MAX_SUBSTITUTES = 16
+MAX_SUBSTITUTES = 16
 # A JPEG is decoded at reduced DCT scale only while both crop boxes keep at
 # least this many times the output side: the final antialiased resize then
 # still filters >= 2 source pixels per output pixel (measured: mean |diff| vs
@@ -181,7 +181,7 @@ class LoadExample:
     else:
       u = self.uniforms(self.seed, step // (self.num // self.global_batch), index)
     candidate = index
-    for attempt in range(_MAX_SUBSTITUTES + 1):
+    for attempt in range(MAX_SUBSTITUTES + 1):
       if attempt:
         candidate = substitute_index(self.num, self.seed, index, attempt)
       try:
@@ -195,7 +195,7 @@ class LoadExample:
                           self.source.name(index), self.source.name(candidate))
         return {'image': crops, 'label': np.int32(self.source.label(candidate)),
                 'index': np.int64(candidate), 'skipped': np.int32(attempt)}
-    raise errors.DataError(f'{_MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
+    raise errors.DataError(f'{MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
                      f'{self.source.where} (first: {self.source.name(index)}): is it an image '
                      'folder?')
 
