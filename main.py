@@ -1,7 +1,7 @@
 """MoCo v2 pretraining and evaluation.
 
   python main.py --config=configs/imagenette.py --workdir=DIR [--config.a.b=value]
-  python main.py --mode=knn|linear_eval|export|report --workdir=DIR [--config.a.b=value]
+  python main.py --mode=knn|linear_eval|export|report|embed --workdir=DIR [--config.a.b=value]
 
 Without --config, the run's own DIR/config.json (written when pretraining
 starts) is the config, and --config.a.b=value overrides apply on top of it
@@ -12,8 +12,9 @@ A new run (no DIR/config.json yet) needs --config.
 --mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
-DIR/backbone_torchvision.npz; report writes DIR/report/index.html for the
-latest checkpoint.
+DIR/backbone_torchvision.npz (or .pkl, .safetensors: export.format); report writes
+DIR/report/index.html for the latest checkpoint; embed writes the backbone's
+features of every image of a split to DIR/embeddings/<split>.npy with an index.
 
 This file is intentionally kept short, as flax's examples: it maps each mode to
 the function that does the work (which tests call too). Flags, the config's
@@ -30,6 +31,7 @@ from absl import app
 from absl import logging
 
 from moco_jax import cli
+from moco_jax.evaluation import embed
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
@@ -45,6 +47,7 @@ MODES = {
         'Wrote %s.', export.run_export(config, workdir)),
     'report': lambda config, workdir: logging.info(
         'Wrote %s.', report.run_report(config, workdir)),
+    'embed': lambda config, workdir: logging.info('Wrote %s.', embed.run_embed(config, workdir)),
 }
 
 

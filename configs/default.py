@@ -163,8 +163,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''
   config.export = ml_collections.ConfigDict()
   # --mode=export: torchvision (WORKDIR/backbone_torchvision.npz) | detectron2
-  # (WORKDIR/backbone_detectron2.pkl, the official convert-pretrain-to-detectron2.py format).
+  # (WORKDIR/backbone_detectron2.pkl, the official convert-pretrain-to-detectron2.py format) |
+  # safetensors (WORKDIR/backbone.safetensors, torchvision / timm resnet names).
   config.export.format = 'torchvision'
+
+  # --- Embeddings (--mode=embed: WORKDIR/embeddings/<split>.npy + <split>.index.csv) ---------
+  config.embed = ml_collections.ConfigDict()
+  config.embed.split = 'train'  # train (data.train_split) | eval (data.eval_split).
 
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.

@@ -32,7 +32,7 @@ from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
 
-MODES = ('train', 'knn', 'linear_eval', 'export', 'report')
+MODES = ('train', 'knn', 'linear_eval', 'export', 'report', 'embed')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')

@@ -145,53 +145,82 @@ def stored_features(config, backbone, variables, source, split: str, mesh: Mesh,
   return _extract(config, backbone, variables, source, split, mesh, path, key)
 
 
-def _extract(config, backbone, variables, source, split, mesh, path, key) -> StoredFeatures:
-  """Streams `source` through the backbone into `path`.f16, then writes the marker."""
+def feature_batches(config, backbone, variables, source, mesh: Mesh, start: int = 0):
+  """Yields (first row, float16 raw features [b, D], readable [b]) of `source`, from row `start`.
+
+  The one streamed extraction loop (the stored features here, `--mode=embed`'s
+  file): every process reads its slice of each global batch of rows through
+  `eval_reader` (the in-memory path's eval view), the backbone encodes it on
+  the mesh as `features.extract_features` does, and every process receives the
+  whole batch's rows in order. `start` must be a multiple of the global batch
+  (a resumed pass starts where a batch started).
+  """
   num = len(source)
   batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
+  if start % batch:
+    raise ValueError(f'start={start} is not a multiple of the global batch {batch}')
   local = batch // jax.process_count()
   fn = features.feature_fn(config, backbone, mesh, normalize=False)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   data_sharding = NamedSharding(mesh, P(parallel.AXIS))
-  starts = range(0, num, batch)
   positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
-               for s in starts]
+               for s in range(start, num, batch)]
+  reads = eval_reader.decoded_batches(source, (np.minimum(p, num - 1) for p in positions),
+                                      dataset.image_side(config.data),
+                                      int(config.data.num_workers))
+  row = start
+  for p, (images, ok) in zip(positions, reads):
+    out_batch = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))
+    rows = parallel.host_gather(out_batch)
+    keep = parallel.host_gather(p < num)
+    good = parallel.host_gather(ok & (p < num))
+    rows = rows[keep].astype(np.float16)
+    if not np.isfinite(rows).all():
+      raise errors.NonFiniteError(
+          f'Backbone features of images {row}..{row + len(rows)} of {source.where} are not '
+          'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
+    yield row, rows, good[keep]
+    row += len(rows)
+
+
+class Progress:
+  """A progress line every ~30 s of a pass over `num` rows (rate and time left)."""
+
+  def __init__(self, what: str, num: int, done: int = 0):
+    self.what, self.num, self.first = what, num, done
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    if time.perf_counter() - self.last > _LOG_EVERY_S:
+      self.last = time.perf_counter()
+      rate = (done - self.first) / (self.last - self.start)
+      logging.info('%s: %d / %d images (%.0f images/s, %.0f s left).', self.what, done,
+                   self.num, rate, (self.num - done) / max(rate, 1e-9))
+
+
+def _extract(config, backbone, variables, source, split, mesh, path, key) -> StoredFeatures:
+  """Streams `source` through the backbone into `path`.f16, then writes the marker."""
+  num = len(source)
+  batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.f16.tmp{os.getpid()}'
   labels = np.asarray([source.label(i) for i in range(num)], np.int32)
   valid = np.zeros((num,), bool)
-  dim, written, start, last_log = None, 0, time.perf_counter(), time.perf_counter()
-  side = dataset.image_side(config.data)
+  dim, written, start = None, 0, time.perf_counter()
+  progress = Progress(f'Features of {split}', num)
   logging.info('Extracting %s features of %d images of %s by streaming (%d per batch, '
                'decoding with %d threads) into %s.f16.', split, num, source.where, batch,
                int(config.data.num_workers), path)
   try:
     with open(tmp, 'wb') as out:
-      reads = eval_reader.decoded_batches(
-          source, (np.minimum(p, num - 1) for p in positions), side,
-          int(config.data.num_workers))
-      for p, (images, ok) in zip(positions, reads):
-        mask = p < num
-        out_batch = fn(variables, jax.make_array_from_process_local_data(data_sharding, images))
-        rows = parallel.host_gather(out_batch)
-        keep = parallel.host_gather(mask)
-        good = parallel.host_gather(ok & mask)
-        rows = rows[keep].astype(np.float16)
+      for first, rows, good in feature_batches(config, backbone, variables, source, mesh):
         if dim is None:
           dim = rows.shape[1]
-          _check_disk(path, num * dim * 2)
-        if not np.isfinite(rows).all():
-          raise errors.NonFiniteError(
-              f'Backbone features of {split} images {written}..{written + len(rows)} are not '
-              'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
+          check_disk(path, num * dim * 2)
         out.write(rows.tobytes())
-        valid[written:written + len(rows)] = good[keep]
-        written += len(rows)
-        if time.perf_counter() - last_log > _LOG_EVERY_S:
-          last_log = time.perf_counter()
-          rate = written / (last_log - start)
-          logging.info('Features of %s: %d / %d images (%.0f images/s, %.0f s left).', split,
-                       written, num, rate, (num - written) / max(rate, 1e-9))
+        valid[first:first + len(rows)] = good
+        written = first + len(rows)
+        progress.update(written)
     if written != num:
       raise AssertionError(f'extracted {written} features for {num} images')
     files.atomic_write(path + '.labels.npz', lambda f: np.savez(f, labels=labels, valid=valid),
@@ -218,7 +247,7 @@ def _extract(config, backbone, variables, source, split, mesh, path, key) -> Sto
   return open_stored(path, key)
 
 
-def _check_disk(path: str, needed: int) -> None:
+def check_disk(path: str, needed: int) -> None:
   """Fails before the pass, in one message, when the disk cannot hold the file."""
   free = shutil.disk_usage(os.path.dirname(path)).free
   if free < needed:
