@@ -81,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
   # tfds: download and prepare an unprepared dataset (builder.download_and_prepare); False: refuse.
   config.data.download = True
   config.data.path = ''  # ROOT/{train,val}/<class>/* dir or .tar/.tgz of one; set => source=folder.
+  # Also: a folder of images at any depth without class folders, or a .csv/.txt list of image
+  # paths (relative to the list; docs/data.md).
+  # Where labels come from: auto (class folders of an ImageFolder tree, else a list's label
+  # column, else none) | folders | csv | none (unlabeled: kNN/linear refuse; use --mode=embed).
+  config.data.labels = 'auto'
+  # Without an eval folder: the fraction of the images held out (fixed seed) as the eval split.
+  config.data.val_fraction = 0.0
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
   config.data.image_size = 128  # Network input size (crop output), pixels.

@@ -204,7 +204,8 @@ def _folder_split(tree: Tree, data_config, split: str) -> tuple[str, list[str], 
     raise errors.DataError(
         f'{where} has no {train_dir!r} folder of class folders (found: {available or "nothing"}). '
         f'Expected ROOT/{train_dir}/<class>/<image>, optionally inside one top-level folder; fix '
-        '--config.data.path or --config.data.train_split.')
+        '--config.data.path or --config.data.train_split (images without class folders: '
+        '--config.data.labels=none).')
   field = dataset.split_field(split)
   split_dir = dataset.pick_split(data_config[field], available, field, where,
                          allow_fallback=(split == 'eval'))

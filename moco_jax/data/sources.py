@@ -9,6 +9,9 @@ host only gathers rows of one big uint8 array (`moco_jax.data.batching`).
 Sources, chosen by config (`resolve_source`):
   * folder (`moco_jax.data.folder`): `data.path` names an ImageFolder tree
     ROOT/{train,val}/<class>/* or a .tar/.tgz/.tar.gz archive of one.
+  * listed (`moco_jax.data.listed`): `data.path` names a folder of images at
+    any depth without class folders (or an archive of one), or a .csv/.txt
+    list of image paths, with labels per `data.labels`.
   * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`,
     downloaded and prepared first if it is not (`data.download`).
   * synthetic: random uint8 images, for throughput benchmarks and tests.
@@ -24,14 +27,15 @@ import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import folder
+from moco_jax.data import listed
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_field
 
 
 def resolve_source(data_config) -> str:
-  """Which source to read: a set `data.path` always means the folder source."""
+  """Which source to read: a set `data.path` means the folder or the listed source."""
   if data_config.get('path', ''):
-    return 'folder'
+    return 'listed' if listed.is_listed(data_config) else 'folder'
   source = data_config.source
   if source not in ('tfds', 'folder', 'synthetic'):
     raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')
@@ -80,4 +84,6 @@ def load_split(data_config, split: str) -> ImageDataset:
     return load_synthetic(data_config, split, side)
   if source == 'folder':
     return folder.load_folder(data_config, split, side)
+  if source == 'listed':
+    return listed.load_listed(data_config, split, side)
   return tfds_source.load_tfds(data_config, split, side)

@@ -50,6 +50,7 @@ from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import folder
 from moco_jax.data import folder_reader
+from moco_jax.data import listed
 from moco_jax.data import sources
 from moco_jax.data import tfds_source
 from moco_jax.data.dataset import StreamSource  # pylint: disable=unused-import (re-exported)
@@ -107,11 +108,11 @@ def plan_split(data_config, split: str = 'train', log: bool = True,
   source = sources.resolve_source(data_config)
   if source == 'synthetic':
     return Plan(False, 'synthetic data is generated in memory')
-  if evaluation and source == 'folder' and _is_archive(data_config.path):
+  if evaluation and source in ('folder', 'listed') and _is_archive(data_config.path):
     return Plan(False, 'archives are decoded into memory')
   side = dataset.image_side(data_config)
   budget, budget_text = memory_budget_bytes(data_config)
-  if source == 'folder' and _is_archive(data_config.path):
+  if source in ('folder', 'listed') and _is_archive(data_config.path):
     return _plan_archive(data_config, side, budget, budget_text, split)
   if source == 'tfds':  # Only open the data source (array_record files) to stream.
     builder, name = tfds_source.builder_and_split(data_config, split)
@@ -152,7 +153,8 @@ def _plan_archive(data_config, side: int, budget: int, budget_text: str,
   (headers only; a compressed archive still has to be decompressed once) and
   cached by the archive's (path, mtime, size), so it is paid once.
   """
-  count = _archive_train_count(data_config)
+  count = (listed.count(data_config) if sources.resolve_source(data_config) == 'listed'
+           else _archive_train_count(data_config))
   size = count * side * side * 3
   if split != 'train':  # Eval splits of archives are small (Imagenette, CIFAR): never streamed.
     return Plan(False, f'data.path={data_config.path!r} is an archive: its {split} split is '
@@ -201,6 +203,8 @@ def file_list_fingerprint(source: StreamSource) -> dict:
     source._open()  # pylint: disable=protected-access
     digest.update(np.ascontiguousarray(source._names).tobytes())  # pylint: disable=protected-access
     digest.update(np.ascontiguousarray(source._labels).tobytes())  # pylint: disable=protected-access
+  elif hasattr(source, 'list_digest'):  # listed.ListedSource: names, labels, sizes, mtimes.
+    digest.update(source.list_digest().encode())
   digest.update(str(len(source)).encode())
   return {'count': len(source), 'sha256': digest.hexdigest(), 'where': source.where}
 
@@ -213,6 +217,11 @@ def open_source(data_config, split: str = 'train') -> StreamSource:
       raise errors.DataError(f'data.path={data_config.path!r} is an archive: archives cannot be '
                        'streamed; unpack it into a directory and point data.path at it.')
     return folder_reader.open_folder_source(data_config, split)
+  if source == 'listed':
+    if _is_archive(data_config.path):
+      raise errors.DataError(f'data.path={data_config.path!r} is an archive: archives cannot be '
+                             'streamed; unpack it into a directory and point data.path at it.')
+    return listed.open_listed_source(data_config, split)
   if source == 'tfds':
     return tfds_source.open_tfds_source(data_config, split)
   return sources.SyntheticSource(data_config, split)

@@ -50,6 +50,7 @@ from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
+from moco_jax.evaluation import label_check
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
 from moco_jax.training import optim
@@ -287,6 +288,7 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     or the same with `linear_raw_` (raw protocol); prefix 'random_init_' for
     the floor. 'paper': `linear_paper.run_paper_linear_eval`'s keys.
   """
+  label_check.require_labels(config, 'linear_eval')
   protocol = config.eval.get('linear_protocol', 'standardized')
   if protocol == 'paper':  # Its own module (it imports this one): augmented views every epoch.
     from moco_jax.evaluation import linear_paper  # pylint: disable=g-import-not-at-top

@@ -40,7 +40,7 @@ RESUME_FIELDS = (
     'data.image_size', 'data.cache_size', 'data.train_split', 'data source',
 )
 _DATA_FIELDS = {  # The fields that name the training data, per source.
-    'folder': ('data.path',),
+    'folder': ('data.path', 'data.labels', 'data.val_fraction'),
     'tfds': ('data.name', 'data.data_dir'),
     'synthetic': ('data.synthetic_examples', 'data.synthetic_classes'),
 }

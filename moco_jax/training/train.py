@@ -141,7 +141,7 @@ def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch
   """What the run is about to do, in a few lines, before anything is compiled."""
   data = config.data
   source = sources.resolve_source(data)
-  where = {'folder': data.get('path', ''),
+  where = {'folder': data.get('path', ''), 'listed': data.get('path', ''),
            'tfds': f'{data.name} ({data.data_dir or "tfds default dir"})',
            'synthetic': f'{data.synthetic_examples} random images'}.get(source, '')
   images = getattr(train_ds, 'images', None)  # None: streamed (decoded at every step).
@@ -150,6 +150,9 @@ def log_run_summary(config, setup: step_lib.StepSetup, train_ds, steps_per_epoch
   logging.info('Data: %s %s; train split %r: %d images, %d classes; images %s, network input '
                '%d px.', source, where, data.train_split, len(train_ds),
                len(train_ds.class_names), decoded, data.image_size)
+  if not train_ds.class_names:
+    logging.info('The train split is unlabeled: pretraining needs no labels; evaluate with '
+                 '--mode=embed or --mode=report (kNN and linear probes need labels).')
   devices = jax.devices()
   local = config.batch_size // len(devices)
   bn = setup.method.describe_batch_norm(config, len(devices))

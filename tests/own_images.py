@@ -1,0 +1,62 @@
+"""Generated image collections of the kinds `moco_jax.data.listed` reads (written at test time)."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def _image(rng, tint: int, mode: str = 'RGB') -> Image.Image:
+  height, width = int(rng.integers(18, 30)), int(rng.integers(18, 30))
+  pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  pixels[..., tint % 3] = 220
+  image = Image.fromarray(pixels)
+  return image.convert(mode) if mode != 'RGB' else image
+
+
+def flat_folder(root, count: int = 40, seed: int = 0, mode: str = 'RGB') -> list:
+  """ROOT/img_NNN.png, no class folders; returns the sorted names."""
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  names = []
+  for i in range(count):
+    name = f'img_{i:03d}.png'
+    _image(rng, i, mode).save(os.path.join(root, name))
+    names.append(name)
+  return sorted(names)
+
+
+def nested_folder(root, count: int = 40, seed: int = 1) -> list:
+  """Images at depths 1-3 (ROOT/a/x.png, ROOT/a/b/y.jpg, ROOT/c/d/e/z.png); sorted names."""
+  rng = np.random.default_rng(seed)
+  dirs = ['a', 'a/b', 'c/d/e', 'f']
+  names = []
+  for i in range(count):
+    directory = dirs[i % len(dirs)]
+    os.makedirs(os.path.join(root, directory), exist_ok=True)
+    name = f'{directory}/s{i:03d}.{"jpg" if i % 3 == 0 else "png"}'
+    _image(rng, i).save(os.path.join(root, name))
+    names.append(name)
+  with open(os.path.join(root, 'a', 'notes.txt'), 'w') as f:
+    f.write('not an image')
+  return sorted(names)
+
+
+def csv_list(root, count: int = 40, labels: bool = True, seed: int = 2,
+             name: str = 'list.csv') -> tuple:
+  """ROOT/images/*.png and ROOT/<name> listing them (header path[,label]); (path, rows)."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+  rows = []
+  for i in range(count):
+    rel = f'images/p{i:03d}.png'
+    _image(rng, i % 3).save(os.path.join(root, rel))
+    rows.append((rel, ['cat', 'dog', 'eel'][i % 3]))
+  path = os.path.join(root, name)
+  with open(path, 'w') as f:
+    if name.endswith('.csv'):
+      f.write('path,label\n' if labels else 'path\n')
+      f.writelines(f'{p},{c}\n' if labels else f'{p}\n' for p, c in rows)
+    else:
+      f.writelines(f'{p}\t{c}\n' if labels else f'{p}\n' for p, c in rows)
+  return path, rows

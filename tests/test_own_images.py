@@ -1,0 +1,190 @@
+"""Your own images: unlabeled folders at any depth, CSV / text lists, held-out eval splits."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from moco_jax.core import errors
+from moco_jax.data import dataset
+from moco_jax.data import eval_reader
+from moco_jax.data import listed
+from moco_jax.data import sources
+from moco_jax.data import streaming
+from moco_jax.evaluation import knn
+from moco_jax.evaluation import linear_probe
+from tests import own_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(path, tmp_path, **overrides):
+  config = tiny.get_config()
+  config.data.path = str(path)
+  config.data.image_size = 16
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.num_workers = 2
+  config.batch_size = 16
+  config.eval.batch_size = 16
+  for key, value in overrides.items():
+    section, _, field = key.rpartition('.')
+    (config[section] if section else config)[field] = value
+  return config
+
+
+# --------------------------------------------------------------------------
+# Listing: which images, in which order, with which labels.
+
+
+def test_a_flat_folder_is_every_image_sorted_and_unlabeled(tmp_path):
+  names = own_images.flat_folder(tmp_path / 'flat', 12)
+  config = _config(tmp_path / 'flat', tmp_path)
+  assert sources.resolve_source(config.data) == 'listed'
+  found = listed.listing(config.data, 'train')
+  assert found.names == names and found.class_names == [] and (found.labels == -1).all()
+
+
+def test_a_nested_folder_lists_every_depth_and_skips_non_images(tmp_path):
+  names = own_images.nested_folder(tmp_path / 'nested', 13)
+  found = listed.listing(_config(tmp_path / 'nested', tmp_path).data, 'train')
+  assert found.names == names  # notes.txt left out; depths 1 to 3.
+
+
+def test_csv_with_labels_keeps_list_order_and_numbers_sorted_classes(tmp_path):
+  path, rows = own_images.csv_list(tmp_path, 9)
+  found = listed.listing(_config(path, tmp_path).data, 'train')
+  assert found.names == [p for p, _ in rows]
+  assert found.class_names == ['cat', 'dog', 'eel']
+  assert [found.class_names[i] for i in found.labels] == [c for _, c in rows]
+  unlabeled = listed.listing(_config(path, tmp_path, **{'data.labels': 'none'}).data, 'train')
+  assert unlabeled.class_names == [] and (unlabeled.labels == -1).all()
+
+
+def test_text_lists_with_and_without_labels(tmp_path):
+  path, rows = own_images.csv_list(tmp_path / 'a', 6, labels=True, name='list.txt')
+  assert listed.listing(_config(path, tmp_path).data, 'train').class_names == ['cat', 'dog', 'eel']
+  path, rows = own_images.csv_list(tmp_path / 'b', 6, labels=False, name='list.txt')
+  found = listed.listing(_config(path, tmp_path).data, 'train')
+  assert found.names == [p for p, _ in rows] and found.class_names == []
+
+
+def test_held_out_fraction_is_fixed_disjoint_and_complete(tmp_path):
+  names = own_images.flat_folder(tmp_path / 'flat', 30)
+  config = _config(tmp_path / 'flat', tmp_path, **{'data.val_fraction': 0.2, 'seed': 5})
+  train = listed.listing(config.data, 'train').names
+  held = listed.listing(config.data, 'eval').names
+  assert len(held) == 6 and len(train) == 24
+  assert sorted(train + held) == names and not set(train) & set(held)
+  config.seed = 7  # The holdout does not follow config.seed: a fixed split for every run.
+  assert listed.listing(config.data, 'eval').names == held
+  # A slow reference: the first round(0.2 * 30) of a seed-0 permutation of the sorted names.
+  order = np.random.default_rng(listed.HOLDOUT_SEED).permutation(30)
+  assert held == sorted(names[i] for i in order[:6])
+
+
+def test_a_folder_with_train_and_val_directories_uses_them(tmp_path):
+  own_images.flat_folder(tmp_path / 'root' / 'train' / 'x' / 'y', 5)  # Deeper than class/.
+  own_images.flat_folder(tmp_path / 'root' / 'val', 3)
+  config = _config(tmp_path / 'root', tmp_path, **{'data.labels': 'none'})
+  assert len(listed.listing(config.data, 'train').names) == 5
+  assert len(listed.listing(config.data, 'eval').names) == 3
+
+
+def test_in_memory_and_streamed_reads_give_the_same_images(tmp_path):
+  own_images.nested_folder(tmp_path / 'nested', 11)
+  config = _config(tmp_path / 'nested', tmp_path)
+  in_memory = sources.load_split(config.data, 'train')
+  source = streaming.open_source(config.data, 'train')
+  assert len(source) == len(in_memory) == 11
+  side = dataset.image_side(config.data)
+  streamed = eval_reader.decode_subset(source, np.arange(len(source)), side, 2)
+  np.testing.assert_array_equal(streamed.images, in_memory.images)
+  assert in_memory.class_names == [] and (in_memory.labels == -1).all()
+  # The cache is keyed by the files: a second load reads it back.
+  np.testing.assert_array_equal(sources.load_split(config.data, 'train').images,
+                                in_memory.images)
+
+
+def test_the_streamed_fingerprint_changes_with_a_file(tmp_path):
+  own_images.flat_folder(tmp_path / 'flat', 6)
+  config = _config(tmp_path / 'flat', tmp_path)
+  before = streaming.file_list_fingerprint(streaming.open_source(config.data, 'train'))
+  with open(tmp_path / 'flat' / 'img_003.png', 'ab') as f:
+    f.write(b'\0')
+  after = streaming.file_list_fingerprint(streaming.open_source(config.data, 'train'))
+  assert before['count'] == after['count'] and before['sha256'] != after['sha256']
+
+
+def test_an_unlabeled_archive_is_read_in_memory(tmp_path):
+  import tarfile  # pylint: disable=g-import-not-at-top
+  names = own_images.flat_folder(tmp_path / 'flat', 7)
+  with tarfile.open(tmp_path / 'flat.tgz', 'w:gz') as tar:
+    tar.add(tmp_path / 'flat', arcname='flat')
+  config = _config(tmp_path / 'flat.tgz', tmp_path, **{'data.labels': 'none'})
+  ds = sources.load_split(config.data, 'train')
+  directory = sources.load_split(_config(tmp_path / 'flat', tmp_path).data, 'train')
+  assert len(ds) == len(names) and ds.class_names == []
+  np.testing.assert_array_equal(ds.images, directory.images)
+
+
+# --------------------------------------------------------------------------
+# Bad inputs: one message naming the file or field and the fix.
+
+
+@pytest.mark.parametrize('case', ['missing_list', 'missing_image', 'empty_folder',
+                                  'csv_without_labels', 'empty_holdout', 'labels_value',
+                                  'csv_on_folder', 'no_eval_split'])
+def test_bad_inputs_name_the_field_and_the_fix(tmp_path, case):
+  if case == 'missing_list':
+    config, needle = _config(tmp_path / 'nope.csv', tmp_path), 'nope.csv'
+  elif case == 'missing_image':
+    path, _ = own_images.csv_list(tmp_path, 4)
+    os.remove(tmp_path / 'images' / 'p002.png')
+    config, needle = _config(path, tmp_path), 'p002.png'
+  elif case == 'empty_folder':
+    (tmp_path / 'empty' / 'sub').mkdir(parents=True)
+    (tmp_path / 'empty' / 'sub' / 'readme.txt').write_text('x')
+    config, needle = _config(tmp_path / 'empty', tmp_path), 'has no image files'
+  elif case == 'csv_without_labels':
+    path, _ = own_images.csv_list(tmp_path, 4, labels=False)
+    config, needle = _config(path, tmp_path, **{'data.labels': 'csv'}), 'no label column'
+  elif case == 'empty_holdout':
+    own_images.flat_folder(tmp_path / 'flat', 10)
+    config = _config(tmp_path / 'flat', tmp_path, **{'data.val_fraction': 0.01})
+    needle = 'data.val_fraction=0.01 of the 10 images'
+  elif case == 'labels_value':
+    own_images.flat_folder(tmp_path / 'flat', 3)
+    config, needle = _config(tmp_path / 'flat', tmp_path, **{'data.labels': 'yes'}), 'data.labels'
+  elif case == 'csv_on_folder':
+    own_images.flat_folder(tmp_path / 'flat', 3)
+    config, needle = _config(tmp_path / 'flat', tmp_path, **{'data.labels': 'csv'}), 'data.labels=csv'
+  else:
+    own_images.flat_folder(tmp_path / 'flat', 3)
+    config, needle = _config(tmp_path / 'flat', tmp_path), 'data.val_fraction'
+  split = 'eval' if case == 'no_eval_split' else 'train'
+  with pytest.raises(errors.UserError) as raised:
+    sources.load_split(config.data, split)
+  message = str(raised.value)
+  assert needle in message and ('--config.' in message or 'fix them' in message), message
+  assert '\n' not in message  # One line.
+  assert not (tmp_path / 'cache').exists() or not any((tmp_path / 'cache').iterdir())
+
+
+@pytest.mark.parametrize('labels', ['none', 'one_class'])
+def test_knn_and_linear_refuse_an_unlabeled_or_one_class_split(tmp_path, labels):
+  if labels == 'none':
+    own_images.flat_folder(tmp_path / 'flat', 8)
+    config = _config(tmp_path / 'flat', tmp_path, **{'data.val_fraction': 0.25})
+  else:
+    path, rows = own_images.csv_list(tmp_path, 6)
+    with open(path, 'w') as f:
+      f.write('path,label\n' + ''.join(f'{p},same\n' for p, _ in rows))
+    config = _config(path, tmp_path, **{'data.val_fraction': 0.5})
+  workdir = tmp_path / 'run'
+  for run in (knn.run_knn, linear_probe.run_linear_eval):
+    with pytest.raises(errors.DataError, match='--mode=embed'):
+      run(config, str(workdir))
+  assert not workdir.exists()  # Refused before anything was written.
