@@ -60,3 +60,25 @@ def csv_list(root, count: int = 40, labels: bool = True, seed: int = 2,
     else:
       f.writelines(f'{p}\t{c}\n' if labels else f'{p}\n' for p, c in rows)
   return path, rows
+
+
+KINDS = ('flat', 'nested', 'csv_labels', 'csv_no_labels', 'gray_png')
+
+
+def make(kind: str, root, count: int = 32) -> str:
+  """Writes a collection of `kind` under `root`; returns what data.path should be."""
+  root = str(root)
+  if kind == 'flat':
+    flat_folder(root, count)
+    return root
+  if kind == 'nested':
+    nested_folder(root, count)
+    return root
+  if kind == 'csv_labels':
+    return csv_list(root, count, labels=True)[0]
+  if kind == 'csv_no_labels':
+    return csv_list(root, count, labels=False, name='list.txt')[0]
+  if kind == 'gray_png':
+    flat_folder(root, count, mode='L')
+    return root
+  raise ValueError(kind)
