@@ -91,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
   config.data.image_size = 128  # Network input size (crop output), pixels.
+  # Channels of the input: 3 converts every image to RGB; 1 (grayscale), 4 (RGBA) or C (.npy,
+  # TIFF) keep the files' own, and a file with another count is an error (docs/data.md).
+  config.data.channels = 3
   config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: derived:
   config.data.cache_ratio = 1.0  # S = round(image_size x cache_ratio) when cache_size is -1.
   config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
@@ -118,8 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug.second_view_solarize_prob = -1.0
   config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range (kernel ~10% of image_size).
   config.aug.flip = True  # Random horizontal flip.
-  config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).
-  config.aug.std = (0.229, 0.224, 0.225)  # Normalisation std (ImageNet).
+  # Normalisation per channel (ImageNet's); 'auto': computed from a fixed sample of the train
+  # split when the run starts and recorded in config.json (needed when data.channels != 3).
+  config.aug.mean = (0.485, 0.456, 0.406)
+  config.aug.std = (0.229, 0.224, 0.225)
 
   # --- Optimiser ------------------------------------------------------------------
   config.optim = ml_collections.ConfigDict()

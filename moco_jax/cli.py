@@ -26,6 +26,7 @@ import jax
 from ml_collections import config_flags
 
 from moco_jax.core import errors
+from moco_jax.data import normalisation
 from moco_jax.evaluation import results
 from moco_jax.run import config_checks
 from moco_jax.run import distributed
@@ -176,6 +177,7 @@ def run(argv, modes: dict[str, Callable]):
           '--workdir at an existing run.')
     report_config()
     validate_for_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir)
+    normalisation.resolve(FLAGS.config)  # aug.mean / std = 'auto': the train split's numbers.
     try:
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)

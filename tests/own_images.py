@@ -62,7 +62,51 @@ def csv_list(root, count: int = 40, labels: bool = True, seed: int = 2,
   return path, rows
 
 
-KINDS = ('flat', 'nested', 'csv_labels', 'csv_no_labels', 'gray_png')
+KINDS = ('flat', 'nested', 'csv_labels', 'csv_no_labels', 'gray_png', 'gray_png_1', 'tiff16_4',
+         'npy13')
+# Config overrides a kind needs: its channels, and normalisation from its own images.
+OVERRIDES = {
+    'gray_png_1': {'data.channels': 1, 'aug.mean': 'auto', 'aug.std': 'auto'},
+    'tiff16_4': {'data.channels': 4, 'aug.mean': 'auto', 'aug.std': 'auto'},
+    'npy13': {'data.channels': 13, 'aug.mean': 'auto', 'aug.std': 'auto'},
+}
+
+
+def flags(kind: str) -> list:
+  """OVERRIDES[kind] as main.py flags."""
+  return [f'--config.{k}={v}' for k, v in OVERRIDES.get(kind, {}).items()]
+
+
+def apply(kind: str, config) -> None:
+  """OVERRIDES[kind] set on `config` (normalisation still 'auto': resolve it)."""
+  for key, value in OVERRIDES.get(kind, {}).items():
+    section, field = key.split('.')
+    with config.ignore_type():
+      config[section][field] = value
+
+
+def tiff16_folder(root, count: int, channels: int = 4, seed: int = 3) -> None:
+  """ROOT/t_NNN.tif: 16-bit images with `channels` samples per pixel, varied sizes."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    height, width = int(rng.integers(18, 30)), int(rng.integers(18, 30))
+    pixels = rng.integers(0, 65536, (height, width, channels), dtype=np.uint16)
+    pixels[..., i % channels] = 60000
+    tifffile.imwrite(os.path.join(root, f't_{i:03d}.tif'), pixels, photometric='minisblack',
+                     planarconfig='contig')
+
+
+def npy_folder(root, count: int, channels: int = 13, seed: int = 4) -> None:
+  """ROOT/sub/a_NNN.npy: float32 [H, W, channels] arrays in [0, 1]."""
+  os.makedirs(os.path.join(root, 'sub'), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    height, width = int(rng.integers(18, 30)), int(rng.integers(18, 30))
+    array = rng.random((height, width, channels)).astype(np.float32)
+    array[..., i % channels] = 1.0
+    np.save(os.path.join(root, 'sub', f'a_{i:03d}.npy'), array)
 
 
 def make(kind: str, root, count: int = 32) -> str:
@@ -78,7 +122,13 @@ def make(kind: str, root, count: int = 32) -> str:
     return csv_list(root, count, labels=True)[0]
   if kind == 'csv_no_labels':
     return csv_list(root, count, labels=False, name='list.txt')[0]
-  if kind == 'gray_png':
+  if kind in ('gray_png', 'gray_png_1'):
     flat_folder(root, count, mode='L')
+    return root
+  if kind == 'tiff16_4':
+    tiff16_folder(root, count)
+    return root
+  if kind == 'npy13':
+    npy_folder(root, count)
     return root
   raise ValueError(kind)

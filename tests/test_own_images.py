@@ -188,3 +188,37 @@ def test_knn_and_linear_refuse_an_unlabeled_or_one_class_split(tmp_path, labels)
     with pytest.raises(errors.DataError, match='--mode=embed'):
       run(config, str(workdir))
   assert not workdir.exists()  # Refused before anything was written.
+
+
+def test_splits_inside_one_top_folder_are_found(tmp_path):
+  own_images.flat_folder(tmp_path / 'root' / 'top' / 'train' / 'a', 4)
+  own_images.flat_folder(tmp_path / 'root' / 'top' / 'val' / 'b', 2)
+  config = _config(tmp_path / 'root', tmp_path, **{'data.labels': 'none'})
+  assert len(listed.listing(config.data, 'train').names) == 4
+  assert len(listed.listing(config.data, 'eval').names) == 2
+
+
+def test_mixed_channel_counts_in_one_folder_name_the_odd_file(tmp_path):
+  own_images.flat_folder(tmp_path / 'mixed', 6, mode='L')
+  own_images.flat_folder(tmp_path / 'rgb', 1, seed=9)
+  os.replace(tmp_path / 'rgb' / 'img_000.png', tmp_path / 'mixed' / 'odd.png')
+  config = _config(tmp_path / 'mixed', tmp_path, **{'data.channels': 1})
+  with config.ignore_type():
+    config.aug.mean, config.aug.std = (0.5,), (0.25,)
+  for read in (lambda: sources.load_split(config.data, 'train'),
+               lambda: eval_reader.decode_subset(streaming.open_source(config.data, 'train'),
+                                                 np.arange(7), 16, 2)):
+    with pytest.raises(errors.DataError) as raised:
+      read()
+    message = str(raised.value)
+    assert 'odd.png has 3 channel(s)' in message and 'data.channels=1' in message, message
+  # Grayscale alone reads as one channel.
+  os.remove(tmp_path / 'mixed' / 'odd.png')
+  assert sources.load_split(config.data, 'train').images.shape == (6, 16, 16, 1)
+
+
+def test_channels_other_than_3_are_refused_for_an_imagefolder_tree(tmp_path):
+  own_images.flat_folder(tmp_path / 'tree' / 'train' / 'cls', 2)
+  config = _config(tmp_path / 'tree', tmp_path, **{'data.channels': 4})
+  with pytest.raises(errors.ConfigError, match='data.channels=4'):
+    sources.load_split(config.data, 'train')

@@ -13,6 +13,7 @@ import pytest
 
 from configs import tiny
 from moco_jax.core import parallel
+from moco_jax.data import normalisation
 from moco_jax.data import sources
 from moco_jax.evaluation import features
 from moco_jax.training import step as step_lib
@@ -37,6 +38,8 @@ def test_one_and_eight_devices_agree_on_each_kind(tmp_path, kind):
   config.data.cache_dir = str(tmp_path / 'cache')
   config.data.image_size = 16
   config.batch_size = 16
+  own_images.apply(kind, config)
+  normalisation.resolve(config)
   runs = []
   with rounding.precise(config):
     for devices in (jax.devices()[:1], jax.devices()):
@@ -62,8 +65,9 @@ def _command(workdir, data_path, cache, *extra):
           '--config.data.num_workers=2', '--config.data.stream_processes=0', *extra]
 
 
-def _restore(workdir, steps=STEPS):
+def _restore(workdir, steps=STEPS, channels=3):
   config = tiny.get_config()
+  config.data.channels = channels
   config.moco.queue_size = 24
   config.batch_size = 8
   config.num_train_steps = steps
@@ -71,10 +75,11 @@ def _restore(workdir, steps=STEPS):
 
 
 @pytest.mark.parametrize('kind,streamed', [('nested', False), ('csv_labels', True),
-                                           ('flat', True), ('gray_png', False)])
+                                           ('flat', True), ('gray_png', False),
+                                           ('tiff16_4', False), ('npy13', False)])
 def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
   data_path = own_images.make(kind, tmp_path / kind)
-  extra = ['--config.data.max_in_memory_gb=0'] if streamed else []
+  extra = (['--config.data.max_in_memory_gb=0'] if streamed else []) + own_images.flags(kind)
   command = lambda w: _command(w, data_path, tmp_path / 'cache', *extra)
   straight = subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=600)
@@ -86,7 +91,9 @@ def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
   rerun = subprocess.run(command(killed), cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  test_resume._assert_same_state(_restore(tmp_path / 'straight'), _restore(killed))
+  channels = own_images.OVERRIDES.get(kind, {}).get('data.channels', 3)
+  test_resume._assert_same_state(_restore(tmp_path / 'straight', channels=channels),
+                                 _restore(killed, channels=channels))
   assert not finished, 'the kill came too late to test anything'
 
 
@@ -100,7 +107,8 @@ def test_each_kind_trains_reports_and_embeds_through_main(tmp_path, kind):
   data_path = own_images.make(kind, tmp_path / kind, count=20)
   workdir = tmp_path / 'run'
   held = ['--config.data.val_fraction=0.25'] if kind == 'flat' else []
-  trained = subprocess.run(_command(workdir, data_path, tmp_path / 'cache', *held), cwd=ROOT,
+  trained = subprocess.run(_command(workdir, data_path, tmp_path / 'cache', *held,
+                                    *own_images.flags(kind)), cwd=ROOT,
                            env=ENV, capture_output=True, text=True, timeout=600)
   assert trained.returncode == 0, trained.stderr[-3000:]
   for mode in ('report', 'embed'):
@@ -123,6 +131,12 @@ def test_each_kind_trains_reports_and_embeds_through_main(tmp_path, kind):
   if held:
     config.data.val_fraction = 0.25
   config.moco.queue_size, config.batch_size = 24, 8
+  own_images.apply(kind, config)
+  saved = json.load(open(workdir / 'config.json'))
+  if kind in own_images.OVERRIDES:  # 'auto' was computed once and recorded.
+    assert len(saved['aug']['mean']) == config.data.channels == len(saved['aug']['std'])
+    with config.ignore_type():
+      config.aug.mean, config.aug.std = tuple(saved['aug']['mean']), tuple(saved['aug']['std'])
   backbone, variables, step, _ = features.load_backbone(config, str(workdir))
   assert step == STEPS
   ds = sources.load_split(config.data, 'train')

@@ -43,6 +43,7 @@ import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import cache
+from moco_jax.data import channels as channels_lib
 from moco_jax.data import dataset
 from moco_jax.data import decode
 from moco_jax.data import folder
@@ -230,16 +231,17 @@ def listing(data_config, split: str) -> Listing:
     names, archive = _list_tree(path)
     pool = Listing('' if archive else path, names, np.full(len(names), -1, np.int32), [], path,
                    archive, path)
-    split_dirs = {n.split('/', 1)[0] for n in names if '/' in n}
+    top = _top_folder(names, data_config.train_split)
+    split_dirs = {n[len(top):].split('/', 1)[0] for n in names if '/' in n[len(top):]}
     if data_config.train_split in split_dirs:  # ROOT/train/** (and ROOT/val/**): the splits.
       eval_dir = _eval_dir(data_config, split_dirs)
       if eval_dir is not None:
-        chosen = data_config.train_split if split == 'train' else eval_dir
+        chosen = top + (data_config.train_split if split == 'train' else eval_dir)
         keep = [n.startswith(chosen + '/') for n in names]
         return _check_nonempty(_subset(pool, keep, f'{path}/{chosen}'), data_config)
       # No eval folder: the train folder is the pool the held-out fraction comes from.
-      pool = _subset(pool, [n.startswith(data_config.train_split + '/') for n in names],
-                     f'{path}/{data_config.train_split}')
+      train_dir = top + data_config.train_split
+      pool = _subset(pool, [n.startswith(train_dir + '/') for n in names], f'{path}/{train_dir}')
   _check_nonempty(pool, data_config)
   if fraction == 0:
     if split == 'eval':
@@ -253,6 +255,16 @@ def listing(data_config, split: str) -> Listing:
   mask[chosen] = True
   return _subset(pool, mask, f'{pool.where} ({split}: {len(chosen)} of {len(pool.names)}, '
                  f'data.val_fraction={fraction:g})')
+
+
+def _top_folder(names: list, train_split: str) -> str:
+  """'top/' when every image sits inside one folder that holds `train_split`/, else ''."""
+  tops = {n.split('/', 1)[0] for n in names}
+  if len(tops) != 1 or not all('/' in n for n in names):
+    return ''
+  top = next(iter(tops)) + '/'
+  inner = {n[len(top):].split('/', 1)[0] for n in names}
+  return top if train_split in inner else ''
 
 
 def _eval_dir(data_config, split_dirs) -> Optional[str]:
@@ -298,7 +310,7 @@ def digest(found: Listing, stat: bool = True) -> str:
 class ListedSource(dataset.StreamSource):
   """A listed split on disk: random access by position. Pickles as its names (grain workers)."""
 
-  def __init__(self, found: Listing):
+  def __init__(self, found: Listing, channels: int = 3):
     if found.archive:
       raise errors.DataError(
           f'{found.path} is an archive: archives cannot be streamed (read at random); '
@@ -308,6 +320,8 @@ class ListedSource(dataset.StreamSource):
                            dtype=np.bytes_)
     self._labels = np.asarray(found.labels, np.int32)
     self._digest = digest(found)
+    self.channels = channels  # data.channels: what `decode` keeps.
+    self.has_arrays = any(n.lower().endswith(channels_lib.ARRAY_SUFFIXES) for n in found.names)
     self.index_path = f'listing:{self._digest}'  # The stored features' key reads it.
 
   def __len__(self) -> int:
@@ -323,6 +337,11 @@ class ListedSource(dataset.StreamSource):
     with open(os.path.join(self.root, self.name(index)), 'rb') as f:
       return f.read()
 
+  def decode(self, index: int, side: int):
+    """uint8 [side, side, channels] of example `index` (None if unreadable)."""
+    return channels_lib.named_decoder({'channels': self.channels})(self.name(index),
+                                                                     self.read(index), side)
+
   def list_digest(self) -> str:
     """The listing's identity: what a streamed resume compares."""
     return self._digest
@@ -332,14 +351,15 @@ def open_listed_source(data_config, split: str = 'train') -> ListedSource:
   found = listing(data_config, split)
   logging.info('%s: %d images%s.', found.where, len(found.names),
                f', {len(found.class_names)} classes' if found.class_names else ', unlabeled')
-  return ListedSource(found)
+  return ListedSource(found, channels_lib.channel_count(data_config))
 
 
 def load_listed(data_config, split: str, side: int) -> dataset.ImageDataset:
   """The decoded `split` (uint8 [N, S, S, 3], labels -1 when unlabeled), cached."""
   found = listing(data_config, split)
+  channels = channels_lib.channel_count(data_config)
   key = {'kind': 'listed', 'side': side, 'split': split, 'version': LISTED_VERSION,
-         'cache': cache.CACHE_VERSION, 'data': digest(found)}
+         'cache': cache.CACHE_VERSION, 'data': digest(found), 'channels': channels}
   stem = os.path.basename(_abspath(data_config.path))
   path = cache.cache_path(data_config, key, f'{stem}-{split}-{side}px')
   hit = cache.read_cache(path)
@@ -349,13 +369,20 @@ def load_listed(data_config, split: str, side: int) -> dataset.ImageDataset:
                found.where, side, side, data_config.num_workers,
                f'{len(found.class_names)} classes' if found.class_names else 'unlabeled')
   if found.archive:
-    wanted = set(found.names)
-    items = _archive_items(found.path, wanted)
+    items = _archive_items(found.path, set(found.names))
   else:
-    items = ((n, open(os.path.join(found.root, n), 'rb').read()) for n in found.names)
-  decoded = decode.decode_stream(items, side, int(data_config.num_workers), decode.decode_image)
+    items = ((n, _read(os.path.join(found.root, n))) for n in found.names)
+  named = channels_lib.named_decoder(data_config)
+  decoded = decode.decode_stream(((n, (n, data)) for n, data in items), side,
+                                 int(data_config.num_workers),
+                                 lambda item, s: named(item[0], item[1], s))
   return dataset.decoded_split(decoded, found.names, found.labels, list(found.class_names), side,
                                found.where, path, split)
+
+
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def _archive_items(path: str, wanted: set):

@@ -35,7 +35,18 @@ from moco_jax.data.dataset import ImageDataset, StreamSource, image_side, split_
 def resolve_source(data_config) -> str:
   """Which source to read: a set `data.path` means the folder or the listed source."""
   if data_config.get('path', ''):
-    return 'listed' if listed.is_listed(data_config) else 'folder'
+    kind = 'listed' if listed.is_listed(data_config) else 'folder'
+    if kind == 'folder' and int(data_config.get('channels', 3)) != 3:
+      raise errors.ConfigError(
+          f'data.channels={data_config.channels} is read from folders of your own images and '
+          'lists (moco_jax/data/listed.py); an ImageFolder tree is decoded as RGB: set '
+          '--config.data.labels=none (unlabeled) or list the images with their labels in a '
+          '.csv, or set --config.data.channels=3.')
+    return kind
+  if int(data_config.get('channels', 3)) != 3:
+    raise errors.ConfigError(f'data.channels={data_config.channels} needs data.path (a folder '
+                             'or list of your images); tfds and synthetic data are RGB: set '
+                             '--config.data.channels=3.')
   source = data_config.source
   if source not in ('tfds', 'folder', 'synthetic'):
     raise errors.ConfigError(f'data.source={source!r} is not one of tfds | folder | synthetic.')

@@ -47,6 +47,7 @@ import numpy as np
 
 from moco_jax.core import errors
 from moco_jax.data import cache
+from moco_jax.data import channels as channels_lib
 from moco_jax.data import dataset
 from moco_jax.data import folder
 from moco_jax.data import folder_reader
@@ -126,12 +127,19 @@ def plan_split(data_config, split: str = 'train', log: bool = True,
   else:
     stream_source = open_source(data_config, split)
     count, where = len(stream_source), stream_source.where
-  size = count * side * side * 3
+  channels = channels_lib.channel_count(data_config)
+  size = count * side * side * channels
   what = (f'the {split} split ({count:,} images of {where}) decodes to {size / 2**30:.2f} GiB '
           f'at {side} px')
   if size > budget:
     plan = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it',
                 stream_source or open_source(data_config, split))
+    if not evaluation and (channels != 3 or getattr(plan.source, 'has_arrays', False)):
+      # The streaming loader cuts its crops from RGB Pillow images (host_crops).
+      raise errors.DataError(
+          f'{what}, more than {budget_text}, and streamed training reads 3-channel images only '
+          f'(data.channels={channels}' + (', .npy arrays' if channels == 3 else '') + '): raise '
+          '--config.data.max_in_memory_gb so the split is decoded into memory once.')
   else:
     plan = Plan(False, f'{what} <= {budget / 2**30:.2f} GiB = {budget_text}: decoding it into '
                 'memory once')

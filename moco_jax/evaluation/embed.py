@@ -185,7 +185,8 @@ def _feature_dim(config, backbone, variables) -> int:
   """D of the backbone's pooled features (shape inference, no compute)."""
   side = int(config.data.image_size)
   out = jax.eval_shape(lambda v, x: backbone.apply(v, x, train=False), variables,
-                       jax.ShapeDtypeStruct((1, side, side, 3), np.float32))
+                       jax.ShapeDtypeStruct((1, side, side, int(config.data.get('channels', 3))),
+                                            np.float32))
   return int(out.shape[-1])
 
 

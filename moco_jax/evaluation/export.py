@@ -268,8 +268,18 @@ def check_format(export_format: str):
 
 def normalisation(config) -> dict:
   """What a consumer must feed the backbone: input channels and per-channel mean / std (0-1)."""
-  return {'in_channels': len(tuple(config.aug.mean)), 'mean': list(config.aug.mean),
-          'std': list(config.aug.std), 'image_size': int(config.data.image_size)}
+  channels = int(config.data.get('channels', 3))
+  facts = {'in_channels': channels, 'mean': list(config.aug.mean),
+           'std': list(config.aug.std), 'image_size': int(config.data.image_size)}
+  if channels != 3:  # conv1 holds the real C-channel kernel [64, C, k, k].
+    facts['consumers'] = (
+        f'conv1.weight takes {channels} channels: timm loads it with create_model(name, '
+        f'in_chans={channels}, num_classes=0); torchvision after model.conv1 = '
+        f'torch.nn.Conv2d({channels}, 64, 7, 2, 3, bias=False) (3x3 stride 1 for the CIFAR '
+        'stem) and model.fc = Identity(); detectron2 needs MODEL.PIXEL_MEAN / PIXEL_STD with '
+        f'{channels} values (x255) and a {channels}-channel input; the official detectron2 '
+        'converter and RGB-only tools do not accept it.')
+  return facts
 
 
 def run_export(config, workdir: str) -> str:

@@ -115,7 +115,8 @@ def random_init_encoder(config):
   """
   encoder = registry.create(config, num_devices=1).encoder
   return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
-                                             config.data.image_size)
+                                             config.data.image_size,
+                                             int(config.data.get('channels', 3)))
 
 
 def query_encoder(config, workdir: str):
@@ -133,7 +134,8 @@ def query_encoder(config, workdir: str):
     logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
                  'new run, or is evaluated while WORKDIR has no checkpoint).',
                  checkpoints.checkpoint_dir(workdir), path)
-  return checkpoints.restore_query_encoder(workdir, config.model)
+  return checkpoints.restore_query_encoder(workdir, config.model,
+                                           channels=int(config.data.get('channels', 3)))
 
 
 def load_backbone(config, workdir: str):

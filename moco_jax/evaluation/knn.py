@@ -270,7 +270,13 @@ def make_monitor_hooks(config, mesh: Mesh, steps_per_epoch: int, total_steps: in
     logging.info('kNN monitor: off (the train split has %s); --mode=embed and --mode=report '
                  'evaluate an unlabeled run.', 'no labels' if not classes else 'one class')
     return []
-  evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds)
+  try:
+    evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds)
+  except errors.DataError as e:
+    if sources.resolve_source(config.data) != 'listed':
+      raise
+    logging.info('kNN monitor: off (%s).', e)  # E.g. a list without an eval split.
+    return []
   logging.info('kNN monitor: %d train / %d eval images, %d classes, after steps %s.',
                len(evaluator.train_ds), len(evaluator.eval_ds),
                max(evaluator.train_ds.num_classes, evaluator.eval_ds.num_classes),

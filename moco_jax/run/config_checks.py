@@ -12,6 +12,7 @@ import ml_collections
 
 from moco_jax import models
 from moco_jax.core import errors
+from moco_jax.data import normalisation
 from moco_jax.methods import registry
 from moco_jax.training import optim
 
@@ -144,10 +145,17 @@ def _validate_ranges(config):
   for field in ('second_view_blur_prob', 'second_view_solarize_prob'):
     _check(config, f'aug.{field}', lambda v: v == -1 or probability(v),
            'must be -1 (as the first view) or a probability in [0, 1]')
-  _check(config, 'aug.mean', lambda v: len(v) == 3 and all(_number(x) for x in v),
-         'must be 3 numbers (R, G, B)')
-  _check(config, 'aug.std', lambda v: len(v) == 3 and all(_number(x) and x > 0 for x in v),
-         'must be 3 numbers > 0 (R, G, B)')
+  channels = config.data.get('channels', 3)
+  _check(config, 'data.channels', positive_int,
+         'must be >= 1 (1 grayscale, 3 RGB, 4 RGBA, or the channels of your .npy / TIFF files)')
+  per_channel = ('R, G, B' if channels == 3 else
+                 f"one per channel of data.channels={channels}, or 'auto' to compute them")
+  _check(config, 'aug.mean', lambda v: normalisation.is_auto(v) or (
+      not isinstance(v, str) and len(v) == channels and all(_number(x) for x in v)),
+         f'must be {channels} numbers ({per_channel})')
+  _check(config, 'aug.std', lambda v: normalisation.is_auto(v) or (
+      not isinstance(v, str) and len(v) == channels and all(_number(x) and x > 0 for x in v)),
+         f'must be {channels} numbers > 0 ({per_channel})')
   # Optimiser.
   ascending = lambda v: all(_number(x) and x >= 0 for x in v) and list(v) == sorted(v)
   _check(config, 'optim.step_epochs', ascending, 'must be ascending epochs >= 0')

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import host_crops
+from moco_jax.data import normalisation
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
@@ -42,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
   guard.check_writable(workdir)
   guard.check_resume_config(workdir, config)  # Before config.json is overwritten.
+  normalisation.resolve(config)  # aug.mean / std = 'auto': computed once, into config.json.
   if jax.process_index() == 0:
     run_config.write_run_config(workdir, config)
   writer = metrics_writer.MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
