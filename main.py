@@ -1,7 +1,7 @@
 """MoCo v2 pretraining and evaluation.
 
   python main.py --config=configs/imagenette.py --workdir=DIR [--config.a.b=value]
-  python main.py --mode=knn|linear_eval|export|report --workdir=DIR [--config.a.b=value]
+  python main.py --mode=knn|linear_eval|export|report|embed --workdir=DIR [--config.a.b=value]
 
 Without --config, the run's own DIR/config.json (written when pretraining
 starts) is the config, and --config.a.b=value overrides apply on top of it
@@ -12,9 +12,11 @@ A new run (no DIR/config.json yet) needs --config.
 --mode=train pretrains (with the kNN monitor); knn and linear_eval evaluate the
 latest checkpoint of DIR (or, with --config.eval.random_init=True, the step-0
 encoder: the floor) and merge their results into DIR/eval.json; export writes
-DIR/backbone_torchvision.npz; report writes DIR/report/index.html for the
-latest checkpoint; pack writes the train and eval splits of --config.data.path (or
-tfds) as ArrayRecord shards + manifest.json into DIR, which --config.data.path=DIR then reads.
+DIR/backbone_torchvision.npz (or .pkl, .safetensors: export.format); report writes
+DIR/report/index.html for the latest checkpoint; embed writes the backbone's
+features of every image of a split to DIR/embeddings/<split>.npy with an index;
+pack writes the train and eval splits of --config.data.path (or tfds) as
+ArrayRecord shards + manifest.json into DIR, which --config.data.path=DIR then reads.
 
 This file is intentionally kept short, as flax's examples: it maps each mode to
 the function that does the work (which tests call too). Flags, the config's
@@ -32,6 +34,7 @@ from absl import logging
 
 from moco_jax import cli
 from moco_jax.data import pack
+from moco_jax.evaluation import embed
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
@@ -48,6 +51,7 @@ MODES = {
     'report': lambda config, workdir: logging.info(
         'Wrote %s.', report.run_report(config, workdir)),
     'pack': pack.run_pack,
+    'embed': lambda config, workdir: logging.info('Wrote %s.', embed.run_embed(config, workdir)),
 }
 
 

@@ -51,6 +51,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Data.
 
 
+
+def _source(data_config):
+  """The data layer's source of a data section (imported late: workers import this file)."""
+  from moco_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import spec  # pylint: disable=g-import-not-at-top
+  return sources.open_source(spec.from_config(data_config))
+
 def _photo(rng, width, height):
   """A photo-like JPEG body: a smooth colour field, mid-frequency texture and fine grain."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -171,7 +178,7 @@ def run_canvas(data: str, cores: int, batch: int, steps: int, warmup: int, size:
   config = default.get_config().data
   config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
-  source = streaming.open_source(config)
+  source = _source(config).open('train')
   it = canvas_loader.train_batches(source, global_batch=batch, seed=0, canvas_side=canvas_side,
                                    num_threads=1, num_processes=cores, prefetch=2,
                                    decoder=decoder)
@@ -201,7 +208,7 @@ def run_canvas_loop(data: str, images: int, canvas_side: int = 512,
   config = default.get_config().data
   config.update(dict(path=data, max_in_memory_gb=0.0,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
-  source = streaming.open_source(config)
+  source = _source(config).open('train')
   canvas = np.empty((canvas_side, canvas_side, 3), np.uint8)
   for i in range(20):
     canvas_loader.decode_into(source.read(i % len(source)), canvas, decoder)

@@ -82,9 +82,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.download = True
   config.data.pack_side = 256  # --mode=pack: short side (px) of the re-encoded JPEGs, at most.
   config.data.path = ''  # ROOT/{train,val}/<class>/* dir or .tar/.tgz of one; set => source=folder.
+  # Also: a folder of images at any depth without class folders, or a .csv/.txt list of image
+  # paths (relative to the list; docs/data.md).
+  # Where labels come from: auto (class folders of an ImageFolder tree, else a list's label
+  # column, else none) | folders | csv | none (unlabeled: kNN/linear refuse; use --mode=embed).
+  config.data.labels = 'auto'
+  # Without an eval folder: the fraction of the images held out (fixed seed) as the eval split.
+  config.data.val_fraction = 0.0
   config.data.train_split = 'train'  # Split used for pretraining.
   config.data.eval_split = 'val'  # Split for kNN / linear eval; if absent: val, validation, test.
   config.data.image_size = 128  # Network input size (crop output), pixels.
+  # Channels of the input: 3 converts every image to RGB; 1 (grayscale), 4 (RGBA) or C (.npy,
+  # TIFF) keep the files' own, and a file with another count is an error (docs/data.md).
+  config.data.channels = 3
   config.data.cache_size = -1  # Decoded side S (shorter side -> S, centre crop); -1: derived:
   config.data.cache_ratio = 1.0  # S = round(image_size x cache_ratio) when cache_size is -1.
   config.data.cache_dir = ''  # Decoded-array (.npy) cache dir ('' = ~/.cache/moco_jax).
@@ -120,8 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug.second_view_solarize_prob = -1.0
   config.aug.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range (kernel ~10% of image_size).
   config.aug.flip = True  # Random horizontal flip.
-  config.aug.mean = (0.485, 0.456, 0.406)  # Normalisation mean (ImageNet).
-  config.aug.std = (0.229, 0.224, 0.225)  # Normalisation std (ImageNet).
+  # Normalisation per channel (ImageNet's); 'auto': computed from a fixed sample of the train
+  # split when the run starts and recorded in config.json (needed when data.channels != 3).
+  config.aug.mean = (0.485, 0.456, 0.406)
+  config.aug.std = (0.229, 0.224, 0.225)
 
   # --- Optimiser ------------------------------------------------------------------
   config.optim = ml_collections.ConfigDict()
@@ -172,8 +184,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''
   config.export = ml_collections.ConfigDict()
   # --mode=export: torchvision (WORKDIR/backbone_torchvision.npz) | detectron2
-  # (WORKDIR/backbone_detectron2.pkl, the official convert-pretrain-to-detectron2.py format).
+  # (WORKDIR/backbone_detectron2.pkl, the official convert-pretrain-to-detectron2.py format) |
+  # safetensors (WORKDIR/backbone.safetensors, torchvision / timm resnet names).
   config.export.format = 'torchvision'
+
+  # --- Embeddings (--mode=embed: WORKDIR/embeddings/<split>.npy + <split>.index.csv) ---------
+  config.embed = ml_collections.ConfigDict()
+  config.embed.split = 'train'  # train (data.train_split) | eval (data.eval_split).
 
   # --- Logging and checkpoints ------------------------------------------------------
   config.log_every_steps = 50  # Progress line + metrics.jsonl row period.

@@ -28,12 +28,13 @@ from ml_collections import config_flags
 from moco_jax import config_checks
 from moco_jax.core import errors
 from moco_jax.data import decode
+from moco_jax.data import normalisation
 from moco_jax.evaluation import results
 from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
 
-MODES = ('train', 'knn', 'linear_eval', 'export', 'report', 'pack')
+MODES = ('train', 'knn', 'linear_eval', 'export', 'report', 'embed', 'pack')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
@@ -181,6 +182,7 @@ def run(argv, modes: dict[str, Callable]):
     validate_for_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir)
     decode.set_max_image_pixels(FLAGS.config.data.get('max_image_pixels',
                                                       decode.DEFAULT_MAX_IMAGE_PIXELS))
+    normalisation.resolve(FLAGS.config)  # aug.mean / std = 'auto': the train split's numbers.
     try:
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)

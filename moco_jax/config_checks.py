@@ -29,7 +29,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   run_checks.check_config(config, num_devices=num_devices, process_count=process_count)
   model_checks.check_config(config.model)
   data_checks.check_config(config)  # The data package reads its own section.
-  aug_checks.check_config(config.aug)
+  aug_checks.check_config(config.aug, config.data.get('channels', 3))
   optim.check_config(config.optim)
   registry.check_config(config, num_devices)  # The method's own section.
   eval_checks.check_config(config)

@@ -17,6 +17,7 @@ from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import canvas_loader
 from moco_jax.data import host_crops
+from moco_jax.data import normalisation
 from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
@@ -45,6 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   config_checks.validate(config, num_devices=num_devices, process_count=jax.process_count())
   guard.check_writable(workdir)  # Creates nothing.
   guard.check_resume_config(workdir, config)  # Against the config.json of the checkpoints.
+  normalisation.resolve(config)  # aug.mean / std = 'auto': computed once, into config.json.
   mesh = parallel.make_mesh()
 
   data = sources.from_config(config)
@@ -180,6 +182,9 @@ def log_run_summary(config, data: sources.Source, setup: step_lib.StepSetup, tra
   logging.info('Data: %s; train split %r: %d images, %d classes; images %s, network input '
                '%d px.', data.describe(), data.spec.train_split, len(train_ds),
                len(train_ds.class_names), decoded, data.spec.image_size)
+  if not train_ds.class_names:
+    logging.info('The train split is unlabeled: pretraining needs no labels; evaluate with '
+                 '--mode=embed or --mode=report (kNN and linear probes need labels).')
   devices = jax.devices()
   local = config.batch_size // len(devices)
   bn = setup.method.describe_batch_norm(config, len(devices))

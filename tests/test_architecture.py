@@ -117,12 +117,16 @@ def test_no_module_uses_another_modules_private_names():
   assert not wrong, wrong
 
 
+# The network's input (its side and channel count): read by the model-side code that builds
+# the step, the encoders and the feature function. Nothing else of config.data is.
+INPUT_FIELDS = ('image_size', 'channels')
+
+
 def test_only_the_data_package_reads_the_data_section():
   """`config.data` is resolved once, into `data.spec.DataSpec`, by the data package.
 
-  Outside it, code holds a `sources.Source` (or its spec). The network's input
-  size, `config.data.image_size`, is read by the model-side code that builds
-  the step and the feature function; nothing else of the section is.
+  Outside it, code holds a `sources.Source` (or its spec), and reads only the
+  network's input fields (`INPUT_FIELDS`) of the section.
   """
   import ast  # pylint: disable=g-import-not-at-top
   wrong = []
@@ -135,7 +139,12 @@ def test_only_the_data_package_reads_the_data_section():
       if isinstance(node, ast.Attribute) and node.attr == 'data' and (
           isinstance(node.value, ast.Name) and node.value.id == 'config'):
         parent = parents.get(node)
-        if isinstance(parent, ast.Attribute) and parent.attr == 'image_size':
+        if isinstance(parent, ast.Attribute) and parent.attr in INPUT_FIELDS:
+          continue
+        call = parents.get(parent)
+        if (isinstance(parent, ast.Attribute) and parent.attr == 'get' and
+            isinstance(call, ast.Call) and call.args and
+            isinstance(call.args[0], ast.Constant) and call.args[0].value in INPUT_FIELDS):
           continue
         wrong.append(f'{os.path.relpath(path, ROOT)}:{node.lineno}')
   assert not wrong, 'Build the source once (data.sources.from_config) and pass it: ' + str(wrong)

@@ -247,7 +247,7 @@ def _source(root, tmp_path):
   config = default.get_config().data
   config.update(dict(path=str(root), image_size=16, cache_dir=str(tmp_path / 'cache'),
                      max_in_memory_gb=0.0))
-  return streaming.open_source(config)
+  return sources.open_source(data_spec.from_config(config)).open('train')
 
 
 def _take(source, steps, **kwargs):
@@ -301,11 +301,13 @@ import numpy as np
 from configs import default
 from moco_jax.data import canvas_loader
 from moco_jax.data import streaming
+from moco_jax.data import sources
+from moco_jax.data import spec as data_spec
 
 def main():
   config = default.get_config().data
   config.update(dict(path={str(root)!r}, cache_dir={str(tmp_path / 'c')!r}, max_in_memory_gb=0.0))
-  source = streaming.open_source(config)
+  source = sources.open_source(data_spec.from_config(config)).open('train')
   kwargs = dict(global_batch=4, seed=0, canvas_side=48, num_threads=1)
   workers = canvas_loader.train_batches(source, num_processes=2, **kwargs)
   threads = canvas_loader.train_batches(source, num_processes=0, **kwargs)

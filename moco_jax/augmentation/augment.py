@@ -26,6 +26,11 @@ MoCo v1's set is the same with jitter_prob=1, blur_prob=0, jitter 0.4 x 4.
 Colour ops follow torchvision's tensor formulas (`torchvision.transforms.v2.
 functional`), including the random order of the four jitter ops.
 
+Images with C != 3 channels (`data.channels`: grayscale, RGBA, multispectral)
+get the same crop, blur, flip and normalisation (per channel); colour jitter
+becomes per-channel brightness and contrast jitter (`channel_jitter`) and
+grayscale is skipped: hue, saturation and luma are RGB notions.
+
 Known differences from the reference (PIL) pipeline, all deliberate:
   * PIL's ColorJitter works on uint8 with its own rounding; the tensor
     formulas here work on float and clamp to [0, 1] after each op.
@@ -110,13 +115,17 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
     x = jnp.clip(image_ops.resized_crop(x, box, image_size), 0.0, 1.0)
 
   strength = tuple(float(v) for v in aug_config.jitter)
-  if aug_config.jitter_prob > 0 and any(strength):
+  if x.shape[-1] != 3:  # Not RGB (data.channels): no hue, saturation or grayscale.
+    if aug_config.jitter_prob > 0 and any(strength[:2]):
+      jittered = channel_jitter(jax.random.fold_in(key, 1), x, strength[0], strength[1])
+      x = jnp.where(u_jitter < aug_config.jitter_prob, jittered, x)
+  elif aug_config.jitter_prob > 0 and any(strength):
     factors = image_ops.jitter_factors_from_uniforms(u_factors, strength)
     order = jnp.argsort(u_order)  # A uniformly random permutation of the 4 ops.
     jittered = image_ops.color_jitter(x, factors, order, with_hue=strength[3] > 0)
     x = jnp.where(u_jitter < aug_config.jitter_prob, jittered, x)
 
-  if aug_config.grayscale_prob > 0:
+  if aug_config.grayscale_prob > 0 and x.shape[-1] == 3:
     gray = jnp.broadcast_to(image_ops.grayscale(x), x.shape)
     x = jnp.where(u_gray < aug_config.grayscale_prob, gray, x)
 
@@ -134,6 +143,24 @@ def random_view(key: jax.Array, image: jax.Array, aug_config, image_size: int,
   if aug_config.flip:
     x = jnp.where(u_flip < 0.5, image_ops.hflip(x), x)
   return image_ops.normalize(x, aug_config)
+
+
+def channel_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: float) -> jax.Array:
+  """Per-channel brightness then contrast jitter of [H, W, C] in [0, 1] (C != 3).
+
+  Each channel gets its own factors b_c ~ U[max(0, 1 - brightness), 1 + brightness]
+  and c_c ~ U[max(0, 1 - contrast), 1 + contrast] (torchvision's ranges):
+  x_c <- clip(b_c x_c), then x_c <- clip(c_c x_c + (1 - c_c) mean(x_c)), the
+  RGB formulas with each channel its own luma. Its uniforms come from a key of
+  their own, so the RGB path draws exactly what it drew before.
+  """
+  u = jax.random.uniform(key, (2, x.shape[-1]), x.dtype)
+  b_lo, c_lo = max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast)
+  b = b_lo + (1.0 + brightness - b_lo) * u[0]
+  c = c_lo + (1.0 + contrast - c_lo) * u[1]
+  x = jnp.clip(x * b, 0.0, 1.0)
+  mean = jnp.mean(x, axis=(0, 1))
+  return jnp.clip(c * x + (1.0 - c) * mean, 0.0, 1.0)
 
 
 def two_views(rng, images, example_ids, aug_config, image_size, dtype=jnp.float32):

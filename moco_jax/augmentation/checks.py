@@ -5,8 +5,16 @@ from moco_jax.core import checks
 PREFIX = 'config.aug.'
 
 
-def check_config(aug) -> None:
-  """ConfigError naming the first field of `config.aug` the augmentation cannot use."""
+def _is_auto(value) -> bool:
+  """'auto' (or ('auto',)): computed from the train split when the run starts."""
+  return value == 'auto' or (isinstance(value, (tuple, list)) and list(value) == ['auto'])
+
+
+def check_config(aug, channels: int = 3) -> None:
+  """ConfigError naming the first field of `config.aug` the augmentation cannot use.
+
+  `channels` is the images' channel count (`data.channels`): one mean and std each.
+  """
   check = lambda field, ok, rule, hint='': checks.check(aug, field, ok, rule, hint, prefix=PREFIX)
   check('crop_scale', checks.pair(lambda lo: lo > 0, lambda hi: hi <= 1),
         'must be (min, max) with 0 < min <= max <= 1', 'area fraction of RandomResizedCrop')
@@ -22,7 +30,11 @@ def check_config(aug) -> None:
     check(field, lambda v: v == -1 or checks.probability(v),
           'must be -1 (as the first view) or a probability in [0, 1]')
   check('flip', checks.flag, 'must be True or False')
-  check('mean', lambda v: len(v) == 3 and all(checks.number(x) for x in v),
-        'must be 3 numbers (R, G, B)')
-  check('std', lambda v: len(v) == 3 and all(checks.number(x) and x > 0 for x in v),
-        'must be 3 numbers > 0 (R, G, B)')
+  per_channel = ('R, G, B' if channels == 3 else
+                 f"one per channel of data.channels={channels}, or 'auto' to compute them")
+  check('mean', lambda v: _is_auto(v) or (
+      not isinstance(v, str) and len(v) == channels and all(checks.number(x) for x in v)),
+        f'must be {channels} numbers ({per_channel})')
+  check('std', lambda v: _is_auto(v) or (
+      not isinstance(v, str) and len(v) == channels and all(checks.number(x) and x > 0 for x in v)),
+        f'must be {channels} numbers > 0 ({per_channel})')

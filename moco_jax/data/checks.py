@@ -48,6 +48,11 @@ def check_config(config) -> None:
          'must be >= 1 (px): the side of the canvas each streamed image is decoded into')
   _check(data, 'decoder', lambda v: v in ('pillow', 'simplejpeg'),
          "must be 'pillow' or 'simplejpeg'")
+  checks.choice(data, 'labels', spec.LABEL_MODES, prefix=PREFIX)
+  _check(data, 'val_fraction', lambda v: checks.number(v) and 0 <= v < 1,
+         'must be in [0, 1)', 'the fraction of images held out as the eval split (0: none)')
+  _check(data, 'channels', checks.positive_int,
+         'must be >= 1 (1 grayscale, 3 RGB, 4 RGBA, or the channels of your .npy / TIFF files)')
   _check(data, 'pack_side', checks.positive_int,
          'must be > 0 (px): --mode=pack re-encodes each image with its short side at most this')
   _check(data, 'max_image_pixels', lambda v: checks.integer(v) and (v == -1 or v > 0),

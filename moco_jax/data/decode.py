@@ -195,7 +195,9 @@ def decode_stream(items: Iterable[tuple[str, bytes]], side: int, num_workers: in
 
 def assemble(decoded: dict, names: list[str], side: int) -> tuple[np.ndarray, np.ndarray]:
   """(images [len(names), S, S, 3], ok [len(names)]) in `names` order; empties `decoded`."""
-  images = np.zeros((len(names), side, side, 3), np.uint8)
+  first = next((a for a in decoded.values() if a is not None), None)
+  channels = first.shape[-1] if first is not None else 3  # data.channels (moco_jax.data.channels).
+  images = np.zeros((len(names), side, side, channels), np.uint8)
   ok = np.zeros((len(names),), bool)
   for i, name in enumerate(names):
     array = decoded.pop(name, None)

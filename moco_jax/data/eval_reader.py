@@ -24,8 +24,14 @@ from moco_jax.data.dataset import ImageDataset, Source
 
 
 def read_decoded(source, index: int, side: int) -> Optional[np.ndarray]:
-  """uint8 [side, side, 3] of example `index` of `source`, or None if unreadable."""
+  """uint8 [side, side, C] of example `index` of `source`, or None if unreadable.
+
+  A source with its own `decode(index, side)` (C channels: `listed.ListedReader`) uses it.
+  """
   try:
+    own = getattr(source, 'decode', None)
+    if own is not None:
+      return own(index, side)
     return decode.decode_value(source.read(index), side)
   except OSError:
     return None
@@ -54,7 +60,7 @@ def decoded_batches(source, batches: Iterable[np.ndarray], side: int, num_worker
       for indices in it:  # Keep `lookahead` batches decoding while this one is consumed.
         submit(indices)
         break
-      images = np.zeros((len(futures), side, side, 3), np.uint8)
+      images = np.zeros((len(futures), side, side, getattr(source, 'channels', 3)), np.uint8)
       ok = np.zeros((len(futures),), bool)
       for j, future in enumerate(futures):
         array = future.result()
@@ -73,7 +79,7 @@ def subset_indices(num: int, wanted: int, seed: int = 0) -> np.ndarray:
 def decode_subset(source, indices: np.ndarray, side: int, num_workers: int,
                   batch: int = 256) -> ImageDataset:
   """The examples `indices` of `source`, decoded into memory; unreadable ones are dropped."""
-  images = np.zeros((len(indices), side, side, 3), np.uint8)
+  images = np.zeros((len(indices), side, side, getattr(source, 'channels', 3)), np.uint8)
   ok = np.zeros((len(indices),), bool)
   chunks = [indices[i:i + batch] for i in range(0, len(indices), batch)]
   start = 0

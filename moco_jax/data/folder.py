@@ -23,7 +23,7 @@ from moco_jax.data import spec as spec_lib
 from moco_jax.data.spec import ARCHIVE_SUFFIXES, DataSpec, is_archive_name
 
 
-def _member_name(member: tarfile.TarInfo) -> str:
+def member_name(member: tarfile.TarInfo) -> str:
   """Archive member name without a leading './' or trailing '/'."""
   name = member.name
   while name.startswith('./'):
@@ -53,7 +53,7 @@ Image.init()
 IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # '.jpg', '.png', '.tif', ...
 
 
-def _image_name(name: str) -> bool:
+def image_name(name: str) -> bool:
   """Whether a file name looks like an image (to tell a stray README from a layout)."""
   return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
@@ -122,7 +122,7 @@ class Tree:
     splits = self._decode_splits['splits'] if self._decode_splits else ()
     with tarfile.open(self.path, 'r|*') as tar:
       for member in tar:
-        name = _member_name(member)
+        name = member_name(member)
         if not _visible(name):
           continue
         if member.isdir():
@@ -143,7 +143,7 @@ class Tree:
     if len(tops) == 1:
       top = next(iter(tops))
       inner = {n.split('/')[1] for n in self.files if n.count('/') >= 3 and n.startswith(top + '/')}
-      outer = {n.split('/')[0] for n in self.files if n.count('/') == 2 and _image_name(n)}
+      outer = {n.split('/')[0] for n in self.files if n.count('/') == 2 and image_name(n)}
       if inner and not outer:
         return top + '/'
     return ''
@@ -224,7 +224,8 @@ def _folder_split(tree: Tree, spec: DataSpec, split: str) -> tuple[str, list[str
     raise errors.DataError(
         f'{where} has no {train_dir!r} folder of class folders (found: {available or "nothing"}). '
         f'Expected ROOT/{train_dir}/<class>/<image>, optionally inside one top-level folder; fix '
-        '--config.data.path or --config.data.train_split.')
+        '--config.data.path or --config.data.train_split (images without class folders: '
+        '--config.data.labels=none).')
   field = spec_lib.split_field(split)
   split_dir = dataset.pick_split(spec.split_name(split), available, field, where,
                                  allow_fallback=(split == 'eval'))

@@ -21,14 +21,20 @@ Kinds:
     read as is; tar is sequential, so it is never streamed.
   * packed (`moco_jax.data.packed`, written by `moco_jax.data.pack`): a
     directory of ArrayRecord shards and a manifest, read at random.
+  * listed (`moco_jax.data.listed`): your own images, a folder of images at
+    any depth without class folders (or an archive of one), or a .csv/.txt
+    list of image paths, with labels per `data.labels` and any channel count.
   * tfds (`moco_jax.data.tfds_source`): `data.name` in `data.data_dir`,
     downloaded and prepared first if it is not (`data.download`).
   * synthetic (`moco_jax.data.synthetic`): random images, for benchmarks and tests.
 """
 
+import os
+
 from moco_jax.core import errors
 from moco_jax.data import folder
 from moco_jax.data import folder_reader
+from moco_jax.data import listed
 from moco_jax.data import packed
 from moco_jax.data import spec as spec_lib
 from moco_jax.data import synthetic
@@ -83,6 +89,31 @@ class PackedSource(Source):
     return f'the packed directory {self.spec.path}'
 
 
+class ListedSource(Source):
+  """Your own images: a folder without class folders, an archive of one, or a .csv/.txt list."""
+
+  def __init__(self, spec: DataSpec):
+    super().__init__(spec)
+    # Archives are sequential: decoded into memory, never streamed (as the archive kind).
+    self.streamable = not (os.path.isfile(spec.path) and spec_lib.is_archive_name(spec.path))
+
+  def count(self, split: str) -> int:
+    return listed.count(self.spec, split)
+
+  def load(self, split: str) -> ImageDataset:
+    return listed.load_listed(self.spec, split)
+
+  def open(self, split: str) -> StreamSource:
+    if not self.streamable:
+      raise errors.DataError(f'data.path={self.spec.path!r} is an archive: archives cannot be '
+                             'streamed; unpack it into a directory and point data.path at it.')
+    return listed.open_listed_reader(self.spec, split)
+
+  def describe(self) -> str:
+    what = {'none': 'unlabeled', 'csv': 'labelled by its list'}.get(self.spec.labels, '')
+    return f'your images at {self.spec.path}' + (f' ({what})' if what else '')
+
+
 class TfdsSource(Source):
   """A tfds dataset (downloaded and prepared when it can be), decoded or read at random."""
 
@@ -119,7 +150,7 @@ class SyntheticSource(Source):
 
 
 KINDS = {'folder': FolderSource, 'archive': ArchiveSource, 'packed': PackedSource,
-         'tfds': TfdsSource,
+         'listed': ListedSource, 'tfds': TfdsSource,
          'synthetic': SyntheticSource}
 
 

@@ -14,7 +14,9 @@ import os
 from moco_jax.core import errors
 
 ARCHIVE_SUFFIXES = ('.tar', '.tgz', '.tar.gz')
-KINDS = ('folder', 'archive', 'packed', 'tfds', 'synthetic')
+KINDS = ('folder', 'archive', 'packed', 'listed', 'tfds', 'synthetic')
+LIST_SUFFIXES = ('.csv', '.tsv', '.txt')
+LABEL_MODES = ('auto', 'folders', 'csv', 'none')
 PACKED_MANIFEST = 'manifest.json'  # A directory holding one is packed (`moco_jax.data.pack`).
 SOURCES = ('tfds', 'folder', 'synthetic')  # Every `data.source` (data.path set means a folder).
 # Splits tried, in order, when the configured eval split is missing:
@@ -28,7 +30,11 @@ class DataSpec:
 
   Attributes:
     kind: 'folder' (an ImageFolder directory), 'archive' (a tar of one),
-      'packed' (ArrayRecord shards written by --mode=pack), 'tfds' or 'synthetic'.
+      'packed' (ArrayRecord shards written by --mode=pack), 'listed' (your own
+      images: a folder without class folders, an archive of one, or a
+      .csv/.tsv/.txt list), 'tfds' or 'synthetic'.
+    labels, val_fraction, channels: where labels come from, the held-out
+      fraction without an eval split, and the channels kept (listed data).
     path: `data.path`, absolute ('' for tfds and synthetic data).
     train_split, eval_split: the split names asked for (the eval split falls
       back to EVAL_FALLBACKS when absent).
@@ -56,6 +62,9 @@ class DataSpec:
   canvas_side: int = 512
   decoder: str = 'pillow'
   pack_side: int = 256
+  labels: str = 'auto'
+  val_fraction: float = 0.0
+  channels: int = 3
   synthetic_examples: int = 0
   synthetic_classes: int = 0
 
@@ -112,16 +121,82 @@ def default_cache_dir(data_config) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
+def labels_mode(data_config) -> str:
+  """`data.labels`, checked: auto | folders | csv | none."""
+  mode = data_config.get('labels', 'auto')
+  if mode not in LABEL_MODES:
+    raise errors.ConfigError(f'data.labels={mode!r} is not one of {" | ".join(LABEL_MODES)}: '
+                             'set --config.data.labels=folders (class folders), csv (a list\'s '
+                             'label column), none (unlabeled) or auto.')
+  return mode
+
+
+def is_list_file(path: str) -> bool:
+  return path.lower().endswith(LIST_SUFFIXES)
+
+
+def _has_folder_layout(path: str, train_split: str) -> bool:
+  """Whether a directory looks like ROOT[/top]/<train_split>/<class>/ (cheap: no listing)."""
+  tops = [path]
+  try:
+    subdirs = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
+  except OSError:
+    return False
+  if len(subdirs) == 1:
+    tops.append(subdirs[0])
+  for top in tops:
+    split = os.path.join(top, train_split)
+    if os.path.isdir(split):
+      with os.scandir(split) as entries:
+        if any(e.is_dir() and not e.name.startswith('.') for e in entries):
+          return True
+  return False
+
+
+def _is_listed(data_config, path: str) -> bool:
+  """Whether `data.path` holds your own images (a list, or images without class folders)."""
+  mode = labels_mode(data_config)
+  raw = data_config.get('path', '')
+  if is_list_file(path):
+    if mode == 'folders':
+      raise errors.ConfigError(
+          f'data.labels=folders needs class folders, but data.path={raw!r} is a list file: set '
+          '--config.data.labels=csv (its label column) or none.')
+    return True
+  if mode == 'csv':
+    raise errors.ConfigError(
+        f'data.labels=csv needs a .csv/.tsv/.txt list, but data.path={raw!r} is not one: set '
+        '--config.data.path to the list, or --config.data.labels=folders or none.')
+  if mode == 'none':
+    return True
+  if mode == 'folders' or not os.path.isdir(path):
+    return False  # An ImageFolder tree or archive (missing paths get the folder's message).
+  return not _has_folder_layout(path, data_config.get('train_split', 'train'))
+
+
 def _kind(data_config) -> tuple[str, str]:
-  """(kind, absolute path): a set `data.path` always means a folder or an archive."""
+  """(kind, absolute path): a set `data.path` is a folder, archive, packed or listed data."""
   raw = data_config.get('path', '') or ''
+  channels = int(data_config.get('channels', 3))
   if raw:
     path = os.path.normpath(os.path.abspath(os.path.expanduser(raw)))
+    if _is_listed(data_config, path):
+      return 'listed', path
+    if channels != 3:
+      raise errors.ConfigError(
+          f'data.channels={channels} is read from folders of your own images and lists '
+          '(moco_jax/data/listed.py); an ImageFolder tree is decoded as RGB: set '
+          '--config.data.labels=none (unlabeled) or list the images with their labels in a '
+          '.csv, or set --config.data.channels=3.')
     if os.path.isfile(path) and is_archive_name(path):
       return 'archive', path
     if os.path.isfile(os.path.join(path, PACKED_MANIFEST)):
       return 'packed', path
     return 'folder', path
+  if channels != 3:
+    raise errors.ConfigError(f'data.channels={channels} needs data.path (a folder or list of '
+                             'your images); tfds and synthetic data are RGB: set '
+                             '--config.data.channels=3.')
   source = data_config.get('source', 'tfds')
   if source not in SOURCES:
     raise errors.ConfigError(f'data.source={source!r} is not one of {" | ".join(SOURCES)}.')
@@ -154,6 +229,8 @@ def from_config(data_config) -> DataSpec:
       canvas_side=int(data_config.get('canvas_side', 512)),
       decoder=str(data_config.get('decoder', 'pillow')),
       pack_side=int(data_config.get('pack_side', 256)),
+      labels=labels_mode(data_config), val_fraction=float(data_config.get('val_fraction', 0.0)),
+      channels=int(data_config.get('channels', 3)),
       synthetic_examples=int(data_config.get('synthetic_examples', 0)) if synthetic else 0,
       synthetic_classes=int(data_config.get('synthetic_classes', 0)) if synthetic else 0)
 
@@ -168,6 +245,8 @@ def identity(spec: DataSpec) -> dict:
   out = {'kind': 'folder' if spec.kind in ('archive', 'packed') else spec.kind}
   if spec.path:
     out['path'] = spec.path
+  if spec.kind == 'listed':
+    out.update(labels=spec.labels, val_fraction=spec.val_fraction, channels=spec.channels)
   if spec.kind == 'tfds':
     out.update(name=spec.name, data_dir=spec.data_dir)
   if spec.kind == 'synthetic':

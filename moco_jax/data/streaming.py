@@ -79,12 +79,12 @@ def plan(source: Source, split: str = 'train', log: bool = True,
   spec = source.spec
   if spec.kind == 'synthetic':
     return Plan(False, 'synthetic data is generated in memory')
-  if spec.kind == 'archive' and (evaluation or split != 'train'):
+  if not source.streamable and (evaluation or split != 'train'):
     return Plan(False, f'data.path={spec.path!r} is an archive: its {split} split is decoded '
                 'into memory')
   budget, budget_text = spec.memory_budget, spec.memory_budget_text
   count = source.count(split)  # tfds: from its metadata; a folder: its cached file index.
-  size = count * spec.side * spec.side * 3
+  size = count * spec.side * spec.side * spec.channels
   what = (f'the {split} split ({count:,} images of {source.describe()}) decodes to {size / 2**30:.2f} GiB '
           f'at {spec.side} px')
   if size > budget and not source.streamable:
@@ -94,8 +94,15 @@ def plan(source: Source, split: str = 'train', log: bool = True,
         f'(mkdir DIR && tar xf {spec.path} -C DIR) and set --config.data.path=DIR, '
         'or raise --config.data.max_in_memory_gb if this host has the memory.')
   if size > budget:
+    reader = source.open(split)
+    if not evaluation and (spec.channels != 3 or getattr(reader, 'has_arrays', False)):
+      # The streaming loaders cut or decode RGB Pillow images (host_crops, canvas_loader).
+      raise errors.DataError(
+          f'{what}, more than {budget_text}, and streamed training reads 3-channel images only '
+          f'(data.channels={spec.channels}' + (', .npy arrays' if spec.channels == 3 else '') +
+          '): raise --config.data.max_in_memory_gb so the split is decoded into memory once.')
     result = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it',
-                  source.open(split))
+                  reader)
   else:
     result = Plan(False, f'{what} <= {budget / 2**30:.2f} GiB = {budget_text}: decoding it into '
                   'memory once')

@@ -25,11 +25,25 @@ the same arrays under the names facebookresearch/moco's
 which detectron2's checkpointer reads as is (config snippet: docs/transfer.md).
 Plain NumPy in a pickle: reading it needs no torch. The names, both ways, are
 `moco_jax.weights.torchvision_names`.
+
+
+`config.export.format=safetensors` writes WORKDIR/backbone.safetensors: the
+torchvision arrays in the safetensors format (no pickle, memory-mappable),
+whose key names are also timm's for its `resnet18/34/50` (timm keeps
+torchvision's layout: conv1, bn1, layerN.B.convK, downsample.0/1). Both load
+it with strict key matching once the classifier is removed
+(`model.fc = torch.nn.Identity()`; timm: `create_model('resnet50', num_classes=0)`):
+
+  from safetensors.torch import load_file
+  model.load_state_dict(load_file('backbone.safetensors'))
+
+Its metadata (strings) carries the model config and the normalisation.
 """
 
 import json
 import os
 import pickle
+import tempfile
 
 from absl import logging
 import jax
@@ -64,11 +78,31 @@ FORMATS = {  # export.format -> (file name in WORKDIR, what the sidecar says it 
     'detectron2': ('backbone_detectron2.pkl',
                    'detectron2 pickle of detection/convert-pretrain-to-detectron2.py '
                    '(facebookresearch/moco) without fc; conv weights OIHW'),
+    'safetensors': ('backbone.safetensors',
+                    'safetensors of the torchvision / timm ResNet state_dict without fc; conv '
+                    'weights OIHW'),
 }
 
 
+def write_safetensors(state: dict, path: str, metadata: dict) -> None:
+  """`state` as a .safetensors file (written beside `path`, then renamed over it)."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  # Not np.ascontiguousarray: it makes num_batches_tracked (0-d, as in torch) 1-d.
+  arrays = {k: np.array(v, order='C') for k, v in state.items()}
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  os.close(fd)
+  try:
+    safetensors_numpy.save_file(arrays, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
-                    export_format: str = 'torchvision') -> dict:
+                    export_format: str = 'torchvision', metadata=None) -> dict:
   """Writes the backbone to `path` in `export_format` + a .json sidecar.
 
   Args:
@@ -78,6 +112,8 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
     path: output path (.npz for torchvision, .pkl for detectron2).
     model_config: config.model, recorded in the sidecar (optional).
     export_format: a key of `FORMATS`.
+    metadata: extra facts for the sidecar (and the safetensors header), e.g.
+      the normalisation.
 
   Returns:
     The exported {name: array} dict (torchvision names for both formats).
@@ -86,7 +122,13 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
   params, batch_stats = _backbone_trees(state_or_params, batch_stats)
   state = torchvision_names.torchvision_state_dict(params, batch_stats)
   files.make_dir(os.path.dirname(os.path.abspath(path)), 'the export')
-  if export_format == 'detectron2':
+  facts = {'format': FORMATS[export_format][1], **(metadata or {})}
+  if model_config is not None:
+    facts['model'] = model_config.to_dict()
+  if export_format == 'safetensors':
+    write_safetensors(state, path, {k: json.dumps(v) if not isinstance(v, str) else v
+                                    for k, v in facts.items()})
+  elif export_format == 'detectron2':
     checkpoint = torchvision_names.detectron2_checkpoint(state)
     files.atomic_write(path, lambda f: pickle.dump(checkpoint, f), binary=True)
   else:
@@ -94,8 +136,7 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
   if model_config is not None:
     sidecar = os.path.splitext(path)[0] + '.json'
     with open(sidecar, 'w') as f:
-      json.dump({'model': model_config.to_dict(), 'format': FORMATS[export_format][1]}, f,
-                indent=2, sort_keys=True)
+      json.dump(facts, f, indent=2, sort_keys=True)
   return state
 
 
@@ -104,7 +145,23 @@ def check_format(export_format: str):
   if not isinstance(export_format, str) or export_format not in FORMATS:
     raise errors.ConfigError(f'config.export.format={export_format!r} is not one of '
                              f'{" | ".join(FORMATS)}: set --config.export.format=torchvision '
-                             '(.npz) or detectron2 (.pkl).')
+                             '(.npz), detectron2 (.pkl) or safetensors (.safetensors).')
+
+
+def normalisation(config) -> dict:
+  """What a consumer must feed the backbone: input channels and per-channel mean / std (0-1)."""
+  channels = int(config.data.get('channels', 3))
+  facts = {'in_channels': channels, 'mean': list(config.aug.mean),
+           'std': list(config.aug.std), 'image_size': int(config.data.image_size)}
+  if channels != 3:  # conv1 holds the real C-channel kernel [64, C, k, k].
+    facts['consumers'] = (
+        f'conv1.weight takes {channels} channels: timm loads it with create_model(name, '
+        f'in_chans={channels}, num_classes=0); torchvision after model.conv1 = '
+        f'torch.nn.Conv2d({channels}, 64, 7, 2, 3, bias=False) (3x3 stride 1 for the CIFAR '
+        'stem) and model.fc = Identity(); detectron2 needs MODEL.PIXEL_MEAN / PIXEL_STD with '
+        f'{channels} values (x255) and a {channels}-channel input; the official detectron2 '
+        'converter and RGB-only tools do not accept it.')
+  return facts
 
 
 def run_export(config, workdir: str) -> str:
@@ -129,6 +186,7 @@ def run_export(config, workdir: str) -> str:
     logging.warning('model.stem=%r: detectron2\'s ResNet has the 7x7 ImageNet stem, so this '
                     'conv1 will not load there (docs/transfer.md).', config.model.stem)
   if jax.process_index() == 0:
-    export_backbone(params, batch_stats, path, config.model, export_format)
+    export_backbone(params, batch_stats, path, config.model, export_format,
+                    metadata=normalisation(config))
   results.write_results(workdir, {'export_step': step})
   return path

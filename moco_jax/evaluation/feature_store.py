@@ -86,7 +86,7 @@ def feature_key(config, spec, source, split: str, weights: str) -> dict:
   # give another index, hence another key.
   return {'version': FEATURE_VERSION, 'weights': weights, 'split': split, 'where': source.where,
           'count': len(source), 'index': getattr(source, 'index_path', None), 'side': spec.side,
-          'image_size': spec.image_size, 'mean': list(config.aug.mean),
+          'image_size': spec.image_size, 'channels': spec.channels, 'mean': list(config.aug.mean),
           'std': list(config.aug.std), 'dtype': config.model.dtype,
           'model': config.model.to_dict() if hasattr(config.model, 'to_dict') else
                    dict(config.model),
@@ -148,46 +148,76 @@ def stored_features(config, spec, backbone, variables, source, split: str, mesh:
   return _extract(config, spec, backbone, variables, source, split, mesh, path, key)
 
 
+def feature_batches(config, spec, backbone, variables, source, mesh: Mesh, start: int = 0):
+  """Yields (first row, float16 raw features [b, D], readable [b]) of `source`, from row `start`.
+
+  The streamed side of the one extraction loop (`features.encoded_batches`), for
+  the stored features here and `--mode=embed`'s file: every process reads its
+  slice of each global batch of rows through `eval_reader` (the in-memory
+  path's eval view), the backbone encodes it on the mesh, and every process
+  receives the whole batch's rows in order. `start` must be a multiple of the
+  global batch (a resumed pass starts where a batch started).
+  """
+  num = len(source)
+  batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
+  if start % batch:
+    raise ValueError(f'start={start} is not a multiple of the global batch {batch}')
+  local = batch // jax.process_count()
+  positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
+               for s in range(start, num, batch)]
+  reads = eval_reader.decoded_batches(source, (np.minimum(p, num - 1) for p in positions),
+                                      spec.side, spec.num_workers)
+  batches = ((images, p < num, ok) for p, (images, ok) in zip(positions, reads))
+  row = start
+  for rows, good in features.encoded_batches(config, backbone, variables, mesh, batches):
+    rows = rows.astype(np.float16)
+    if not np.isfinite(rows).all():
+      raise errors.NonFiniteError(
+          f'Backbone features of images {row}..{row + len(rows)} of {source.where} are not '
+          'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
+    yield row, rows, good
+    row += len(rows)
+
+
+class Progress:
+  """A progress line every ~30 s of a pass over `num` rows (rate and time left)."""
+
+  def __init__(self, what: str, num: int, done: int = 0):
+    self.what, self.num, self.first = what, num, done
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    if time.perf_counter() - self.last > _LOG_EVERY_S:
+      self.last = time.perf_counter()
+      rate = (done - self.first) / (self.last - self.start)
+      logging.info('%s: %d / %d images (%.0f images/s, %.0f s left).', self.what, done,
+                   self.num, rate, (self.num - done) / max(rate, 1e-9))
+
+
 def _extract(config, spec, backbone, variables, source, split, mesh, path,
              key) -> StoredFeatures:
   """Streams `source` through the backbone into `path`.f16, then writes the marker."""
   num = len(source)
   batch = features.eval_batch_size(config.eval.batch_size, mesh.size)
-  local = batch // jax.process_count()
-  starts = range(0, num, batch)
-  positions = [np.arange(s + jax.process_index() * local, s + (jax.process_index() + 1) * local)
-               for s in starts]
   files.make_dir(os.path.dirname(path), 'the feature store')
   tmp = f'{path}.f16.tmp{os.getpid()}'
   labels = np.asarray([source.label(i) for i in range(num)], np.int32)
   valid = np.zeros((num,), bool)
-  dim, written, start, last_log = None, 0, time.perf_counter(), time.perf_counter()
-  side = spec.side
+  dim, written, start = None, 0, time.perf_counter()
+  progress = Progress(f'Features of {split}', num)
   logging.info('Extracting %s features of %d images of %s by streaming (%d per batch, '
                'decoding with %d threads) into %s.f16.', split, num, source.where, batch,
                spec.num_workers, path)
   try:
     with open(tmp, 'wb') as out:
-      reads = eval_reader.decoded_batches(
-          source, (np.minimum(p, num - 1) for p in positions), side, spec.num_workers)
-      batches = ((images, p < num, ok) for p, (images, ok) in zip(positions, reads))
-      for rows, good in features.encoded_batches(config, backbone, variables, mesh, batches):
-        rows = rows.astype(np.float16)
+      for first, rows, good in feature_batches(config, spec, backbone, variables, source, mesh):
         if dim is None:
           dim = rows.shape[1]
-          _check_disk(path, num * dim * 2)
-        if not np.isfinite(rows).all():
-          raise errors.NonFiniteError(
-              f'Backbone features of {split} images {written}..{written + len(rows)} are not '
-              'finite in float16 (|x| > 65504 or NaN): the checkpoint has diverged.')
+          check_disk(path, num * dim * 2)
         out.write(rows.tobytes())
-        valid[written:written + len(rows)] = good
-        written += len(rows)
-        if time.perf_counter() - last_log > _LOG_EVERY_S:
-          last_log = time.perf_counter()
-          rate = written / (last_log - start)
-          logging.info('Features of %s: %d / %d images (%.0f images/s, %.0f s left).', split,
-                       written, num, rate, (num - written) / max(rate, 1e-9))
+        valid[first:first + len(rows)] = good
+        written = first + len(rows)
+        progress.update(written)
     if written != num:
       raise AssertionError(f'extracted {written} features for {num} images')
     files.atomic_write(path + '.labels.npz', lambda f: np.savez(f, labels=labels, valid=valid),
@@ -217,7 +247,7 @@ def _extract(config, spec, backbone, variables, source, split, mesh, path,
   return open_stored(path, key)
 
 
-def _check_disk(path: str, needed: int) -> None:
+def check_disk(path: str, needed: int) -> None:
   """Fails before the pass, in one message, when the disk cannot hold the file."""
   free = shutil.disk_usage(os.path.dirname(path)).free
   if free < needed:

@@ -32,7 +32,8 @@ def random_init_encoder(config):
   """
   encoder = registry.create(config, num_devices=1).encoder
   return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
-                                             config.data.image_size)
+                                             config.data.image_size,
+                                             int(config.data.get('channels', 3)))
 
 
 def query_encoder(config, workdir: str):
@@ -50,7 +51,8 @@ def query_encoder(config, workdir: str):
     logging.info('Evaluating the checkpoint in %s, not config.init_from=%s (which only seeds a '
                  'new run, or is evaluated while WORKDIR has no checkpoint).',
                  checkpoints.checkpoint_dir(workdir), path)
-  params, batch_stats, step = checkpoints.restore_query_encoder(workdir, config.model)
+  params, batch_stats, step = checkpoints.restore_query_encoder(
+      workdir, config.model, channels=int(config.data.get('channels', 3)))
   guard.check_finite_weights({'params': params, 'batch_stats': batch_stats},
                              f'The checkpoint of step {step} in {checkpoints.checkpoint_dir(workdir)}')
   return params, batch_stats, step

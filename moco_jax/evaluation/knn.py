@@ -32,6 +32,7 @@ from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
+from moco_jax.evaluation import label_check
 from moco_jax.evaluation import results
 from moco_jax.methods import contrastive
 from moco_jax import models
@@ -209,8 +210,7 @@ class KnnEvaluator:
     self.train_ds, self.eval_ds = train_ds, eval_ds
     self.backbone = models.create_backbone(config.model)
     if self.train_ds.num_classes < 2:
-      raise errors.DataError(f'The train split has {self.train_ds.num_classes} class(es): kNN needs '
-                       'labels; check config.data.path / config.data.train_split.')
+      raise label_check.refusal(self.train_ds.num_classes, 'the train split', 'knn')
 
   def __call__(self, variables) -> float:
     """kNN top-1 (percent) of the backbone with `variables` ({'params', 'batch_stats'})."""
@@ -268,7 +268,19 @@ def make_monitor_hooks(config, data, mesh: Mesh, steps_per_epoch: int, total_ste
   steps = monitor_steps(config.eval.knn_every_epochs, steps_per_epoch, total_steps)
   if not steps:
     return []
-  evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds, data=data)
+  classes = (len(train_ds.class_names) if train_ds is not None
+             else label_check.class_count(data))
+  if evaluator is None and classes is not None and classes < 2:
+    logging.info('kNN monitor: off (the train split has %s); --mode=embed and --mode=report '
+                 'evaluate an unlabeled run.', 'no labels' if not classes else 'one class')
+    return []
+  try:
+    evaluator = evaluator or KnnEvaluator(config, mesh, train_ds=train_ds, data=data)
+  except errors.DataError as e:
+    if data.spec.kind != 'listed':
+      raise
+    logging.info('kNN monitor: off (%s).', e)  # E.g. a list without an eval split.
+    return []
   logging.info('kNN monitor: %d train / %d eval images, %d classes, after steps %s.',
                len(evaluator.train_ds), len(evaluator.eval_ds),
                max(evaluator.train_ds.num_classes, evaluator.eval_ds.num_classes),
@@ -323,6 +335,7 @@ def run_knn(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     {'<prefix>knn_top1': percent, '<prefix>knn_step': step}.
   """
+  label_check.require_labels(config, 'knn')
   backbone, variables, step, prefix = frozen.load_backbone(config, workdir)
   data = sources.from_config(config)
   train = streaming.open_split(data, 'train', evaluation=True)

@@ -53,6 +53,7 @@ from moco_jax.evaluation import classifier
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
+from moco_jax.evaluation import label_check
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import results
@@ -271,6 +272,7 @@ def run_linear_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     or the same with `linear_raw_` (raw protocol); prefix 'random_init_' for
     the floor. 'paper': `linear_paper.run_paper_linear_eval`'s keys.
   """
+  label_check.require_labels(config, 'linear_eval')
   protocol = config.eval.get('linear_protocol', 'standardized')
   if protocol == 'paper':  # Its own module: augmented views every epoch.
     return linear_paper.run_paper_linear_eval(config, workdir)

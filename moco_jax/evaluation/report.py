@@ -17,12 +17,19 @@ self-supervised run:
                      own random numbers, normalisation undone;
   confusion.png      which classes does the kNN vote confuse?
 
+An unlabeled run (`data.labels=none`, a folder without class folders) gets the
+same page without what needs labels: one colour in the t-SNE, neighbours
+without right/wrong frames, no kNN or confusion matrix; with no eval split
+(`data.val_fraction=0`) the queries and t-SNE points are train images (the
+query itself left out of its neighbours).
+
 and the run's config (WORKDIR/config.json) and eval.json figures as tables.
 Features are those of the kNN evaluation (`features.extract_features`: eval view,
 inference-mode BatchNorm, no head, L2-normalised). The arrays are gathered here
 and drawn by `moco_jax.evaluation.report_plots`.
 """
 
+import dataclasses
 import functools
 import html
 import json
@@ -38,6 +45,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
 from moco_jax.augmentation import augment
+from moco_jax.core import errors
 from moco_jax.core import files
 from moco_jax.core import parallel
 from moco_jax.data import batching
@@ -99,6 +107,19 @@ def augmentation_preview(config, train_ds: ImageDataset, step: int,
                                        image_size=config.data.image_size))
   query, key = views_fn(aug_rng, jnp.asarray(images), jnp.arange(count, dtype=jnp.int32))
   return images, train_ds.labels[idx], _to_uint8(query, config.aug), _to_uint8(key, config.aug)
+
+
+def display_rgb(images) -> np.ndarray:
+  """uint8 [..., 3] to draw images of any channel count: gray repeated, C > 3 its first three."""
+  images = np.asarray(images)
+  channels = images.shape[-1]
+  if channels == 3:
+    return images
+  if channels == 1:
+    return np.repeat(images, 3, axis=-1)
+  if channels == 2:
+    return np.concatenate([images, np.zeros_like(images[..., :1])], axis=-1)
+  return np.ascontiguousarray(images[..., :3])
 
 
 def _to_uint8(views, aug_config) -> np.ndarray:
@@ -166,13 +187,29 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     files.make_dir(out_dir, 'the report')
   data = sources.from_config(config)
   train_ds = eval_reader.bounded_split(data, 'train', 'Report')
-  eval_ds = eval_reader.bounded_split(data, 'eval', 'Report')
-  class_names = _class_names(train_ds, eval_ds)
+  labelled = bool(train_ds.class_names)
+  try:
+    eval_ds = eval_reader.bounded_split(data, 'eval', 'Report')
+  except errors.DataError as e:
+    if labelled:
+      raise
+    logging.info('Report: %s Using train images as the queries and t-SNE points.', e)
+    eval_ds = train_ds
+  if labelled:
+    class_names = _class_names(train_ds, eval_ds)
+  else:  # One pseudo-class: one colour, no right/wrong frames.
+    class_names = ['unlabeled']
+    same = eval_ds is train_ds
+    train_ds = dataclasses.replace(train_ds, labels=np.zeros_like(train_ds.labels), num_classes=1,
+                                   class_names=class_names)
+    eval_ds = train_ds if same else dataclasses.replace(
+        eval_ds, labels=np.zeros_like(eval_ds.labels), num_classes=1, class_names=class_names)
   backbone = models.create_backbone(config.model)
   extract = functools.partial(features.extract_features, config, backbone,
                               mesh=parallel.make_mesh())
   facts = {'workdir': os.path.abspath(workdir), 'train images': len(train_ds),
-           'eval images': len(eval_ds), 'classes': len(class_names)}
+           'eval images': len(eval_ds) if eval_ds is not train_ds else 'none (train images used)',
+           'classes': len(class_names) if labelled else 'none (unlabeled)'}
   subset = tsne_subset(len(eval_ds), config.report.tsne_points)
   facts['t-SNE points'] = len(subset)
   drawn, panels = [], []
@@ -186,11 +223,12 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     epoch = round(step / max(len(train_ds) // config.batch_size, 1), 2)
     facts.update({'checkpoint step': step, 'checkpoint epoch': epoch})
     variables = jax.device_get(frozen.backbone_variables(params, batch_stats))
-    train_features, eval_features = extract(variables, train_ds), extract(variables, eval_ds)
+    train_features = extract(variables, train_ds)
+    eval_features = train_features if eval_ds is train_ds else extract(variables, eval_ds)
     if writing:
       facts.update(_draw_checkpoint(config, train_ds, eval_ds, class_names, train_features,
-                                    eval_features, step, out_dir))
-      drawn += ['neighbours.png', 'confusion.png']
+                                    eval_features, step, out_dir, labelled))
+      drawn += ['neighbours.png', 'confusion.png'] if labelled else ['neighbours.png']
       panels.append((f'MoCo, step {step} (epoch {epoch:g})', tsne_2d(eval_features[subset])))
 
   # The weights of --mode=knn's random_init_* floor (eager: the ops are shared with it and cached).
@@ -204,7 +242,8 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
                            os.path.join(out_dir, 'tsne.png'))
     report_plots.plot_curves(read_metrics(workdir), os.path.join(out_dir, 'curves.png'),
                              os.path.abspath(workdir))
-    report_plots.augmentation_grid(images, query_views, key_views, labels, class_names,
+    report_plots.augmentation_grid(display_rgb(images), display_rgb(query_views),
+                                   display_rgb(key_views), labels, class_names,
                                    os.path.join(out_dir, 'augmentations.png'))
     drawn += ['curves.png', 'tsne.png', 'augmentations.png']
     facts['report time (s)'] = round(time.perf_counter() - start, 1)
@@ -217,8 +256,21 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eval_features,
-                     step: int, out_dir: str) -> dict:
+                     step: int, out_dir: str, labelled: bool = True) -> dict:
   """neighbours.png and confusion.png of a checkpoint's features; returns its kNN facts."""
+  if not labelled:
+    queries = pick_queries(eval_ds.labels)
+    same = eval_ds is train_ds  # A query is its own nearest neighbour: leave it out.
+    neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
+                                                  NUM_NEIGHBOURS + int(same))
+    if same:
+      neighbours, similarities = _without_self(queries, neighbours, similarities)
+    report_plots.neighbour_grid(
+        display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
+        display_rgb(train_ds.images[neighbours]),
+        train_ds.labels[neighbours], similarities, class_names,
+        os.path.join(out_dir, 'neighbours.png'))
+    return {}
   num_classes = len(class_names)
   scores = knn.knn_scores(train_features, train_ds.labels, eval_features, num_classes,
                           config.eval.knn_k, config.eval.knn_temperature)
@@ -228,7 +280,8 @@ def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eva
   neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
                                                 NUM_NEIGHBOURS)
   report_plots.neighbour_grid(
-      eval_ds.images[queries], eval_ds.labels[queries], train_ds.images[neighbours],
+      display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
+      display_rgb(train_ds.images[neighbours]),
       train_ds.labels[neighbours], similarities, class_names,
       os.path.join(out_dir, 'neighbours.png'))
   matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))
@@ -237,6 +290,14 @@ def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eva
                               f'kNN (k={k}, t={config.eval.knn_temperature}), step {step}: '
                               f'top-1 {top1:.2f} %')
   return {'kNN top-1 (%) now': top1, 'kNN k / t': f'{k} / {config.eval.knn_temperature}'}
+
+
+def _without_self(queries, neighbours, similarities):
+  """Drops each query's own index from its neighbour row (keeping the row length - 1)."""
+  keep = neighbours != queries[:, None]
+  keep[keep.sum(axis=1) > neighbours.shape[1] - 1, -1] = False  # Self not found: drop the last.
+  width = neighbours.shape[1] - 1
+  return (neighbours[keep].reshape(-1, width), similarities[keep].reshape(-1, width))
 
 
 def _class_names(train_ds, eval_ds) -> list:

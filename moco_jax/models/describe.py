@@ -52,10 +52,10 @@ def describe_backbone(param_shapes: dict) -> str:
           f'{features} features)')
 
 
-def expected_backbone_shapes(model_config) -> dict:
-  """Flat param shapes of the backbone `model_config` describes (no compute)."""
+def expected_backbone_shapes(model_config, channels: int = 3) -> dict:
+  """Flat param shapes of the backbone `model_config` describes, on `channels` inputs."""
   backbone = models.create_backbone(model_config)
-  dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  dummy = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
   variables = jax.eval_shape(lambda x: backbone.init(jax.random.PRNGKey(0), x, train=False),
                              dummy)
   return flat_shapes(variables['params'])

@@ -241,9 +241,10 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 # Checking backbones.
 
 
-def check_backbone_matches(found: dict, model_config, where: str, workdir: str):
+def check_backbone_matches(found: dict, model_config, where: str, workdir: str,
+                           channels: int = 3):
   """Raises ValueError naming both architectures if `found` is not `model_config`'s backbone."""
-  expected = describe.expected_backbone_shapes(model_config)
+  expected = describe.expected_backbone_shapes(model_config, channels)
   if found == expected:
     return
   diffs = []
@@ -295,7 +296,8 @@ def latest_checkpoint_step(workdir: str) -> int:
   return int(step)
 
 
-def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None):
+def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None,
+                          channels: int = 3):
   """(params, batch_stats, step) of the query encoder in a checkpoint of `workdir`.
 
   The checkpoint's shapes are read from its metadata first, so a wrong
@@ -315,7 +317,7 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
         if params is None:
           raise errors.CheckpointError(f'{where} is not a train state of this code (no params).')
         found = describe.flat_shapes(params.get('backbone', {}))
-        check_backbone_matches(found, model_config, where, workdir)
+        check_backbone_matches(found, model_config, where, workdir, channels)
         # Onto this process's first device: the checkpoint may come from another topology
         # (pretrained on 8 GPUs, evaluated on 1).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -142,6 +142,7 @@ def flatten(config, prefix: str = '') -> dict:
 
 # Fields that change what an evaluation of a run measures (eval.* are meant to vary).
 MEASURED_FIELDS = ('model.', 'data.source', 'data.name', 'data.path', 'data.data_dir',
+                   'data.labels', 'data.val_fraction',
                    'data.train_split', 'data.eval_split', 'data.image_size', 'data.cache_size',
                    'data.cache_ratio', 'aug.mean', 'aug.std')
 

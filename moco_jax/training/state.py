@@ -49,22 +49,24 @@ def step_rngs(rng: jax.Array, step) -> tuple:
   return tuple(jax.random.split(jax.random.fold_in(rng, step)))
 
 
-def initial_encoder_variables(rng: jax.Array, encoder, image_size: int):
+def initial_encoder_variables(rng: jax.Array, encoder, image_size: int, channels: int = 3):
   """(params, batch_stats) of the encoder at step 0 of a run seeded with `rng`.
+
+  `channels` (data.channels) is the input's: the first convolution takes them.
 
   Shared by `create_train_state` and the random-init evaluation floor, so the
   floor is exactly the encoder that pretraining starts from.
   """
-  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  dummy = jnp.zeros((2, image_size, image_size, channels), jnp.float32)
   variables = encoder.init(_split_rng(rng)[0], dummy, train=False)
   return variables['params'], variables['batch_stats']
 
 
 def create_train_state(rng: jax.Array, method, tx: optax.GradientTransformation,
-                       image_size: int) -> TrainState:
+                       image_size: int, channels: int = 3) -> TrainState:
   """Initialises the trained encoder, its optimiser state and the method's own state."""
   _, method_rng, state_rng = _split_rng(rng)
-  params, batch_stats = initial_encoder_variables(rng, method.encoder, image_size)
+  params, batch_stats = initial_encoder_variables(rng, method.encoder, image_size, channels)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -173,7 +173,8 @@ def init_state(config, setup: StepSetup, mesh: Mesh) -> state_lib.TrainState:
   device of every host directly.
   """
   create = functools.partial(state_lib.create_train_state, method=setup.method, tx=setup.tx,
-                             image_size=config.data.image_size)
+                             image_size=config.data.image_size,
+                             channels=int(config.data.get('channels', 3)))
   if setup.dtype == jnp.float64:  # Numerical checks: the whole state in float64 (x64 enabled).
     create = _in_float64(create)
   return jax.jit(create, out_shardings=NamedSharding(mesh, P()))(

@@ -1,0 +1,173 @@
+"""Your own images end to end: each kind trains (1 vs 8 devices, in memory and streamed),
+resumes after SIGKILL bit for bit, and goes through report, embed and export with main.py."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from moco_jax.core import parallel
+from moco_jax.data import normalisation
+from moco_jax.data import sources
+from moco_jax.evaluation import features
+from moco_jax.training import step as step_lib
+from moco_jax.evaluation import frozen
+from tests import own_images
+from tests import rounding
+from tests import test_mechanisms
+from tests import test_resume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+# XLA:CPU's backend optimisations off: much less compile time, the same program in every run.
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+           '--xla_backend_optimization_level=0')
+
+
+@pytest.mark.parametrize('kind', own_images.KINDS)
+def test_one_and_eight_devices_agree_on_each_kind(tmp_path, kind):
+  """The first step on a batch of the kind's images: 1 device and 8 agree to float64 rounding."""
+  config = test_mechanisms._config('end_to_end', end_to_end__bn_mode='shuffle')
+  config.data.source = 'folder'
+  config.data.path = own_images.make(kind, tmp_path / kind)
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.image_size = 16
+  config.batch_size = 16
+  own_images.apply(kind, config)
+  normalisation.resolve(config)
+  runs = []
+  with rounding.precise(config):
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = parallel.make_mesh(devices)
+      images, indices, n = test_mechanisms._images_and_indices(config, 0)
+      setup, lr, state = test_mechanisms._setup(config, len(devices), n)
+      step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+      state, metrics = step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh),
+                            parallel.shard_batch(indices, mesh))
+      runs.append(jax.device_get((state, metrics)))
+  (one, m1), (eight, m8) = runs
+  assert n == 32
+  rounding.assert_logged_agree([m8], [m1])
+  rounding.assert_agree_to_rounding(eight, one, f'{kind} state')
+
+
+def _command(workdir, data_path, cache, *extra):
+  return [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+          f'--config.data.path={data_path}', f'--config.data.cache_dir={cache}',
+          '--config.data.image_size=16', '--config.batch_size=8', '--config.eval.batch_size=8',
+          '--config.moco.queue_size=24', f'--config.num_train_steps={STEPS}',
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
+          '--config.data.num_workers=2', '--config.data.stream_processes=0', *extra]
+
+
+def _restore(workdir, steps=STEPS, channels=3):
+  config = tiny.get_config()
+  config.data.channels = channels
+  config.moco.queue_size = 24
+  config.batch_size = 8
+  config.num_train_steps = steps
+  return test_resume._restore_step(workdir, config, steps)
+
+
+@pytest.mark.parametrize('kind,streamed', [('nested', False), ('csv_labels', True),
+                                           ('flat', True), ('gray_png', False),
+                                           ('tiff16_4', False), ('npy13', False)])
+def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
+  data_path = own_images.make(kind, tmp_path / kind)
+  extra = (['--config.data.max_in_memory_gb=0'] if streamed else []) + own_images.flags(kind)
+  command = lambda w: _command(w, data_path, tmp_path / 'cache', *extra)
+  straight = subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  assert ('streaming it' in straight.stderr) == streamed
+  killed = tmp_path / 'killed'
+  finished = test_resume._sigkill_after_checkpoint(command(killed), killed, ENV, STEPS,
+                                                   checkpoint=2)
+  rerun = subprocess.run(command(killed), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  channels = own_images.OVERRIDES.get(kind, {}).get('data.channels', 3)
+  test_resume._assert_same_state(_restore(tmp_path / 'straight', channels=channels),
+                                 _restore(killed, channels=channels))
+  assert not finished, 'the kill came too late to test anything'
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('kind', own_images.KINDS)
+def test_each_kind_trains_reports_and_embeds_through_main(tmp_path, kind):
+  data_path = own_images.make(kind, tmp_path / kind, count=20)
+  workdir = tmp_path / 'run'
+  held = ['--config.data.val_fraction=0.25'] if kind == 'flat' else []
+  trained = subprocess.run(_command(workdir, data_path, tmp_path / 'cache', *held,
+                                    *own_images.flags(kind)), cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  for mode in ('report', 'embed'):
+    done = _main(f'--workdir={workdir}', f'--mode={mode}')
+    assert done.returncode == 0 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  page = (workdir / 'report' / 'index.html').read_text()
+  labelled = kind == 'csv_labels'
+  assert ('none (unlabeled)' in page) != labelled
+  assert (workdir / 'report' / 'neighbours.png').exists()
+  assert (workdir / 'report' / 'confusion.png').exists() == labelled
+  rows = np.load(workdir / 'embeddings' / 'train.npy', mmap_mode='r')
+  with open(workdir / 'embeddings' / 'train.index.csv') as f:
+    index = list(csv.DictReader(f))
+  assert rows.shape[0] == len(index) == (15 if kind == 'flat' else 20)
+  assert ('label' in index[0]) == labelled
+  # Rows follow the index: the in-memory features of the index's images, in its order.
+  config = tiny.get_config()
+  config.data.path, config.data.image_size = data_path, 16
+  config.data.cache_dir, config.eval.batch_size = str(tmp_path / 'cache'), 8
+  if held:
+    config.data.val_fraction = 0.25
+  config.moco.queue_size, config.batch_size = 24, 8
+  own_images.apply(kind, config)
+  saved = json.load(open(workdir / 'config.json'))
+  if kind in own_images.OVERRIDES:  # 'auto' was computed once and recorded.
+    assert len(saved['aug']['mean']) == config.data.channels == len(saved['aug']['std'])
+    with config.ignore_type():
+      config.aug.mean, config.aug.std = tuple(saved['aug']['mean']), tuple(saved['aug']['std'])
+  backbone, variables, step, _ = frozen.load_backbone(config, str(workdir))
+  assert step == STEPS
+  ds = sources.from_config(config).load('train')
+  want = features.extract_features(config, backbone, variables, ds, parallel.make_mesh(),
+                                   normalize=False)
+  got = np.asarray(rows, np.float32)
+  assert np.all(np.abs(got - want) <= np.maximum(np.abs(want) * 2.0**-11, 2.0**-25))
+  if not labelled:  # kNN refuses in one line, naming --mode=embed, and writes nothing.
+    before = sorted(os.listdir(workdir))
+    refused = _main(f'--workdir={workdir}', '--mode=knn')
+    assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+    lines = [l for l in refused.stderr.splitlines() if l.startswith('Error (')]
+    assert len(lines) == 1 and '--mode=embed' in lines[0], refused.stderr[-2000:]
+    assert sorted(os.listdir(workdir)) == before
+
+
+def test_safetensors_export_through_main(tmp_path):
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  data_path = own_images.make('flat', tmp_path / 'flat', count=16)
+  workdir = tmp_path / 'run'
+  trained = subprocess.run(_command(workdir, data_path, tmp_path / 'cache'), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  for fmt in ('torchvision', 'safetensors'):
+    done = _main(f'--workdir={workdir}', '--mode=export', f'--config.export.format={fmt}')
+    assert done.returncode == 0, done.stderr[-3000:]
+  npz = dict(np.load(workdir / 'backbone_torchvision.npz'))
+  tensors = safetensors_numpy.load_file(str(workdir / 'backbone.safetensors'))
+  assert sorted(tensors) == sorted(npz)
+  for key in npz:
+    np.testing.assert_array_equal(tensors[key], npz[key])
+  sidecar = json.load(open(workdir / 'backbone.json'))
+  assert sidecar['in_channels'] == 3 and len(sidecar['mean']) == 3
