@@ -168,6 +168,7 @@ ACCEPTED = {
        for p in ('blur_prob', 'grayscale_prob', 'jitter_prob', 'solarize_prob',
                  'second_view_blur_prob', 'second_view_solarize_prob')},
     ('data.cache_dir', 'empty'): "'' = ~/.cache/moco_jax",
+    ('data.val_fraction', 'zero'): '0: no held-out eval split (an eval folder, or none)',
     ('data.data_dir', 'empty'): "'' = tfds default",
     ('data.path', 'empty'): "'' = no folder (source=tfds here)",
     ('init_from', 'empty'): "'' = no official checkpoint",

@@ -1,10 +1,11 @@
-"""`config.eval`, `config.report` and `config.export` checks, before the pretraining run.
+"""`config.eval`, `config.report`, `config.export` and `config.embed` checks, before the pretraining run.
 
 A bad evaluation value is refused before pretraining, not after it. The
 protocols, schedules and formats are the lists their modules hold.
 """
 
 from moco_jax.core import checks
+from moco_jax.evaluation import embed
 from moco_jax.evaluation import export
 from moco_jax.evaluation import linear_probe
 
@@ -46,4 +47,6 @@ def check_config(config) -> None:
   checks.check(config, 'report.augment_step', lambda v: checks.integer(v) and v >= 0,
                'must be a train step >= 0')
   export.check_format(config.export.format)
+  if 'embed' in config:
+    checks.choice(config.embed, 'split', embed.SPLITS, prefix='config.embed.')
   checks.check(config, 'init_from', checks.text, "must be a path ('' for none)")
