@@ -251,16 +251,12 @@ def _canvas_feeder(config, spec, source, mesh: Mesh, start_step: int,
       start_step=start_step, end_step=total_steps, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=threads, num_processes=processes,
       decoder=spec.decoder)
-  replaced, reduced = [0], [False]
+  count_replaced, reduced = _replaced_files_counter(), [False]
 
   def feed(step):
     del step  # The loader starts at start_step and yields the steps in order.
     batch = next(batches)
-    bad = int(batch['skipped'].sum())
-    if bad:
-      replaced[0] += bad
-      logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
-                      'in this run; the warnings above name them).', bad, replaced[0])
+    count_replaced(batch)
     if not reduced[0] and batch['reduced'].any():
       reduced[0] = True
       logging.info('Some images are larger than data.canvas_side=%d px: they are reduced on the '
@@ -292,18 +288,27 @@ def _stream_feeder(config, spec, source, mesh: Mesh, start_step: int,
       crop_ratio=config.aug.crop_ratio, start_step=start_step, end_step=total_steps,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=threads, num_processes=processes, decoder=spec.decoder)
-  replaced = [0]
+  count_replaced = _replaced_files_counter()
 
   def feed(step):
     del step  # The loader starts at start_step and yields the steps in order.
     batch = next(batches)
-    bad = int(batch['skipped'].sum())
-    if bad:
-      replaced[0] += bad
-      logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
-                      'in this run; the warnings above name them).', bad, replaced[0])
+    count_replaced(batch)
     return (parallel.shard_batch(batch['image'], mesh),
             parallel.shard_batch(batch['index'].astype(np.int32), mesh))
 
   feed.close = batches.close
   return feed
+
+
+def _replaced_files_counter() -> Callable:
+  """batch -> None: warns of the unreadable files a streamed batch replaced, with the run's total."""
+  replaced = [0]
+
+  def count(batch):
+    bad = int(batch['skipped'].sum())
+    if bad:
+      replaced[0] += bad
+      logging.warning('Replaced %d unreadable files of this batch by other examples (%d so far '
+                      'in this run; the warnings above name them).', bad, replaced[0])
+  return count
