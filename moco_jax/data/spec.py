@@ -135,8 +135,13 @@ def is_list_file(path: str) -> bool:
   return path.lower().endswith(LIST_SUFFIXES)
 
 
-def _has_folder_layout(path: str, train_split: str) -> bool:
-  """Whether a directory looks like ROOT[/top]/<train_split>/<class>/ (cheap: no listing)."""
+def _has_folder_layout(path: str, split_names) -> bool:
+  """Whether a directory looks like ROOT[/top]/<split>/<class>/ for one of `split_names`.
+
+  Any usual split name counts, not only the configured one: a tree with a typo in
+  data.train_split must get the folder source's error naming that field, not be
+  read as unlabeled images.
+  """
   tops = [path]
   try:
     subdirs = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
@@ -145,11 +150,15 @@ def _has_folder_layout(path: str, train_split: str) -> bool:
   if len(subdirs) == 1:
     tops.append(subdirs[0])
   for top in tops:
-    split = os.path.join(top, train_split)
-    if os.path.isdir(split):
-      with os.scandir(split) as entries:
-        if any(e.is_dir() and not e.name.startswith('.') for e in entries):
-          return True
+    for name in split_names:
+      split = os.path.join(top, name)
+      if os.path.isdir(split):
+        try:
+          with os.scandir(split) as entries:
+            if any(e.is_dir() and not e.name.startswith('.') for e in entries):
+              return True
+        except OSError:
+          return True  # A split folder that cannot be listed: the folder source says why.
   return False
 
 
@@ -171,7 +180,9 @@ def _is_listed(data_config, path: str) -> bool:
     return True
   if mode == 'folders' or not os.path.isdir(path):
     return False  # An ImageFolder tree or archive (missing paths get the folder's message).
-  return not _has_folder_layout(path, data_config.get('train_split', 'train'))
+  names = (data_config.get('train_split', 'train'), data_config.get('eval_split', 'val'), 'train',
+           *EVAL_FALLBACKS)
+  return not _has_folder_layout(path, names)
 
 
 def _kind(data_config) -> tuple[str, str]:
