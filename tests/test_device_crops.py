@@ -326,6 +326,27 @@ if __name__ == '__main__':  # Grain's worker processes are spawned: they import 
   assert 'leaked shared_memory' not in out.stderr, out.stderr[-3000:]
 
 
+def test_the_trainer_says_once_that_large_images_were_reduced(tmp_path, caplog):
+  """The feeder shards canvases, sizes and indices, and logs the host reduction once."""
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  root = _tree(tmp_path / 'tree', classes=2, per_class=8)
+  _photo(np.random.default_rng(9), 130, 90).save(root / 'train' / 'class0000' / 'big.jpg')
+  config = tiny.get_config()
+  config.data.update(dict(path=str(root), cache_dir=str(tmp_path / 'cache'), canvas_side=48,
+                          stream_processes=0, num_workers=1))
+  config.batch_size = 8
+  source = _source(root, tmp_path)
+  feed = train._canvas_feeder(config, source, parallel.make_mesh(), 0, 8)  # pylint: disable=protected-access
+  with caplog.at_level('INFO'):
+    for step in range(8):  # 17 images, 8 per step: the big one is read at least 3 times.
+      canvases, sizes, indices = feed(step)
+      assert canvases.shape == (8, 48, 48, 3) and sizes.shape == (8, 2) and indices.shape == (8,)
+      assert len(canvases.sharding.device_set) == len(jax.devices())
+  feed.close()
+  said = [r for r in caplog.records if 'larger than data.canvas_side=48' in r.getMessage()]
+  assert len(said) == 1
+
+
 # --------------------------------------------------------------------------
 # The step: 1 vs 8 devices.
 
