@@ -5,8 +5,9 @@ the step draws both RandomResizedCrop boxes over the true size and cuts them
 (augment.two_views_from_canvas). Checked here: the boxes follow the host-crop
 path's law (the same box for the same uniforms), the pixels are within a
 derived bound of Pillow's resize and of torchvision's RandomResizedCrop on the
-same box, the views equal the in-memory path's, the loader's order / resume /
-process slices, 1 vs 8 devices, and simplejpeg's pixels.
+same box (torchvision's own pixels: tests/data/torchvision_resized_crop.npz from
+tools/make_resized_crop_golden.py), the views equal the in-memory path's, the
+loader's order / resume / process slices, 1 vs 8 devices, and simplejpeg's pixels.
 """
 
 import functools
@@ -149,6 +150,26 @@ def test_device_crop_is_pillows_and_torchvisions_resize_of_the_box(size):
       inside = _interior(h, size)[:, None] & _interior(w, size)[None, :]
       assert inside.any()
       assert np.abs(got - torchvision)[inside].max() <= PIL_TOLERANCE, (height, width, box)
+
+
+def test_device_crop_is_within_the_bound_of_torchvisions_own_pixels():
+  """Against torchvision's RandomResizedCrop itself (golden: tools/make_resized_crop_golden.py):
+  its boxes, cut from the canvas on the device, within PIL_TOLERANCE of its pixels wherever
+  the filter stays inside the box (torchvision crops first; the device, as Pillow's
+  resize(box=...), also weighs the real pixels just outside)."""
+  golden = np.load(ROOT / 'tests' / 'data' / 'torchvision_resized_crop.npz')
+  canvases, sizes = golden['canvases'], golden['sizes']
+  crop = jax.jit(jax.vmap(image_ops.canvas_resized_crop, in_axes=(0, 0, 0, 0, None)),
+                 static_argnums=4)
+  for size in (16, 48):
+    boxes, want, which = golden[f'boxes_{size}'], golden[f'crops_{size}'], golden[f'image_{size}']
+    got = np.asarray(crop(jnp.asarray(canvases[which], jnp.float32) / 255.0,
+                          jnp.asarray(boxes, jnp.float32), jnp.asarray(sizes[which, 0]),
+                          jnp.asarray(sizes[which, 1]), size))
+    for g, w, (_, _, h, bw) in zip(got, want / 255.0, boxes):
+      inside = _interior(int(h), size)[:, None] & _interior(int(bw), size)[None, :]
+      assert inside.any()
+      assert np.abs(g - w)[inside].max() <= PIL_TOLERANCE, (size, h, bw)
 
 
 def test_canvas_views_equal_the_in_memory_views():
