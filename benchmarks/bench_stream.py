@@ -317,7 +317,8 @@ HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_d, _row_torch_mocov2]
 RATIOS = [('b-loop', 'a-loop'), ('b-loop (simplejpeg)', 'a-loop'),
           ('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
           ('c: packed shards', 'a: host crops'), ('c: packed shards', 'd: torchvision'),
-          ('b: device crops', 'd: torchvision'), ('a: host crops', 'd: torchvision')]
+          ('b: device crops', 'd: torchvision'), ('b: device crops (simplejpeg)', 'd: torchvision'),
+          ('a: host crops', 'd: torchvision')]
 
 
 def _common(args) -> str:

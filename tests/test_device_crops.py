@@ -5,8 +5,9 @@ the step draws both RandomResizedCrop boxes over the true size and cuts them
 (augment.two_views_from_canvas). Checked here: the boxes follow the host-crop
 path's law (the same box for the same uniforms), the pixels are within a
 derived bound of Pillow's resize and of torchvision's RandomResizedCrop on the
-same box, the views equal the in-memory path's, the loader's order / resume /
-process slices, 1 vs 8 devices, and simplejpeg's pixels.
+same box (torchvision's own pixels: tests/data/torchvision_resized_crop.npz from
+tools/make_resized_crop_golden.py), the views equal the in-memory path's, the
+loader's order / resume / process slices, 1 vs 8 devices, and simplejpeg's pixels.
 """
 
 import functools
@@ -149,6 +150,26 @@ def test_device_crop_is_pillows_and_torchvisions_resize_of_the_box(size):
       inside = _interior(h, size)[:, None] & _interior(w, size)[None, :]
       assert inside.any()
       assert np.abs(got - torchvision)[inside].max() <= PIL_TOLERANCE, (height, width, box)
+
+
+def test_device_crop_is_within_the_bound_of_torchvisions_own_pixels():
+  """Against torchvision's RandomResizedCrop itself (golden: tools/make_resized_crop_golden.py):
+  its boxes, cut from the canvas on the device, within PIL_TOLERANCE of its pixels wherever
+  the filter stays inside the box (torchvision crops first; the device, as Pillow's
+  resize(box=...), also weighs the real pixels just outside)."""
+  golden = np.load(ROOT / 'tests' / 'data' / 'torchvision_resized_crop.npz')
+  canvases, sizes = golden['canvases'], golden['sizes']
+  crop = jax.jit(jax.vmap(image_ops.canvas_resized_crop, in_axes=(0, 0, 0, 0, None)),
+                 static_argnums=4)
+  for size in (16, 48):
+    boxes, want, which = golden[f'boxes_{size}'], golden[f'crops_{size}'], golden[f'image_{size}']
+    got = np.asarray(crop(jnp.asarray(canvases[which], jnp.float32) / 255.0,
+                          jnp.asarray(boxes, jnp.float32), jnp.asarray(sizes[which, 0]),
+                          jnp.asarray(sizes[which, 1]), size))
+    for g, w, (_, _, h, bw) in zip(got, want / 255.0, boxes):
+      inside = _interior(int(h), size)[:, None] & _interior(int(bw), size)[None, :]
+      assert inside.any()
+      assert np.abs(g - w)[inside].max() <= PIL_TOLERANCE, (size, h, bw)
 
 
 def test_canvas_views_equal_the_in_memory_views():
@@ -326,6 +347,27 @@ if __name__ == '__main__':  # Grain's worker processes are spawned: they import 
                        timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]
   assert 'leaked shared_memory' not in out.stderr, out.stderr[-3000:]
+
+
+def test_the_trainer_says_once_that_large_images_were_reduced(tmp_path, caplog):
+  """The feeder shards canvases, sizes and indices, and logs the host reduction once."""
+  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  root = _tree(tmp_path / 'tree', classes=2, per_class=8)
+  _photo(np.random.default_rng(9), 130, 90).save(root / 'train' / 'class0000' / 'big.jpg')
+  config = tiny.get_config()
+  config.data.update(dict(path=str(root), cache_dir=str(tmp_path / 'cache'), canvas_side=48,
+                          stream_processes=0, num_workers=1))
+  config.batch_size = 8
+  source = _source(root, tmp_path)
+  feed = train._canvas_feeder(config, source, parallel.make_mesh(), 0, 8)  # pylint: disable=protected-access
+  with caplog.at_level('INFO'):
+    for step in range(8):  # 17 images, 8 per step: the big one is read at least 3 times.
+      canvases, sizes, indices = feed(step)
+      assert canvases.shape == (8, 48, 48, 3) and sizes.shape == (8, 2) and indices.shape == (8,)
+      assert len(canvases.sharding.device_set) == len(jax.devices())
+  feed.close()
+  said = [r for r in caplog.records if 'larger than data.canvas_side=48' in r.getMessage()]
+  assert len(said) == 1
 
 
 # --------------------------------------------------------------------------

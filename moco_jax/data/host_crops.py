@@ -1,4 +1,8 @@
-"""The streaming loader: each step's examples decoded and cropped on the host, with grain.
+"""The streaming loader that crops on the host (data.stream_crops='host'), with grain.
+
+The default streamed path decodes only, into padded canvases, and crops in
+the step (`moco_jax.data.canvas_loader`); this one is kept for comparison
+(benchmarks/bench_stream.py row a) and for the paper's linear protocol.
 
 Every step, each JAX process reads and decodes only its own 1/P slice of the
 global batch: the examples of step s are `train_indices(N, B, seed, s)` (the
