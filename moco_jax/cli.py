@@ -30,6 +30,7 @@ from moco_jax.core import errors
 from moco_jax.data import decode
 from moco_jax.data import normalisation
 from moco_jax.evaluation import results
+from moco_jax.run import checkpoints
 from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
@@ -180,6 +181,9 @@ def run(argv, modes: dict[str, Callable]):
           '--workdir at an existing run.')
     report_config()
     validate_for_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir)
+    distributed.check_agreement(  # Many processes: the same command everywhere, first.
+        f'--mode={FLAGS.mode}', {**distributed.config_values(FLAGS.config),
+                                 'checkpoints': checkpoints.checkpoint_steps(FLAGS.workdir)})
     decode.set_max_image_pixels(FLAGS.config.data.get('max_image_pixels',
                                                       decode.DEFAULT_MAX_IMAGE_PIXELS))
     normalisation.resolve(FLAGS.config)  # aug.mean / std = 'auto': the train split's numbers.

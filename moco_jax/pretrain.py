@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from moco_jax import config_checks
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import canvas_loader
@@ -22,7 +23,7 @@ from moco_jax.data import sources
 from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.run import checkpoints
-from moco_jax import config_checks
+from moco_jax.run import distributed
 from moco_jax.run import guard
 from moco_jax.run import metrics_writer
 from moco_jax.run import run_config
@@ -54,6 +55,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_ds, streamed = train.data, train.stream
   steps_per_epoch = len(train_ds) // config.batch_size
   config_checks.check_dataset(config, len(train_ds))
+  identity = guard.data_identity(train_ds, streamed)  # A resume reads the same data.
+  distributed.check_agreement('the first step', {'train data': identity})
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, total_steps)
@@ -73,7 +76,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state = checkpoints.restore_latest(manager, state)
   start_step = int(jax.device_get(state.step))
   guard.check_resume_step(start_step, total_steps, config, checkpoints.checkpoint_dir(workdir))
-  identity = guard.data_identity(train_ds, streamed)  # A resume reads the same data.
   guard.check_file_list(workdir, identity, start_step, config)
 
   # Accepted: now WORKDIR is written.

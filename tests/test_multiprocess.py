@@ -75,10 +75,11 @@ class TwoProcesses:
   """`python tests/multiprocess_main.py` x 2 on 127.0.0.1, 4 CPU devices each.
 
   `flags`: the --config overrides of both processes (default: this module's
-  `_flags()`: STEPS steps of configs/tiny.py); `extra`: more flags after them.
+  `_flags()`: STEPS steps of configs/tiny.py); `extra`: more flags after them; `only`: flags
+  of process 0 and of process 1 alone.
   """
 
-  def __init__(self, workdir, logdir, name, gate=None, extra=(), flags=None):
+  def __init__(self, workdir, logdir, name, gate=None, extra=(), flags=None, only=((), ())):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}')
     env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
@@ -94,7 +95,7 @@ class TwoProcesses:
                  f'--workdir={workdir}', '--cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
                  '--num_processes=2', f'--process_id={i}',
                  f'--heartbeat_timeout_seconds={HEARTBEAT_S}', '--initialization_timeout=120',
-                 *(_flags() if flags is None else flags), *extra]
+                 *(_flags() if flags is None else flags), *extra, *only[i]]
       with open(self.logs[i], 'w') as log:
         self.procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                            stderr=subprocess.STDOUT))
@@ -315,3 +316,25 @@ def test_pmean_packed_is_pmean_in_one_all_reduce():
   for key in tree:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert packed.lower(tree).as_text().count('all_reduce') == 2  # One per dtype (float, int).
+
+
+def test_processes_that_disagree_stop_at_once_naming_the_fields(tmp_path):
+  """Issue 32, item 7: a process started with another config (or another WORKDIR's checkpoints)
+  ends with process 0 before any work, both naming the differing fields and the process;
+  nothing is written."""
+  from moco_jax.run import distributed  # pylint: disable=g-import-not-at-top
+  same = {'config.seed': 'a', 'config.batch_size': 'b'}
+  assert distributed.disagreements({0: same, 1: dict(same), 2: dict(same)}) == []
+  assert distributed.disagreements({0: same, 1: {**same, 'config.seed': 'c'},
+                                    2: {**same, 'extra': 'd'}}) == [(1, ['config.seed']),
+                                                                     (2, ['extra'])]
+  workdir = tmp_path / 'run'
+  procs = TwoProcesses(str(workdir), str(tmp_path), 'disagree',
+                       only=((), ('--config.seed=1', '--config.moco.temperature=0.1')))
+  codes = [procs.wait(i, RUN_TIMEOUT_S) for i in range(2)]
+  assert codes == [2, 2], procs.tails()
+  for i in range(2):
+    last = [l for l in procs.log(i).splitlines() if l.strip()][-1]
+    assert last.startswith('Error (distributed): The processes of this job disagree'), last
+    assert 'process 1: config.moco.temperature, config.seed' in last, last
+  assert not workdir.exists()

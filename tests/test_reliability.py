@@ -151,12 +151,14 @@ def test_typo_in_a_tfds_name_is_one_line(tmp_path):
 def test_workdir_that_cannot_be_written_fails_at_start(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
-  with pytest.raises(errors.CheckpointError, match=r'a_file/run is not a writable directory \(Not a directory\)'):
+  with pytest.raises(errors.CheckpointError, match=r'a_file/run is not a writable directory: .*'
+                                                   r'a_file is a file, not a directory'):
     guard.check_writable(str(blocker / 'run'))
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'checkpoints').write_text('')  # Not a directory.
-  with pytest.raises(errors.CheckpointError, match=r'run/checkpoints is not a writable'):
+  with pytest.raises(errors.CheckpointError, match=r'run/checkpoints is not a writable directory: .*'
+                                                   r'run/checkpoints is a file'):
     guard.check_writable(str(workdir))
 
 

@@ -126,17 +126,19 @@ def test_a_broken_eval_json_or_unwritable_workdir_is_found_before_the_work(tmp_p
     results.check_before_evaluation(str(tmp_path), 'knn')
   (tmp_path / 'eval.json').write_text('{"knn_top1": 3}')
   results.check_before_evaluation(str(tmp_path), 'knn')
-  # Read-only (root ignores permission bits, so the refusal is simulated where it happens).
-  real_open = open
-
-  def read_only(path, *args, **kwargs):
-    if '.write_test.' in str(path):
-      raise PermissionError(13, 'Permission denied', str(path))
-    return real_open(path, *args, **kwargs)
-  monkeypatch.setattr('builtins.open', read_only)
-  with pytest.raises(errors.CheckpointError, match='is not writable .Permission denied.: '
-                                                   '--mode=linear_eval writes'):
+  # Read-only (root ignores permission bits, so the refusal is simulated where it is checked).
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda path, mode: False if os.path.abspath(path) == str(
+      tmp_path) else real_access(path, mode))
+  with pytest.raises(errors.CheckpointError, match='no permission to write in .*--mode=linear_eval '
+                                                   'writes'):
     results.check_before_evaluation(str(tmp_path), 'linear_eval')
+  monkeypatch.setattr(os, 'access', real_access)
+  # eval.json as a directory (issue 32): named, before the work.
+  (tmp_path / 'eval.json').unlink()
+  (tmp_path / 'eval.json').mkdir()
+  with pytest.raises(errors.UserError, match=r'eval\.json: it is a directory'):
+    results.check_before_evaluation(str(tmp_path), 'knn')
 
 
 def test_knn_k_larger_than_the_split_is_reported_as_used(caplog):

@@ -516,7 +516,9 @@ def third_catalogue():
 
 def _nan_checkpoint(workdir):
   """A prepare script that writes NaN into the first parameter of the latest checkpoint."""
-  return ('import sys, shutil, numpy as np, jax, orbax.checkpoint as ocp; '
+  return ('import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"; '
+          'os.environ["JAX_PLATFORMS"] = "cpu"; '  # The topology the checkpoint was saved with.
+          'import sys, shutil, numpy as np, jax, orbax.checkpoint as ocp; '
           f'sys.path.insert(0, {ROOT!r}); '
           'from moco_jax.run import checkpoints; from configs import tiny; '
           f'm = checkpoints.create_manager({workdir!r}, tiny.get_config()); s = m.latest_step(); '

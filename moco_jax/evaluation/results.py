@@ -38,8 +38,10 @@ def write_results(workdir: str, results: dict) -> dict:
 def read_results(workdir: str) -> dict:
   """WORKDIR/eval.json as a dict ({} when absent)."""
   path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return {}
+  if os.path.isdir(path) or not os.path.exists(path):  # A directory, or a dangling link.
+    files.check_file(path, 'the evaluation results')
   with open(path) as f:
     try:
       values = json.load(f)
@@ -64,13 +66,7 @@ def check_before_evaluation(workdir: str, mode: str):
   directory = os.path.abspath(workdir)
   if not os.path.isdir(directory):
     return  # Nothing to evaluate there: the mode says so (no checkpoint, no config).
-  probe = os.path.join(directory, f'.write_test.{os.getpid()}')
   try:
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise errors.CheckpointError(
-        f'{directory} is not writable ({e.strerror or e}): --mode={mode} writes its results '
-        'there. Fix its permissions or free space (or copy the run to a writable --workdir).'
-    ) from e
+    files.check_file(os.path.join(directory, RESULTS_FILE), 'the evaluation results')
+  except errors.OutputError as e:
+    raise errors.CheckpointError(f'{e} --mode={mode} writes its results there.') from e

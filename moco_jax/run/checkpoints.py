@@ -4,12 +4,14 @@ Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 """
 
+import asyncio
 import dataclasses
 import json
 import os
 import shutil
 import sys
 import threading
+import warnings
 from typing import Optional
 
 import jax
@@ -104,12 +106,53 @@ def _quiet_closed_event_loop_errors():
     hook.quiet = True
     return hook
 
+  _quiet_orphaned_reads()
   if not getattr(sys.excepthook, 'quiet', False):
     sys.excepthook = quiet(sys.excepthook)
   if not getattr(threading.excepthook, 'quiet', False):
     threading.excepthook = quiet(threading.excepthook)
   if not getattr(sys.unraisablehook, 'quiet', False):
     sys.unraisablehook = quiet(sys.unraisablehook)
+
+
+# What asyncio says when an orphaned task's exception is garbage-collected unread.
+_ORPHANED = ('exception was never retrieved', 'was destroyed but it is pending')
+
+
+def _orphaned_read_handler(loop, context):
+  """An event loop's exception handler: drops the errors of reads a failed restore left behind.
+
+  Orbax restores a checkpoint as one asyncio task per array chunk on a fresh
+  event loop (`orbax...asyncio_utils.run_sync`). When one chunk is corrupt, the
+  first error ends the restore (and is reported once, by `restore_latest`); the
+  sibling tasks that fail too are never awaited, and when the garbage collector
+  frees them asyncio's default handler logs each one with its traceback, from
+  whichever thread, at whatever time: a few lines or thousands, by chance
+  (issue 32). Their exceptions are the same failure, already reported; they
+  are logged here at debug level only. Anything else goes to the default handler.
+  """
+  if any(text in context.get('message', '') for text in _ORPHANED):
+    logging.debug('Dropped an orphaned read of a failed restore: %s', context.get('exception'))
+    return
+  loop.default_exception_handler(context)
+
+
+class _QuietLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  """Every new event loop (Orbax makes one per restore) gets `_orphaned_read_handler`."""
+
+  def new_event_loop(self):
+    loop = super().new_event_loop()
+    loop.set_exception_handler(_orphaned_read_handler)
+    return loop
+
+
+def _quiet_orphaned_reads():
+  """Installs `_QuietLoopPolicy` (once; a policy set by someone else is left alone)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)  # Policies: deprecated in 3.14.
+    policy = asyncio.get_event_loop_policy()
+    if type(policy) is asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
+      asyncio.set_event_loop_policy(_QuietLoopPolicy())
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target):

@@ -16,9 +16,12 @@ preempted/died"). The rerun resumes from the last checkpoint.
 """
 
 import errno
+import hashlib
+import json
 import os
 import socket
 import threading
+import time
 from typing import Optional
 
 from absl import logging
@@ -182,3 +185,75 @@ def warm_up_collectives(timeout_seconds: int):
     raise RuntimeError(f'Cross-process collectives are broken: psum of ones over '
                        f'{jax.device_count()} devices gave {total.addressable_data(0)}, process '
                        f'ids gathered {ids}.')
+
+
+_COORDINATOR_LINGER_S = 3.0  # Time for the other processes to print their line and exit.
+_AGREEMENTS = {}  # name -> how many times it was checked in this process (unique keys).
+
+
+def _digest(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def disagreements(published: dict) -> list:
+  """[(process, [fields])] of the processes whose digests differ from process 0's."""
+  first = published[0]
+  out = []
+  for process in sorted(published)[1:]:
+    theirs = published[process]
+    fields = sorted(k for k in set(first) | set(theirs) if first.get(k) != theirs.get(k))
+    if fields:
+      out.append((process, fields))
+  return out
+
+
+def check_agreement(name: str, values: dict, timeout_seconds: int = 300):
+  """Every process must compute on the same config, data and checkpoint (DistributedError).
+
+  Each process publishes a digest of each of `values` ({field: value}, e.g.
+  the flattened config, the data's identity, the checkpoint step) in the
+  coordination service's key-value store and reads every other process's:
+  all of them see the same differences and stop within seconds, naming the
+  fields and the processes, before the first step or evaluation (a mismatch
+  otherwise surfaces minutes later as a Gloo abort, or never: a silent mix).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  count = _AGREEMENTS[name] = _AGREEMENTS.get(name, 0) + 1
+  prefix = f'moco_jax_agree/{name}/{count}'
+  mine = {k: _digest(v) for k, v in values.items()}
+  client.key_value_set(f'{prefix}/{jax.process_index()}', json.dumps(mine))
+  published = {p: json.loads(client.blocking_key_value_get(f'{prefix}/{p}',
+                                                           int(timeout_seconds * 1000)))
+               for p in range(jax.process_count())}
+  found = disagreements(published)
+  if found:
+    # Every process has read every digest: all of them end now, each with its own line. Process
+    # 0 runs the coordination service, and its exit aborts the others' C++ client at once
+    # (rc -6, no message), so it leaves last.
+    client.wait_at_barrier(f'{prefix}/read', int(timeout_seconds * 1000))
+    if jax.process_index() == 0:
+      time.sleep(_COORDINATOR_LINGER_S)
+    which = '; '.join(f'process {p}: {", ".join(fields[:8])}'
+                      + (f' and {len(fields) - 8} more' if len(fields) > 8 else '')
+                      for p, fields in found)
+    raise errors.DistributedError(
+        f'The processes of this job disagree with process 0 before {name} ({which}): every '
+        'process must be started with the same command, config overrides, data and WORKDIR. '
+        'Fix the differing process(es) and rerun all of them.')
+
+
+def config_values(config) -> dict:
+  """{'config.a.b': value} of every leaf: what check_agreement compares, field by field."""
+  out = {}
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        out[f'{prefix}{key}'] = value
+  walk(config.to_dict(), 'config.')
+  return out
