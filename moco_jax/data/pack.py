@@ -136,7 +136,7 @@ def _archive_inputs(data_config, side: int) -> dict:
       names.extend(by_class[name])
       labels.extend([class_names.index(name)] * len(by_class[name]))
     inputs[which] = SplitInput(split_dir, class_names, labels, names,
-                               lambda i, names=names: tree.decoded.get(names[i]),
+                               lambda i, names=names: tree.decoded.pop(names[i], None),
                                f'{tree.path}/{split_dir}')
   return inputs
 
