@@ -318,3 +318,19 @@ def test_main_pack_into_a_non_empty_dir_is_one_line_and_exit_2(tree, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.startswith('Error (')]
   assert len(lines) == 1 and str(out) in lines[0] and 'new or empty directory' in lines[0]
   assert os.listdir(out) == ['keep.txt']
+
+
+def test_an_archive_packs_to_the_same_records_as_its_directory(tree, packed_dir, tmp_path):
+  import tarfile
+  archive = tmp_path / 'tree.tgz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tree, arcname='tree')
+  out = tmp_path / 'from_archive'
+  pack.run_pack(_config(archive, tmp_path), str(out))
+  for which in ('train', 'eval'):
+    got = streaming.open_source(_config(out, tmp_path).data, which)
+    want = streaming.open_source(_config(packed_dir, tmp_path).data, which)
+    assert len(got) == len(want) and got.class_names == want.class_names
+    for i in range(len(want)):
+      label, name, image = got.record(i)
+      assert (label, image) == want.record(i)[::2] and name.endswith(want.name(i))
