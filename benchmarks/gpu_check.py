@@ -134,7 +134,7 @@ def sizes(rehearse: bool) -> dict:
                 stream=['--step_config=' + os.path.join(_ROOT, 'configs', 'tiny.py'),
                         '--step_steps=6', '--step_log_every=2', '--config.batch_size=32',
                         '--config.data.image_size=16', '--config.moco.queue_size=256'],
-                stream_budget_s=200)
+                stream_budget_s=240)
   return dict(preset='r50_224', arch='resnet50', px=224, batch=256, mem_batch=32, queue=65536,
               big_queue=1_048_576, steps=20, warmup=3, peer_steps=10, peer_warmup=3,
               # 16 decoding threads (the machine's cores): the archive's decode counts in the budget.
@@ -144,7 +144,7 @@ def sizes(rehearse: bool) -> dict:
               stream=['--step_config=' + os.path.join(_ROOT, 'configs', 'imagenet.py'),
                       '--step_steps=40', '--step_log_every=10', '--config.data.num_workers=16',
                       '--config.model.dtype=bfloat16'],
-              stream_budget_s=200)
+              stream_budget_s=240)
 
 
 def plan(args, tmp: str) -> list:
@@ -191,7 +191,7 @@ def plan(args, tmp: str) -> list:
       # Issue 29: pack the archive, then the streamed step (input included) vs synthetic data.
       Stage('packed_stream', [py, os.path.join(_ROOT, 'benchmarks', 'bench_packed.py'),
                               '--step_archive=' + os.path.join(_ROOT, ARCHIVE), *s['stream']],
-            s['stream_budget_s'], min_s=90, kind='json_line', needs=('archive',)),
+            s['stream_budget_s'], min_s=150, kind='json_line', needs=('archive',)),
       ours('mem32_bf16', 'bfloat16', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('mem32_fp32', 'float32', batch=s['mem_batch'], steps=2, warmup=1, budget=100),
       ours('queue_big_bf16', 'bfloat16', queue=s['big_queue'], steps=max(s['steps'] // 2, 2),

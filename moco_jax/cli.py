@@ -192,8 +192,9 @@ def run(argv, modes: dict[str, Callable]):
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
       else:
         with stopping.StopOnSignal(FLAGS.mode, on_stop=_exit_stopped):
-          logging.info('--mode=%s: Ctrl-C or SIGTERM stops it (exit 130 / 75, nothing written: '
-                       'results are written when it completes).', FLAGS.mode)
+          logging.info('--mode=%s: Ctrl-C or SIGTERM stops it (exit 130 / 75, %s).', FLAGS.mode,
+                       'finished shards are kept: the same command resumes' if FLAGS.mode == 'pack'
+                       else 'nothing written: results are written when it completes')
           modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except stopping.Interrupted as e:
       logging.warning('%s To resume, run the same command:\n  %s', e, resume_command())

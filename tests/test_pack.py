@@ -318,3 +318,35 @@ def test_main_pack_into_a_non_empty_dir_is_one_line_and_exit_2(tree, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.startswith('Error (')]
   assert len(lines) == 1 and str(out) in lines[0] and 'new or empty directory' in lines[0]
   assert os.listdir(out) == ['keep.txt']
+
+
+def test_an_archive_packs_to_the_same_records_as_its_directory(tree, packed_dir, tmp_path):
+  import tarfile
+  archive = tmp_path / 'tree.tgz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tree, arcname='tree')
+  out = tmp_path / 'from_archive'
+  pack.run_pack(_config(archive, tmp_path), str(out))
+  for which in ('train', 'eval'):
+    got = streaming.open_source(_config(out, tmp_path).data, which)
+    want = streaming.open_source(_config(packed_dir, tmp_path).data, which)
+    assert len(got) == len(want) and got.class_names == want.class_names
+    for i in range(len(want)):
+      label, name, image = got.record(i)
+      assert (label, image) == want.record(i)[::2] and name.endswith(want.name(i))
+
+
+def test_a_tfds_dataset_packs_through_its_data_source(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  config = _config('', tmp_path, **{'data.source': 'tfds', 'data.name': 'imagenet2012'})
+  out = tmp_path / 'out'
+  with tfds.testing.mock_data(num_examples=12), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+    pack.run_pack(config, str(out))
+    want = streaming.open_source(config.data, 'train')
+    want_labels = [want.label(i) for i in range(len(want))]
+  got = streaming.open_source(_config(out, tmp_path).data, 'train')
+  assert len(got) == 12 and len(got.class_names) == 1000
+  assert [got.label(i) for i in range(12)] == want_labels
+  assert packed.read_manifest(str(out))['source']['name'] == 'imagenet2012'

@@ -135,7 +135,7 @@ def _archive_inputs(spec: DataSpec, side: int) -> dict:
         break
       raise
     inputs[which] = SplitInput(split_dir, class_names, labels, names,
-                               lambda i, names=names: tree.decoded.get(names[i]),
+                               lambda i, names=names: tree.decoded.pop(names[i], None),
                                f'{tree.path}/{split_dir}')
   return inputs
 
