@@ -12,9 +12,10 @@
     second one, if every row has it, the label. .csv is comma-separated,
     .tsv and .txt tab-separated.
 
-`data.labels` says where labels come from: `auto` (default: class folders of an
-ImageFolder tree, a list's label column, else none), `folders`, `csv` or
-`none`. Unlabeled examples have label -1 and no class names: training needs no
+`data.labels` says where labels come from: `auto` (default: class folders of a
+directory with folders inside folders (an ImageFolder tree) and of archives, a
+list's label column, else none: a flat folder or one level of folders),
+`folders`, `csv` or `none` (needed for a deeper unlabeled tree). Unlabeled examples have label -1 and no class names: training needs no
 labels; kNN and the linear probes refuse such a split (`--mode=embed` writes
 its features instead).
 
@@ -74,22 +75,23 @@ def is_list_file(path: str) -> bool:
   return path.lower().endswith(LIST_SUFFIXES)
 
 
-def _has_folder_layout(path: str, train_split: str) -> bool:
-  """Whether a directory looks like ROOT[/top]/<train_split>/<class>/ (cheap: no listing)."""
-  tops = [path]
+def _subdirs(path: str) -> list:
   try:
-    subdirs = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
+    with os.scandir(path) as entries:
+      return [e.path for e in entries if e.is_dir() and not e.name.startswith('.')]
   except OSError:
-    return False
-  if len(subdirs) == 1:
-    tops.append(subdirs[0])
-  for top in tops:
-    split = os.path.join(top, train_split)
-    if os.path.isdir(split):
-      with os.scandir(split) as entries:
-        if any(e.is_dir() and not e.name.startswith('.') for e in entries):
-          return True
-  return False
+    return []
+
+
+def _has_folder_layout(path: str) -> bool:
+  """Whether a directory may be an ImageFolder tree: folders inside folders (cheap: two levels).
+
+  ROOT/<split>/<class>/ (or one top folder above it) always has them; a flat
+  folder, or one level of folders, cannot be a tree. Deeper unlabeled trees
+  need data.labels=none (the folder source's error says so), so a typo in
+  data.train_split is never read as 'every image, unlabeled'.
+  """
+  return any(_subdirs(sub) for sub in _subdirs(path))
 
 
 def is_listed(data_config) -> bool:
@@ -113,7 +115,7 @@ def is_listed(data_config) -> bool:
     return True
   if mode == 'folders' or not os.path.isdir(full):
     return False  # An ImageFolder tree or archive (missing paths get the folder's message).
-  return not _has_folder_layout(full, data_config.train_split)
+  return not _has_folder_layout(full)
 
 
 # --------------------------------------------------------------------------
