@@ -66,6 +66,7 @@ KINDS = ('flat', 'nested', 'csv_labels', 'csv_no_labels', 'gray_png', 'gray_png_
          'npy13')
 # Config overrides a kind needs: its channels, and normalisation from its own images.
 OVERRIDES = {
+    'nested': {'data.labels': 'none'},  # Folders inside folders: auto would read a tree.
     'gray_png_1': {'data.channels': 1, 'aug.mean': 'auto', 'aug.std': 'auto'},
     'tiff16_4': {'data.channels': 4, 'aug.mean': 'auto', 'aug.std': 'auto'},
     'npy13': {'data.channels': 13, 'aug.mean': 'auto', 'aug.std': 'auto'},

@@ -50,7 +50,8 @@ def test_a_flat_folder_is_every_image_sorted_and_unlabeled(tmp_path):
 
 def test_a_nested_folder_lists_every_depth_and_skips_non_images(tmp_path):
   names = own_images.nested_folder(tmp_path / 'nested', 13)
-  found = listed.listing(sources.from_config(_config(tmp_path / 'nested', tmp_path)).spec, 'train')
+  found = listed.listing(sources.from_config(_config(tmp_path / 'nested', tmp_path, **{'data.labels': 'none'})).spec,
+                         'train')
   assert found.names == names  # notes.txt left out; depths 1 to 3.
 
 
@@ -96,7 +97,7 @@ def test_a_folder_with_train_and_val_directories_uses_them(tmp_path):
 
 def test_in_memory_and_streamed_reads_give_the_same_images(tmp_path):
   own_images.nested_folder(tmp_path / 'nested', 11)
-  config = _config(tmp_path / 'nested', tmp_path)
+  config = _config(tmp_path / 'nested', tmp_path, **{'data.labels': 'none'})
   in_memory = sources.from_config(config).load('train')
   source = sources.from_config(config).open('train')
   assert len(source) == len(in_memory) == 11
@@ -223,3 +224,14 @@ def test_channels_other_than_3_are_refused_for_an_imagefolder_tree(tmp_path):
   config = _config(tmp_path / 'tree', tmp_path, **{'data.channels': 4})
   with pytest.raises(errors.ConfigError, match='data.channels=4'):
     sources.from_config(config).load('train')
+
+
+def test_auto_reads_folders_inside_folders_as_a_tree(tmp_path):
+  """A typo in data.train_split on a labelled tree is an error, not 'every image, unlabeled'."""
+  own_images.flat_folder(tmp_path / 'tree' / 'train' / 'cls', 2)
+  config = _config(tmp_path / 'tree', tmp_path, **{'data.train_split': 'trian'})
+  assert sources.from_config(config).spec.kind == 'folder'
+  with pytest.raises(errors.DataError, match='data.labels=none'):
+    sources.from_config(config).load('train')
+  own_images.flat_folder(tmp_path / 'one_level' / 'a', 2)  # One level of folders: listed.
+  assert sources.from_config(_config(tmp_path / 'one_level', tmp_path)).spec.kind == 'listed'

@@ -12,9 +12,10 @@
     second one, if every row has it, the label. .csv is comma-separated,
     .tsv and .txt tab-separated.
 
-`data.labels` says where labels come from: `auto` (default: class folders of an
-ImageFolder tree, a list's label column, else none), `folders`, `csv` or
-`none`. Unlabeled examples have label -1 and no class names: training needs no
+`data.labels` says where labels come from: `auto` (default: class folders of a
+directory with folders inside folders (an ImageFolder tree) and of archives, a
+list's label column, else none: a flat folder or one level of folders),
+`folders`, `csv` or `none` (needed for a deeper unlabeled tree). Unlabeled examples have label -1 and no class names: training needs no
 labels; kNN and the linear probes refuse such a split (`--mode=embed` writes
 its features instead).
 
@@ -31,7 +32,6 @@ data.cache_dir by the files' names, sizes and mtimes) and as a random-access
 evaluation; archives are sequential and decoded into memory).
 """
 
-import csv
 import dataclasses
 import hashlib
 import os
@@ -49,13 +49,12 @@ from moco_jax.data import decode
 from moco_jax.data import folder
 from moco_jax.data import spec as spec_lib
 from moco_jax.data.spec import DataSpec
+from moco_jax.data import list_file
 
 LIST_SUFFIXES, LABEL_MODES = spec_lib.LIST_SUFFIXES, spec_lib.LABEL_MODES
 HOLDOUT_SEED = 0
 # Bump when listing or splitting changes, so cached splits are not reused.
 LISTED_VERSION = 1
-_PATH_HEADERS = ('path', 'file', 'filename', 'image', 'filepath')
-_LABEL_HEADERS = ('label', 'class', 'target', 'category')
 
 
 def _abspath(path: str) -> str:
@@ -92,46 +91,6 @@ def _list_tree(path: str) -> tuple[list, bool]:
   return images, not os.path.isdir(path)
 
 
-def _read_list(path: str, mode: str) -> tuple[list, Optional[list]]:
-  """(paths as written, label strings or None) of a list file; errors name the line."""
-  if not os.path.isfile(path):
-    raise errors.DataNotFoundError(
-        f'data.path={path!r} does not exist: set --config.data.path to a .csv/.tsv/.txt list '
-        'of image paths (relative to the list), a folder of images or an ImageFolder tree.')
-  delimiter = ',' if path.lower().endswith('.csv') else '\t'
-  with open(path, newline='', encoding='utf-8') as f:
-    rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f, delimiter=delimiter),
-                                                                  start=1)
-            if row and any(c.strip() for c in row) and not row[0].lstrip().startswith('#')]
-  if not rows:
-    raise errors.DataError(f'data.path={path!r} lists no images: add one image path per line.')
-  header = [c.lower() for c in rows[0][1]]
-  path_col = next((header.index(h) for h in _PATH_HEADERS if h in header), None)
-  if path_col is not None:
-    label_col = next((header.index(h) for h in _LABEL_HEADERS if h in header), None)
-    rows = rows[1:]
-  else:
-    path_col = 0
-    label_col = 1 if rows and all(len(r) > 1 and r[1] for _, r in rows) else None
-  if mode == 'csv' and label_col is None:
-    raise errors.DataError(
-        f'data.labels=csv but data.path={path!r} has no label column (a header with "label", or '
-        'a second column on every row): add one, or set --config.data.labels=none.')
-  names, labels = [], []
-  for line, row in rows:
-    if len(row) <= path_col or not row[path_col]:
-      raise errors.DataError(f'{path} line {line}: no image path in column {path_col + 1}.')
-    names.append(row[path_col])
-    if label_col is not None:
-      if len(row) <= label_col or not row[label_col]:
-        raise errors.DataError(f'{path} line {line}: no label in column {label_col + 1} (every '
-                               'row needs one); fix the row or set --config.data.labels=none.')
-      labels.append(row[label_col])
-  if mode == 'none':
-    return names, None
-  return names, labels if label_col is not None else None
-
-
 def holdout(num: int, fraction: float, where: str) -> tuple[np.ndarray, np.ndarray]:
   """(train, eval) sorted positions of a fixed seeded `fraction` held out of `num` images."""
   if not 0 <= fraction < 1:
@@ -153,7 +112,7 @@ def listing(spec: DataSpec, split: str) -> Listing:
   spec_lib.split_field(split)
   path, mode, fraction = spec.path, spec.labels, spec.val_fraction
   if spec_lib.is_list_file(path):
-    written, label_strings = _read_list(path, mode)
+    written, label_strings = list_file.read_list(path, mode)
     root = os.path.dirname(path)
     names = [os.path.normpath(n) if os.path.isabs(n) else n for n in written]
     missing = [n for n in names if not os.path.isfile(os.path.join(root, n))]

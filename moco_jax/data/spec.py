@@ -135,31 +135,23 @@ def is_list_file(path: str) -> bool:
   return path.lower().endswith(LIST_SUFFIXES)
 
 
-def _has_folder_layout(path: str, split_names) -> bool:
-  """Whether a directory looks like ROOT[/top]/<split>/<class>/ for one of `split_names`.
-
-  Any usual split name counts, not only the configured one: a tree with a typo in
-  data.train_split must get the folder source's error naming that field, not be
-  read as unlabeled images.
-  """
-  tops = [path]
+def _subdirs(path: str) -> list:
   try:
-    subdirs = [e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.')]
+    with os.scandir(path) as entries:
+      return [e.path for e in entries if e.is_dir() and not e.name.startswith('.')]
   except OSError:
-    return False
-  if len(subdirs) == 1:
-    tops.append(subdirs[0])
-  for top in tops:
-    for name in split_names:
-      split = os.path.join(top, name)
-      if os.path.isdir(split):
-        try:
-          with os.scandir(split) as entries:
-            if any(e.is_dir() and not e.name.startswith('.') for e in entries):
-              return True
-        except OSError:
-          return True  # A split folder that cannot be listed: the folder source says why.
-  return False
+    return []
+
+
+def _has_folder_layout(path: str) -> bool:
+  """Whether a directory may be an ImageFolder tree: folders inside folders (cheap: two levels).
+
+  ROOT/<split>/<class>/ (or one top folder above it) always has them; a flat
+  folder, or one level of folders, cannot be a tree. Deeper unlabeled trees
+  need data.labels=none (the folder source's error says so), so a typo in
+  data.train_split is never read as 'every image, unlabeled'.
+  """
+  return any(_subdirs(sub) for sub in _subdirs(path))
 
 
 def _is_listed(data_config, path: str) -> bool:
@@ -180,9 +172,7 @@ def _is_listed(data_config, path: str) -> bool:
     return True
   if mode == 'folders' or not os.path.isdir(path):
     return False  # An ImageFolder tree or archive (missing paths get the folder's message).
-  names = (data_config.get('train_split', 'train'), data_config.get('eval_split', 'val'), 'train',
-           *EVAL_FALLBACKS)
-  return not _has_folder_layout(path, names)
+  return not _has_folder_layout(path)
 
 
 def _kind(data_config) -> tuple[str, str]:

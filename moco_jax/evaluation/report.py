@@ -109,19 +109,6 @@ def augmentation_preview(config, train_ds: ImageDataset, step: int,
   return images, train_ds.labels[idx], _to_uint8(query, config.aug), _to_uint8(key, config.aug)
 
 
-def display_rgb(images) -> np.ndarray:
-  """uint8 [..., 3] to draw images of any channel count: gray repeated, C > 3 its first three."""
-  images = np.asarray(images)
-  channels = images.shape[-1]
-  if channels == 3:
-    return images
-  if channels == 1:
-    return np.repeat(images, 3, axis=-1)
-  if channels == 2:
-    return np.concatenate([images, np.zeros_like(images[..., :1])], axis=-1)
-  return np.ascontiguousarray(images[..., :3])
-
-
 def _to_uint8(views, aug_config) -> np.ndarray:
   """Normalised float views back to displayable uint8 pixels."""
   mean = np.asarray(aug_config.mean, np.float32)
@@ -242,8 +229,8 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
                            os.path.join(out_dir, 'tsne.png'))
     report_plots.plot_curves(read_metrics(workdir), os.path.join(out_dir, 'curves.png'),
                              os.path.abspath(workdir))
-    report_plots.augmentation_grid(display_rgb(images), display_rgb(query_views),
-                                   display_rgb(key_views), labels, class_names,
+    report_plots.augmentation_grid(report_plots.display_rgb(images), report_plots.display_rgb(query_views),
+                                   report_plots.display_rgb(key_views), labels, class_names,
                                    os.path.join(out_dir, 'augmentations.png'))
     drawn += ['curves.png', 'tsne.png', 'augmentations.png']
     facts['report time (s)'] = round(time.perf_counter() - start, 1)
@@ -266,8 +253,8 @@ def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eva
     if same:
       neighbours, similarities = _without_self(queries, neighbours, similarities)
     report_plots.neighbour_grid(
-        display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
-        display_rgb(train_ds.images[neighbours]),
+        report_plots.display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
+        report_plots.display_rgb(train_ds.images[neighbours]),
         train_ds.labels[neighbours], similarities, class_names,
         os.path.join(out_dir, 'neighbours.png'))
     return {}
@@ -280,8 +267,8 @@ def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eva
   neighbours, similarities = nearest_neighbours(eval_features[queries], train_features,
                                                 NUM_NEIGHBOURS)
   report_plots.neighbour_grid(
-      display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
-      display_rgb(train_ds.images[neighbours]),
+      report_plots.display_rgb(eval_ds.images[queries]), eval_ds.labels[queries],
+      report_plots.display_rgb(train_ds.images[neighbours]),
       train_ds.labels[neighbours], similarities, class_names,
       os.path.join(out_dir, 'neighbours.png'))
   matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))

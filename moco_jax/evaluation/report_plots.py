@@ -40,6 +40,19 @@ WRONG = (210, 0, 0)
 TEXT = (20, 20, 20)
 
 
+def display_rgb(images) -> np.ndarray:
+  """uint8 [..., 3] to draw images of any channel count: gray repeated, C > 3 its first three."""
+  images = np.asarray(images)
+  channels = images.shape[-1]
+  if channels == 3:
+    return images
+  if channels == 1:
+    return np.repeat(images, 3, axis=-1)
+  if channels == 2:
+    return np.concatenate([images, np.zeros_like(images[..., :1])], axis=-1)
+  return np.ascontiguousarray(images[..., :3])
+
+
 def _figure(size) -> Figure:
   return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout='constrained')
 
