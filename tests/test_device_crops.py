@@ -33,6 +33,8 @@ from moco_jax.data import batching
 from moco_jax.data import canvas_loader
 from moco_jax.data import decoders
 from moco_jax.data import host_crops
+from moco_jax.data import sources
+from moco_jax.data import spec as data_spec
 from moco_jax.data import streaming
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
@@ -351,7 +353,7 @@ if __name__ == '__main__':  # Grain's worker processes are spawned: they import 
 
 def test_the_trainer_says_once_that_large_images_were_reduced(tmp_path, caplog):
   """The feeder shards canvases, sizes and indices, and logs the host reduction once."""
-  from moco_jax.training import train  # pylint: disable=g-import-not-at-top
+  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
   root = _tree(tmp_path / 'tree', classes=2, per_class=8)
   _photo(np.random.default_rng(9), 130, 90).save(root / 'train' / 'class0000' / 'big.jpg')
   config = tiny.get_config()
@@ -359,7 +361,8 @@ def test_the_trainer_says_once_that_large_images_were_reduced(tmp_path, caplog):
                           stream_processes=0, num_workers=1))
   config.batch_size = 8
   source = _source(root, tmp_path)
-  feed = train._canvas_feeder(config, source, parallel.make_mesh(), 0, 8)  # pylint: disable=protected-access
+  spec = sources.from_config(config).spec
+  feed = pretrain._canvas_feeder(config, spec, source, parallel.make_mesh(), 0, 8)  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
     for step in range(8):  # 17 images, 8 per step: the big one is read at least 3 times.
       canvases, sizes, indices = feed(step)

@@ -240,8 +240,8 @@ def two_checkpoints(tmp_path_factory):
   from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('corrupt') / 'run'
   config = _config(num_train_steps=4)
-  train.train_and_evaluate(config, str(workdir))
-  train_ds = sources.load_split(config.data, 'train')
+  pretrain.train_and_evaluate(config, str(workdir))
+  train_ds = sources.from_config(config).load('train')
   lr = optim.create_learning_rate_fn(config, len(train_ds) // config.batch_size, 4)
   setup = step_lib.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr),
                                    total_steps=4, num_examples=len(train_ds))
