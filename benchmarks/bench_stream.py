@@ -310,9 +310,16 @@ def _row_torch_mocov2(args):
   return 'torch-mocov2', f'b.run_torch({_common(args)}, "mocov2")', args.peer_python
 
 
+def _row_c(args):
+  """Packed shards (benchmarks/bench_packed.py: packs `args.data` once beside it)."""
+  sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
+  import bench_packed  # pylint: disable=g-import-not-at-top
+  return bench_packed.row_c(args)
+
+
 # The rows of `host`, in order: each `args -> (name, call, python)`; python None means the
-# row cannot run here and `call` says why; None skips it. Row c (packed shards) goes after b.
-HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_d, _row_torch_mocov2]
+# row cannot run here and `call` says why; None skips it.
+HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_c, _row_d, _row_torch_mocov2]
 # (numerator, denominator) rows whose per-core ratio the table reports.
 RATIOS = [('b-loop', 'a-loop'), ('b-loop (simplejpeg)', 'a-loop'),
           ('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
