@@ -328,8 +328,8 @@ def test_an_archive_packs_to_the_same_records_as_its_directory(tree, packed_dir,
   out = tmp_path / 'from_archive'
   pack.run_pack(_config(archive, tmp_path), str(out))
   for which in ('train', 'eval'):
-    got = streaming.open_source(_config(out, tmp_path).data, which)
-    want = streaming.open_source(_config(packed_dir, tmp_path).data, which)
+    got = sources.from_config(_config(out, tmp_path)).open(which)
+    want = sources.from_config(_config(packed_dir, tmp_path)).open(which)
     assert len(got) == len(want) and got.class_names == want.class_names
     for i in range(len(want)):
       label, name, image = got.record(i)
@@ -344,9 +344,9 @@ def test_a_tfds_dataset_packs_through_its_data_source(tmp_path):
   with tfds.testing.mock_data(num_examples=12), \
       mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
     pack.run_pack(config, str(out))
-    want = streaming.open_source(config.data, 'train')
+    want = sources.from_config(config).open('train')
     want_labels = [want.label(i) for i in range(len(want))]
-  got = streaming.open_source(_config(out, tmp_path).data, 'train')
+  got = sources.from_config(_config(out, tmp_path)).open('train')
   assert len(got) == 12 and len(got.class_names) == 1000
   assert [got.label(i) for i in range(12)] == want_labels
   assert packed.read_manifest(str(out))['source']['name'] == 'imagenet2012'
