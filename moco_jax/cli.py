@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from moco_jax.core import errors
 from moco_jax.evaluation import results
+from moco_jax.run import compile_cache
 from moco_jax.run import config_checks
 from moco_jax.run import distributed
 from moco_jax.run import run_config
@@ -168,6 +169,8 @@ def run(argv, modes: dict[str, Callable]):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   with one_message_on_user_errors():
+    if FLAGS.config is not None:  # Before anything compiles.
+      compile_cache.enable(FLAGS.config.get('compile_cache_dir', ''))
     start_up()
     if FLAGS.config is None:
       raise errors.ConfigError(

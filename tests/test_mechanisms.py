@@ -206,7 +206,7 @@ def _run_bank_steps(config, devices, num_steps=2):
   _, _, num_examples = _images_and_indices(config, 0)
   setup, lr, state = _setup(config, len(devices), num_examples)
   state = parallel.replicate(state, mesh)
-  step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+  step = step_lib.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
     images, indices, _ = _images_and_indices(config, i)
@@ -275,7 +275,7 @@ def test_end_to_end_one_and_eight_devices_agree_under_shuffle_bn():
       mesh = parallel.make_mesh(devices)
       images, indices, n = _images_and_indices(config, 0)
       setup, lr, state = _setup(config, len(devices), n)
-      step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+      step = step_lib.make_sharded_step(setup, lr, mesh)
       state, metrics = step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh),
                             parallel.shard_batch(indices, mesh))
       runs.append(jax.device_get((state, metrics)))
@@ -301,13 +301,14 @@ def test_bad_method_values_are_rejected_with_the_field_name(method, field, value
 
 
 def test_memory_bank_without_indices_fails_clearly():
+  """The sharded step always passes indices; a StepBatch built without them is refused."""
   config = _config('memory_bank')
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  images, _, n = _images_and_indices(config, 0)
-  setup, lr, state = _setup(config, 1, n)
-  step = step_lib.make_sharded_step(setup, lr, mesh)
+  _, _, n = _images_and_indices(config, 0)
+  setup, _, state = _setup(config, 1, n)
+  q, k = _views(config, 4)
+  batch = base.StepBatch(q, k, None, jax.random.PRNGKey(0))
   with pytest.raises(errors.ConfigError, match='dataset index'):
-    step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh))
+    setup.method.loss(state.params, state.batch_stats, state.method_state, batch)
   with pytest.raises(errors.ConfigError, match='train split size'):
     _setup(config, 1, 0)
 

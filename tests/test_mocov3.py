@@ -359,7 +359,9 @@ def _run(config, devices, steps=2):
   for _ in range(steps):
     size = config.data.image_size
     images = rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
-    state, metrics = step(state, parallel.shard_batch(images, mesh))
+    indices = np.arange(config.batch_size, dtype=np.int32)
+    state, metrics = step(state, parallel.shard_batch(images, mesh),
+                          parallel.shard_batch(indices, mesh))
     losses.append(float(metrics['train_loss']))
   return jax.device_get(state), losses
 

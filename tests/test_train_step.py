@@ -41,10 +41,14 @@ def _setup(config, num_devices):
   return setup, lr, state
 
 
-def _images(config, step=0):
+def _batch(config, step=0):
   ds = sources.load_split(config.data, 'train')
   return next(batching.train_batches(ds, global_batch=config.batch_size, seed=0,
-                                           start_step=step))['image']
+                                     start_step=step))
+
+
+def _images(config, step=0):
+  return _batch(config, step)['image']
 
 
 def _run_steps(config, devices, num_steps=2):
@@ -55,7 +59,9 @@ def _run_steps(config, devices, num_steps=2):
   step = step_lib.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
-    state, m = step(state, parallel.shard_batch(_images(config, i), mesh))
+    batch = _batch(config, i)
+    state, m = step(state, parallel.shard_batch(batch['image'], mesh),
+                    parallel.shard_batch(batch['index'], mesh))
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
   return states, metrics

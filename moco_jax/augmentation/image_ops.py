@@ -26,16 +26,6 @@ CROP_UNIFORMS = 2 * _CROP_TRIES + 2
 # Geometry.
 
 
-def crop_box(key: jax.Array, height: int, width: int, scale=(0.08, 1.0),
-             ratio=(3 / 4, 4 / 3)) -> jax.Array:
-  """Samples a RandomResizedCrop box (top, left, h, w) as torchvision does.
-
-  See `crop_box_from_uniforms`; returns float32 [4] of integers.
-  """
-  u = jax.random.uniform(key, (CROP_UNIFORMS,))
-  return crop_box_from_uniforms(u, height, width, scale, ratio)
-
-
 def crop_box_from_uniforms(u: jax.Array, height: int, width: int, scale, ratio) -> jax.Array:
   """RandomResizedCrop's box from `CROP_UNIFORMS` uniforms in [0, 1).
 
@@ -213,11 +203,6 @@ def adjust_hue(image, shift):
   k = n + h6 + 6.0 * shift
   k = k - 6.0 * jnp.floor(k * (1.0 / 6.0))  # mod 6; jnp.mod is a scalar libm call on CPU.
   return maxc - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-def _jitter_factors(key: jax.Array, strength) -> jax.Array:
-  """Samples torchvision ColorJitter factors [b, c, s, h] from strengths (b, c, s, h)."""
-  return jitter_factors_from_uniforms(jax.random.uniform(key, (4,)), strength)
 
 
 def jitter_factors_from_uniforms(u: jax.Array, strength) -> jax.Array:

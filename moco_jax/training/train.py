@@ -73,8 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   log_run_summary(config, setup, train_ds, steps_per_epoch, total_steps, start_step)
 
   on_device = config.data.on_device and not plan.stream
-  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device,
-                                      with_indices=True)
+  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device)
   if plan.stream:
     next_batch = _stream_feeder(config, train_ds, mesh, start_step, total_steps)
     if config.data.on_device:
