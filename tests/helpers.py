@@ -25,9 +25,9 @@ from moco_jax.training import step as step_lib
 
 
 def override(config, **overrides):
-  """Sets `section__field=value` (any depth, '__' between names) or `field=value` in place."""
+  """Sets `section__field=value` or `'section.field'=value` (any depth) in place."""
   for key, value in overrides.items():
-    *path, field = key.split('__')
+    *path, field = key.replace('.', '__').split('__')
     node = config
     for name in path:
       node = node[name]

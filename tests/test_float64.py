@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
 from moco_jax import models
 from moco_jax.core import parallel
 from moco_jax.methods import mocov3

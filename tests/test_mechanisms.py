@@ -1,6 +1,5 @@
 """End-to-end and memory bank (MoCo v1 Fig. 2a/2b) against slow references written differently."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import rounding
 from configs import tiny
 from moco_jax import models
@@ -36,27 +36,12 @@ RTOL, ATOL = 2e-4, 2e-6
 
 
 def _config(method, **overrides):
-  config = tiny.get_config()
-  config.method = method
-  config.end_to_end.bn_mode = 'local'
-  config.memory_bank.num_negatives = 50
-  config.memory_bank.bn_mode = 'sync'
-  config.optim.base_lr = 0.5
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
+  return helpers.tiny_config(**dict(dict(
+      method=method, end_to_end__bn_mode='local', memory_bank__num_negatives=50,
+      memory_bank__bn_mode='sync', optim__base_lr=0.5), **overrides))
 
 
-def run_config(method, steps, num_negatives=100):
-  """configs/tiny.py as a short run of `method`: `steps` steps, a checkpoint at the last, a
-  metrics row per step (this module's and the evaluation and multi-process modules' runs)."""
-  config = tiny.get_config()
-  config.method = method
-  config.num_train_steps = config.checkpoint_every_steps = steps
-  config.log_every_steps = 1
-  config.memory_bank.num_negatives = num_negatives
-  return config
+run_config = helpers.run_config
 
 
 def _setup(config, num_devices, num_examples):
@@ -313,6 +298,7 @@ def test_memory_bank_without_indices_fails_clearly():
     _setup(config, 1, 0)
 
 
+@pytest.mark.slow
 def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   """`python main.py` killed with SIGKILL, rerun: the same bank and encoder; then kNN on it."""
   from tests import test_resume  # pylint: disable=g-import-not-at-top
@@ -362,6 +348,7 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   assert 0 <= result['knn_top1'] <= 100
 
 
+@pytest.mark.slow
 def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
   from moco_jax.training import train  # pylint: disable=g-import-not-at-top

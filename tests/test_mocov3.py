@@ -425,6 +425,7 @@ def test_mocov3_solarize_and_per_view_probabilities():
 # Resume and evaluation.
 
 
+@pytest.mark.slow
 def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top

@@ -118,6 +118,7 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tmp_path, monkeypatc
   helpers.assert_same_state(straight, train.train_and_evaluate(config, str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_an_old_config_json_resumes_exactly(tmp_path, straight):
   """A run whose config.json lacks the fields added since (method, head_dims, optim.name)
   resumes from its checkpoint with their defaults and ends in the uninterrupted state."""
@@ -137,6 +138,7 @@ def _restore(workdir, config):
                                     devices=jax.devices()[:2])
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   """A real `python main.py` killed with SIGKILL mid-run, then rerun as is."""
   steps = 24
@@ -159,6 +161,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   assert not finished_before_kill, 'the kill came too late to test anything'
 
 
+@pytest.mark.slow
 def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
   config = _config(steps=2)
   host = train.train_and_evaluate(config, str(tmp_path / 'host'))
@@ -177,6 +180,7 @@ def _imagenet_overrides(tree, cache, steps):
           'data.stream_processes': 0, 'data.num_workers': 2}
 
 
+@pytest.mark.slow
 def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
   """`main.py --config=configs/imagenet.py --config.data.path=<1,000-class folder>` streams;
   killed with SIGKILL and rerun, it ends in the uninterrupted run's state."""

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import rounding
-from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
@@ -22,14 +22,9 @@ AXIS = parallel.AXIS
 
 
 def _config(bn_mode='sync', **overrides):
-  config = tiny.get_config()
-  config.moco.bn_mode = bn_mode
-  config.moco.momentum = 0.9  # Large enough that the EMA visibly moves.
-  config.optim.base_lr = 0.5
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
+  # moco.momentum 0.9: large enough that the EMA visibly moves.
+  return helpers.tiny_config(**dict(dict(moco__bn_mode=bn_mode, moco__momentum=0.9,
+                                         optim__base_lr=0.5), **overrides))
 
 
 def _setup(config, num_devices):

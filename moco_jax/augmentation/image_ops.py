@@ -80,7 +80,8 @@ def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
 
   When the image is no larger than the output (cache_size <= image_size),
   every crop is upsampled, where bilinear needs no antialiasing: two
-  separable gather+lerp passes, about 10x cheaper than a resampling matmul.
+  separable gather+lerp passes, much cheaper than a resampling matmul
+  (docs/benchmarks.md, "Numbers behind design choices").
   Otherwise `scale_and_translate` takes the box as traced numbers (no dynamic
   shapes) and, with antialias=True, filters when shrinking like PIL. Both
   sample the real pixels just outside the box at its border (no edge
@@ -116,8 +117,8 @@ def grayscale(image: jax.Array) -> jax.Array:
   """Luma [H, W, 1] of an RGB image (torchvision's rgb_to_grayscale weights).
 
   A dot, not a sum of channel slices: on XLA:CPU the slices of the 3-long
-  last axis made the whole view 2-3x slower (measured; so did a planar
-  [3, H, W] layout for all colour ops).
+  last axis made the whole view slower, as did a planar [3, H, W] layout for
+  all colour ops (docs/benchmarks.md, "Numbers behind design choices").
   """
   return image @ jnp.asarray(_LUMA, image.dtype)[:, None]
 

@@ -193,8 +193,8 @@ def _archive_train_count(data_config) -> int:
 def file_list_fingerprint(source: StreamSource) -> dict:
   """{count, sha256, where} of a source's file list and labels: a streamed resume compares it.
 
-  A folder hashes its indexed names and labels (about 0.1 s per million
-  files); a tfds split, its name and size (its files are immutable once prepared).
+  A folder hashes its indexed names and labels (cheap next to listing them);
+  a tfds split, its name and size (its files are immutable once prepared).
   """
   digest = hashlib.sha256()
   if isinstance(source, FolderSource):
