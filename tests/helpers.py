@@ -5,19 +5,28 @@ its uniforms once per example and calls `image_ops.*_from_uniforms`).
 """
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import time
 
 import jax
 import numpy as np
 from PIL import Image
+import pytest
 
 from configs import default
 from configs import tiny
 from moco_jax.augmentation import image_ops
 from moco_jax.core import parallel
+from moco_jax.data import batching
 from moco_jax.run import checkpoints
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
+from moco_jax.training import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------
@@ -119,6 +128,42 @@ def restore_checkpoint(workdir, config, step: int, devices=None, steps_per_epoch
     return checkpoints.restore(manager, step, target)
   finally:
     manager.close()
+
+
+# --------------------------------------------------------------------------
+# Interrupted runs.
+
+
+def sigkill_after_checkpoint(cmd, workdir, env, steps, checkpoint=4) -> bool:
+  """Starts `cmd`, SIGKILLs it once checkpoint `checkpoint` exists; True if it had finished."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return (workdir / 'checkpoints' / str(steps)).is_dir()
+
+
+def crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint: int):
+  """Trains until checkpoint `checkpoint` is complete, dies at the next batch, reruns; the final state."""
+  real_batches = batching.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == checkpoint + 1:
+        deadline = time.time() + 60
+        while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
+          time.sleep(0.1)
+        raise KeyboardInterrupt('simulated kill')
+      yield batch
+
+  monkeypatch.setattr(batching, 'train_batches', crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.setattr(batching, 'train_batches', real_batches)
+  return train.train_and_evaluate(config, str(workdir))
 
 
 # --------------------------------------------------------------------------

@@ -301,7 +301,6 @@ def test_memory_bank_without_indices_fails_clearly():
 @pytest.mark.slow
 def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   """`python main.py` killed with SIGKILL, rerun: the same bank and encoder; then kNN on it."""
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   steps = 10
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
@@ -324,7 +323,7 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   assert grown.returncode == 2 and 'Traceback' not in grown.stderr, grown.stderr[-2000:]
   assert 'method_state/bank [256, 16] in the checkpoint, [128, 16] now' in grown.stderr
   killed = tmp_path / 'killed'
-  finished_before_kill = test_resume._sigkill_after_checkpoint(command(killed), killed, env, steps)
+  finished_before_kill = helpers.sigkill_after_checkpoint(command(killed), killed, env, steps)
   subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=600)
   config = tiny.get_config()
@@ -339,7 +338,7 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
     return checkpoints.restore(checkpoints.create_manager(str(workdir), config), steps, target)
 
   straight = restore(tmp_path / 'straight')
-  test_resume._assert_same_state(straight, restore(killed))
+  helpers.assert_same_state(straight, restore(killed))
   assert not finished_before_kill, 'the kill came too late to test anything'
   # The bank was trained: it is no longer the random rows it started from.
   assert np.abs(np.asarray(straight.method_state.bank)
@@ -352,11 +351,10 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
 def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
   from moco_jax.training import train  # pylint: disable=g-import-not-at-top
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = run_config('end_to_end', steps=4)
   config.checkpoint_every_steps = 2
   straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
-  resumed = test_resume.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
+  resumed = helpers.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
                                                          monkeypatch, checkpoint=2)
-  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
+  helpers.assert_same_state(straight, resumed)
   assert int(straight.step) == 4

@@ -17,6 +17,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import helpers
 from configs import default
 import rounding
 from configs import tiny
@@ -430,14 +431,13 @@ def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch)
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
   from moco_jax.training import train  # pylint: disable=g-import-not-at-top
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
   config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
   straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
   workdir = tmp_path / 'resumed'
   resumed = jax.device_get(
-      test_resume.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
-  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
+      helpers.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
+  helpers.assert_same_state(straight, resumed)
   assert int(resumed.method_state.step) == 4
   # Every evaluation reads the ViT backbone from the checkpoint: class-token features.
   backbone, variables, step, _ = features.load_backbone(config, str(workdir))

@@ -27,18 +27,6 @@ def _config(steps=6):
                              log_every_steps=1)
 
 
-def _sigkill_after_checkpoint(cmd, workdir, env, steps, checkpoint=4) -> bool:
-  """Starts `cmd`, SIGKILLs it once checkpoint `checkpoint` exists; True if it had finished."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  return (workdir / 'checkpoints' / str(steps)).is_dir()
-
-
 def test_train_and_evaluate_writes_checkpoints_and_metrics(tmp_path):
   config = _config()
   state = train.train_and_evaluate(config, str(tmp_path))
@@ -63,31 +51,11 @@ def straight(tmp_path_factory):
                                                  str(tmp_path_factory.mktemp('straight'))))
 
 
-def crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint: int):
-  """Trains until checkpoint `checkpoint` is complete, dies at the next batch, reruns; the final state."""
-  real_batches = batching.train_batches
-
-  def crashing_batches(*args, **kwargs):
-    for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if i == checkpoint + 1:
-        deadline = time.time() + 60
-        while not (workdir / 'checkpoints' / str(checkpoint)).is_dir() and time.time() < deadline:
-          time.sleep(0.1)
-        raise KeyboardInterrupt('simulated kill')
-      yield batch
-
-  monkeypatch.setattr(batching, 'train_batches', crashing_batches)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(workdir))
-  monkeypatch.setattr(batching, 'train_batches', real_batches)
-  return train.train_and_evaluate(config, str(workdir))
-
-
 def test_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch, straight):
   config = _config(steps=6)
   workdir = tmp_path / 'resumed'
   # Serves 4 batches, waits for the step-3 checkpoint to be complete, then dies.
-  resumed = crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=3)
+  resumed = helpers.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=3)
   helpers.assert_same_state(straight, resumed)
   rows = helpers.read_jsonl(workdir / 'metrics.jsonl')
   # The rerun started from the checkpoint at step 3, not from scratch.
@@ -153,7 +121,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   subprocess.run(command(tmp_path / 'straight'), cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
   killed = tmp_path / 'killed'
-  finished_before_kill = _sigkill_after_checkpoint(command(killed), killed, env, steps)
+  finished_before_kill = helpers.sigkill_after_checkpoint(command(killed), killed, env, steps)
   subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=600)
   config = helpers.tiny_config(num_train_steps=steps)
@@ -205,7 +173,7 @@ def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path):
   assert [r['step'] for r in rows] == list(range(1, steps + 1))
   assert all(np.isfinite(r['train_loss']) for r in rows)
   killed = tmp_path / 'killed'
-  finished_before_kill = _sigkill_after_checkpoint(command(killed), killed, env, steps)
+  finished_before_kill = helpers.sigkill_after_checkpoint(command(killed), killed, env, steps)
   rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                          text=True, timeout=600)
   assert 'Using the cached file list' in rerun.stderr
