@@ -120,9 +120,11 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   devices = jax.devices()
   mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
-  images = _images(config)
+  batch = _batch(config)
+  images = batch['image']
   step = functools.partial(step_lib.train_step, setup=setup, learning_rate_fn=lr)
-  new_state, _ = _per_device(step, mesh, (P(), P(AXIS)))(state, images)
+  new_state, _ = _per_device(lambda s, x, i: step(s, x, indices=i), mesh,
+                             (P(), P(AXIS), P(AXIS)))(state, images, batch['index'])
   queues = np.asarray(new_state.method_state.queue)
   for d in range(1, len(devices)):
     np.testing.assert_array_equal(queues[d], queues[0])
