@@ -46,8 +46,6 @@ class Row:
 def compile_row(config, devices) -> Row:
   """Lowers and compiles the trainer's step of `config` on `devices`; runs nothing."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train  # pylint: disable=g-import-not-at-top
   from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
   from moco_jax import config_checks  # pylint: disable=g-import-not-at-top
@@ -61,11 +59,9 @@ def compile_row(config, devices) -> Row:
   num_examples = 1_281_167  # ImageNet train: the memory bank's rows.
   setup = step_lib.make_step_setup(config, num_devices, optim.create_optimizer(config, lr),
                                    num_examples=num_examples)
-  state, images = bench_train.abstract_step_inputs(config, setup, mesh)
-  indices = jax.ShapeDtypeStruct((config.batch_size,), np.int32,
-                                 sharding=NamedSharding(mesh, P(parallel.AXIS)))
+  state, images, indices = bench_train.abstract_step_inputs(config, setup, mesh)
   start = time.perf_counter()
-  compiled = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True).lower(
+  compiled = step_lib.make_sharded_step(setup, lr, mesh).lower(
       state, images, indices).compile()
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()

@@ -41,8 +41,8 @@ def measure(name: str, batch: int, steps: int) -> dict:
   config.data.source = 'synthetic'
   bench = bench_train.StepBench(config, devices=jax.devices()[:1], total_steps=1 + steps)
   compile_and_first = bench.first_step()
-  images = bench._images()  # pylint: disable=protected-access
-  memory = bench.p_step.lower(bench.state, images).compile().memory_analysis()
+  inputs = bench._inputs()  # pylint: disable=protected-access
+  memory = bench.p_step.lower(bench.state, *inputs).compile().memory_analysis()
   elapsed = bench.run(steps) if steps else float('nan')
   loss = bench.finish()
   return dict(

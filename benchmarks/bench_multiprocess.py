@@ -67,6 +67,8 @@ def _worker(args):
   rng = np.random.default_rng(args.process_id)
   images = parallel.shard_batch(
       rng.integers(0, 256, (local, args.image_size, args.image_size, 3), dtype=np.uint8), mesh)
+  indices = parallel.shard_batch(
+      np.arange(local, dtype=np.int32) + args.process_id * local, mesh)
 
   def median_time(fn, n):
     for _ in range(args.warmup):
@@ -81,7 +83,7 @@ def _worker(args):
   holder = {'state': state}
 
   def one_step():
-    holder['state'], metrics = step(holder['state'], images)
+    holder['state'], metrics = step(holder['state'], images, indices)
     return metrics
 
   step_s = median_time(one_step, args.steps)

@@ -446,7 +446,7 @@ def step_flops(preset: str, batch: int, canvas_side: int, dtype: str) -> list:
     setup = step_lib.make_step_setup(config, 1, tx, **kwargs)
     state, _ = bench_train.abstract_step_inputs(config, setup, mesh)
     start = time.perf_counter()
-    step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+    step = step_lib.make_sharded_step(setup, lr, mesh)
     compiled = step.lower(state, *inputs, indices).compile()
     seconds = time.perf_counter() - start
     results.append({'input': name, 'step_gflop_per_image': flops(compiled) / 1e9,

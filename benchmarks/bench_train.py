@@ -56,6 +56,7 @@ from benchmarks import report
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
+from moco_jax.data import spec as data_spec
 from moco_jax import config_checks
 from moco_jax.training import optim
 from moco_jax.training import state as state_lib
@@ -252,21 +253,25 @@ class StepBench:
           process_count=jax.process_count())
     else:
       host = np.random.default_rng(0).integers(0, 256, (local_batch, side, side, 3), np.uint8)
-      self._placed = parallel.shard_batch(host, mesh)
+      index = np.arange(local_batch, dtype=np.int32) + jax.process_index() * local_batch
+      self._placed = (parallel.shard_batch(host, mesh), parallel.shard_batch(index, mesh))
 
-  def _images(self):
+  def _inputs(self):
+    """(images, indices) of the next batch, sharded as the trainer shards them."""
     if self._batches is not None:
-      return parallel.shard_batch(next(self._batches)['image'], self.mesh)
+      batch = next(self._batches)
+      return (parallel.shard_batch(batch['image'], self.mesh),
+              parallel.shard_batch(batch['index'], self.mesh))
     return self._placed
 
   def first_step(self) -> float:
     """Compiles and runs one step; returns its seconds and reads XLA's FLOPs."""
-    images = self._images()
+    inputs = self._inputs()
     start = time.perf_counter()
-    self.state, self.metrics = self.p_step(self.state, images)
+    self.state, self.metrics = self.p_step(self.state, *inputs)
     jax.block_until_ready((self.state, self.metrics))
     seconds = time.perf_counter() - start
-    flops = step_flops(self.p_step, self.state, images)
+    flops = step_flops(self.p_step, self.state, *inputs)
     self.flops_per_image = flops * len(self.devices) / self.config.batch_size
     return seconds
 
@@ -274,7 +279,7 @@ class StepBench:
     """Seconds for `steps` steps, dispatched back to back, blocked at the end."""
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, self.metrics = self.p_step(self.state, self._images())
+      self.state, self.metrics = self.p_step(self.state, *self._inputs())
     jax.block_until_ready((self.state, self.metrics))
     return time.perf_counter() - start
 
@@ -386,7 +391,7 @@ class CompileResult:
 
 
 def abstract_step_inputs(config, setup, mesh):
-  """ShapeDtypeStructs of (state, images) with the shardings the trainer uses.
+  """ShapeDtypeStructs of (state, images, indices) with the shardings the trainer uses.
 
   `jax.eval_shape` traces the state's initialisation without running it, so
   even R50 at batch 256 costs no memory here.
@@ -400,7 +405,9 @@ def abstract_step_inputs(config, setup, mesh):
   side = data_spec.decoded_side(config.data)
   images = jax.ShapeDtypeStruct((config.batch_size, side, side, 3), np.uint8,
                                 sharding=NamedSharding(mesh, P(parallel.AXIS)))
-  return state, images
+  indices = jax.ShapeDtypeStruct((config.batch_size,), np.int32,
+                                 sharding=NamedSharding(mesh, P(parallel.AXIS)))
+  return state, images, indices
 
 
 def compile_only(config, *, preset: str = 'custom', devices=None) -> CompileResult:
@@ -419,10 +426,10 @@ def compile_only(config, *, preset: str = 'custom', devices=None) -> CompileResu
                                                    total_steps=1000)
   tx = optim.create_optimizer(config, learning_rate_fn)
   setup = step_lib.make_step_setup(config, num_devices, tx)
-  state, images = abstract_step_inputs(config, setup, mesh)
+  state, images, indices = abstract_step_inputs(config, setup, mesh)
   start = time.perf_counter()
-  compiled = step_lib.make_sharded_step(setup, learning_rate_fn, mesh).lower(state,
-                                                                            images).compile()
+  compiled = step_lib.make_sharded_step(setup, learning_rate_fn, mesh).lower(
+      state, images, indices).compile()
   seconds = time.perf_counter() - start
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per module.

@@ -12,11 +12,8 @@ on real data, on the hardware at hand.
 
 Expected (measured here, docs/results.md): kNN top-1 41.8 after epoch 1 and
 44.3 after epoch 2, against 32.7 for the random-init encoder (`--mode=knn
---workdir=DIR --config.eval.random_init=True`): +11.6 points. 9.6 min of CPU
-time; 19.5 min of wall time here, sharing 2 cores with other jobs; about 7 min
-on 2 idle cores (estimated from the 320-375 img/s of its quiet stretches).
-All of it a cold first run (decoding the 60,000 JPEGs once took 36 s). The
-training loss falls to ~5.7 and rises back to ~6.4 in the last quarter as the
+--workdir=DIR --config.eval.random_init=True`): +11.6 points; its times are in
+docs/results.md. The training loss falls to ~5.7 and rises back to ~6.4 in the last quarter as the
 lr goes to 0 (README: "The loss curve").
 """
 

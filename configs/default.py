@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   # MLP head widths, hidden layers then output (= embed_dim), e.g. (100, 50, 25) for
   # 512-100-50-25; () = v2's two layers (head_hidden_dim, embed_dim), named fc1, fc2.
   config.model.head_dims = ()
-  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (loss stays float32).
+  # Compute dtype: float32 | bfloat16 (loss stays float32) | float64 (numerical checks, needs
+  # JAX_ENABLE_X64=1: state, schedules and every value of the step in float64).
+  config.model.dtype = 'float32'
   # MoCo v3 / ViT (configs/mocov3_*.py): names vit_small | vit_base | vit_tiny (tests).
   config.model.mlp_dim = 4096  # mocov3: hidden width of the projector and predictor MLPs.
   config.model.patch_size = -1  # ViT patch side; -1: the architecture's (16); CIFAR: 4.
@@ -200,4 +202,8 @@ def get_config() -> ml_collections.ConfigDict:
   # queue, batch, seed, data) is refused unless this is True.
   config.allow_config_change = False
   config.tensorboard = True  # Also write TensorBoard events (tensorboardX; no TensorFlow needed).
+  # JAX's persistent compilation cache (moco_jax/run/compile_cache.py): a resumed run or an
+  # evaluation loads the programs compiled before instead of compiling them again. '' = off;
+  # JAX_COMPILATION_CACHE_DIR in the environment, when set, is used instead of this path.
+  config.compile_cache_dir = '~/.cache/moco_jax/jax'
   return config

@@ -31,6 +31,7 @@ from moco_jax.data import decode
 from moco_jax.data import normalisation
 from moco_jax.evaluation import results
 from moco_jax.run import checkpoints
+from moco_jax.run import compile_cache
 from moco_jax.run import distributed
 from moco_jax.run import run_config
 from moco_jax.run import stopping
@@ -173,6 +174,8 @@ def run(argv, modes: dict[str, Callable]):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   with one_message_on_user_errors():
+    if FLAGS.config is not None:  # Before anything compiles.
+      compile_cache.enable(FLAGS.config.get('compile_cache_dir', ''))
     start_up()
     if FLAGS.config is None:
       raise errors.ConfigError(

@@ -92,8 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   log_run_summary(config, data, setup, train_ds, steps_per_epoch, total_steps, start_step)
 
   on_device = data.spec.on_device and not streamed
-  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device,
-                                      with_indices=True)
+  p_step = step_lib.make_sharded_step(setup, learning_rate_fn, mesh, on_device)
   if canvas:
     next_batch = _canvas_feeder(config, data.spec, train_ds, mesh, start_step, total_steps)
   elif streamed:

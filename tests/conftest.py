@@ -16,3 +16,6 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                                    'jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# A size bound makes JAX lock the directory for every read and write (moco_jax/run/compile_cache.py):
+# the suite's subprocesses share it with this process.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import helpers
 from configs import default
 from moco_jax.augmentation import augment
 from moco_jax.augmentation import image_ops
@@ -168,7 +169,7 @@ def test_jitter_slots_equal_sequential_ops_in_every_order(photos):
 
 
 def test_jitter_factors_follow_torchvision_ranges():
-  f = jax.vmap(lambda k: image_ops._jitter_factors(k, (0.4, 0.4, 0.4, 0.1)))(
+  f = jax.vmap(lambda k: helpers.jitter_factors(k, (0.4, 0.4, 0.4, 0.1)))(
       jax.random.split(jax.random.key(0), 2000))
   assert np.all(f[:, :3] >= 0.6) and np.all(f[:, :3] <= 1.4)
   assert np.all(np.abs(f[:, 3]) <= 0.1) and f[:, 3].min() < -0.09 and f[:, 3].max() > 0.09
@@ -215,7 +216,7 @@ def test_blur_kernel_size_is_about_a_tenth_and_odd():
 @pytest.mark.parametrize('side', [32, 128])
 def test_crop_boxes_respect_scale_and_ratio(side):
   keys = jax.random.split(jax.random.key(side), 4000)
-  boxes = np.asarray(jax.vmap(lambda k: image_ops.crop_box(k, side, side, (0.2, 1.0),
+  boxes = np.asarray(jax.vmap(lambda k: helpers.crop_box(k, side, side, (0.2, 1.0),
                                                          (3 / 4, 4 / 3)))(keys))
   top, left, h, w = boxes.T
   np.testing.assert_array_equal(boxes, np.round(boxes))
@@ -233,7 +234,7 @@ def test_crop_boxes_respect_scale_and_ratio(side):
 
 def test_crop_falls_back_to_a_centred_box():
   # No box of ratio 2-3 with >= 90% of the area fits a square: torchvision's fallback.
-  box = image_ops.crop_box(jax.random.key(0), 32, 32, (0.9, 1.0), (2.0, 3.0))
+  box = helpers.crop_box(jax.random.key(0), 32, 32, (0.9, 1.0), (2.0, 3.0))
   np.testing.assert_array_equal(box, [8, 0, 16, 32])
 
 

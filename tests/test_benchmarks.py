@@ -23,6 +23,7 @@ from moco_jax.training import state as state_lib
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_and_measures(tmp_path):
   # A fresh interpreter: 2 simulated devices (so FLOPs are scaled by the device
   # count), and XLA's CPU backend optimisation off, which cuts compilation

@@ -132,6 +132,7 @@ def _main(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_overrides_reach_validation_before_compiling(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
                  '--config.moco.temperature=-0.5')
@@ -140,6 +141,7 @@ def test_cli_overrides_reach_validation_before_compiling(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()  # Failed before any work.
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_fields(tmp_path):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.moco.queue=4')
   assert result.returncode != 0

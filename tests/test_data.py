@@ -24,6 +24,7 @@ import pytest
 
 from configs import default
 from moco_jax.core import errors
+import helpers
 from moco_jax.data import batching
 from moco_jax.data import dataset
 from moco_jax.data import decode
@@ -103,10 +104,7 @@ def _make_tree(root: pathlib.Path, jpegs, eval_dir='val') -> dict:
   return expected
 
 
-def _config(path='', **overrides):
-  config = default.get_config().data
-  config.update(dict(path=str(path), image_size=32, num_workers=2), **overrides)
-  return config
+_config = helpers.data_config
 
 
 def _tar(src: pathlib.Path, out: pathlib.Path, top: str = '', mode='w:gz') -> pathlib.Path:

@@ -383,7 +383,7 @@ def _canvas_run(config, devices, batches, num_steps=2):
   tx = optim.create_optimizer(config, lr)
   setup = step_lib.make_step_setup(config, len(devices), tx, canvas=True)
   state = step_lib.init_state(config, setup, mesh)
-  step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+  step = step_lib.make_sharded_step(setup, lr, mesh)
   metrics = []
   for batch in batches[:num_steps]:
     state, m = step(state, parallel.shard_batch(batch['image'], mesh),

@@ -16,6 +16,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import helpers
 from configs import default
 from moco_jax.augmentation import image_ops
 from moco_jax.core import parallel
@@ -354,7 +355,7 @@ def _box_statistics(boxes) -> dict:
 
 def _our_boxes(count, height, width, scale, ratio):
   keys = jax.random.split(jax.random.PRNGKey(0), count)
-  sample = jax.jit(jax.vmap(lambda k: image_ops.crop_box(k, height, width, scale, ratio)))
+  sample = jax.jit(jax.vmap(lambda k: helpers.crop_box(k, height, width, scale, ratio)))
   return np.asarray(sample(keys))
 
 

@@ -1,6 +1,5 @@
 """kNN monitor: the weighted vote, sharded feature extraction, and the pretraining hook."""
 
-import json
 import os
 
 import jax
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import tiny
 from moco_jax.augmentation import augment
 from moco_jax.core import parallel
@@ -94,11 +94,10 @@ def test_sharded_extraction_with_a_padded_last_batch_equals_a_plain_forward():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+_read_jsonl = helpers.read_jsonl
 
 
+@pytest.mark.slow
 def test_monitor_writes_knn_top1_during_pretraining_and_mode_knn_writes_eval_json(tmp_path):
   config = tiny.get_config()
   config.data.synthetic_examples = 128  # 2 steps per epoch at batch 64.

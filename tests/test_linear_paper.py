@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import tiny
 from moco_jax import models
 from moco_jax.core import errors
@@ -28,19 +29,11 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _config(**eval_overrides):
-  config = tiny.get_config()
-  config.data.image_size = 16
-  config.data.synthetic_examples = 48
-  config.data.synthetic_classes = 4
-  config.eval.batch_size = 48
-  config.eval.linear_protocol = 'paper'
-  config.eval.linear_epochs = 3
-  config.eval.linear_batch_size = 16
-  config.eval.linear_lr = 0.5
-  config.eval.linear_step_epochs = (1, 2)
-  for key, value in eval_overrides.items():
-    config.eval[key] = value
-  return config
+  config = helpers.tiny_config(
+      data__image_size=16, data__synthetic_examples=48, data__synthetic_classes=4,
+      eval__batch_size=48, eval__linear_protocol='paper', eval__linear_epochs=3,
+      eval__linear_batch_size=16, eval__linear_lr=0.5, eval__linear_step_epochs=(1, 2))
+  return helpers.override(config, **{f'eval__{k}': v for k, v in eval_overrides.items()})
 
 
 @pytest.fixture(scope='module')
@@ -224,8 +217,7 @@ def test_linear_eval_paper_writes_its_keys_and_curve(tmp_path):
 
 
 def test_streamed_split_is_cropped_on_the_host_and_resumes_exactly(tmp_path):
-  from tests import test_streaming  # pylint: disable=g-import-not-at-top
-  root = test_streaming.make_tree(tmp_path / 'folder', classes=3, per_class=6, size=(40, 30))
+  root = helpers.image_tree(tmp_path / 'folder', {'train': 6}, classes=3, size=(40, 30))
   shutil.copytree(root / 'train', root / 'val')
   config = _config(linear_batch_size=8, linear_epochs=2, linear_step_epochs=(1,))
   config.model.stem = 'cifar'

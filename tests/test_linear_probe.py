@@ -10,37 +10,21 @@ import pytest
 from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.evaluation import classifier
+import helpers
 from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.run import checkpoints
-from moco_jax.training import optim
-from moco_jax.training import step as step_lib
 
 
 def _config(**eval_overrides):
-  config = tiny.get_config()
-  config.data.synthetic_examples = 48
-  config.eval.batch_size = 48
-  config.eval.linear_epochs = 3
-  config.eval.linear_batch_size = 16
-  for key, value in eval_overrides.items():
-    config.eval[key] = value
-  return config
+  config = helpers.tiny_config(data__synthetic_examples=48, eval__batch_size=48,
+                               eval__linear_epochs=3, eval__linear_batch_size=16)
+  return helpers.override(config, **{f'eval__{k}': v for k, v in eval_overrides.items()})
 
 
-def _write_checkpoint(config, workdir, step):
-  """A real Orbax checkpoint of a fresh TrainState, saved as pretraining does."""
-  num_devices = jax.device_count()
-  lr = optim.create_learning_rate_fn(config, 1, 1)
-  setup = step_lib.make_step_setup(config, num_devices, optim.create_optimizer(config, lr))
-  state = step_lib.init_state(config, setup, parallel.make_mesh())
-  state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-  manager = checkpoints.create_manager(workdir, config)
-  checkpoints.save(manager, step, state)
-  manager.wait_until_finished()
-  manager.close()
+_write_checkpoint = helpers.write_checkpoint
 
 
 @pytest.fixture(scope='module')

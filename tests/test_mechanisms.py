@@ -1,6 +1,5 @@
 """End-to-end and memory bank (MoCo v1 Fig. 2a/2b) against slow references written differently."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import rounding
 from configs import tiny
 from moco_jax.core import errors
@@ -37,27 +37,12 @@ RTOL, ATOL = 2e-4, 2e-6
 
 
 def _config(method, **overrides):
-  config = tiny.get_config()
-  config.method = method
-  config.end_to_end.bn_mode = 'local'
-  config.memory_bank.num_negatives = 50
-  config.memory_bank.bn_mode = 'sync'
-  config.optim.base_lr = 0.5
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
+  return helpers.tiny_config(**dict(dict(
+      method=method, end_to_end__bn_mode='local', memory_bank__num_negatives=50,
+      memory_bank__bn_mode='sync', optim__base_lr=0.5), **overrides))
 
 
-def run_config(method, steps, num_negatives=100):
-  """configs/tiny.py as a short run of `method`: `steps` steps, a checkpoint at the last, a
-  metrics row per step (this module's and the evaluation and multi-process modules' runs)."""
-  config = tiny.get_config()
-  config.method = method
-  config.num_train_steps = config.checkpoint_every_steps = steps
-  config.log_every_steps = 1
-  config.memory_bank.num_negatives = num_negatives
-  return config
+run_config = helpers.run_config
 
 
 def _setup(config, num_devices, num_examples):
@@ -207,7 +192,7 @@ def _run_bank_steps(config, devices, num_steps=2):
   _, _, num_examples = _images_and_indices(config, 0)
   setup, lr, state = _setup(config, len(devices), num_examples)
   state = parallel.replicate(state, mesh)
-  step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+  step = step_lib.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
     images, indices, _ = _images_and_indices(config, i)
@@ -276,7 +261,7 @@ def test_end_to_end_one_and_eight_devices_agree_under_shuffle_bn():
       mesh = parallel.make_mesh(devices)
       images, indices, n = _images_and_indices(config, 0)
       setup, lr, state = _setup(config, len(devices), n)
-      step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+      step = step_lib.make_sharded_step(setup, lr, mesh)
       state, metrics = step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh),
                             parallel.shard_batch(indices, mesh))
       runs.append(jax.device_get((state, metrics)))
@@ -302,20 +287,21 @@ def test_bad_method_values_are_rejected_with_the_field_name(method, field, value
 
 
 def test_memory_bank_without_indices_fails_clearly():
+  """The sharded step always passes indices; a StepBatch built without them is refused."""
   config = _config('memory_bank')
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  images, _, n = _images_and_indices(config, 0)
-  setup, lr, state = _setup(config, 1, n)
-  step = step_lib.make_sharded_step(setup, lr, mesh)
+  _, _, n = _images_and_indices(config, 0)
+  setup, _, state = _setup(config, 1, n)
+  q, k = _views(config, 4)
+  batch = base.StepBatch(q, k, None, jax.random.PRNGKey(0))
   with pytest.raises(errors.ConfigError, match='dataset index'):
-    step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh))
+    setup.method.loss(state.params, state.batch_stats, state.method_state, batch)
   with pytest.raises(errors.ConfigError, match='train split size'):
     _setup(config, 1, 0)
 
 
+@pytest.mark.slow
 def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   """`python main.py` killed with SIGKILL, rerun: the same bank and encoder; then kNN on it."""
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   steps = 10
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
@@ -338,7 +324,7 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   assert grown.returncode == 2 and 'Traceback' not in grown.stderr, grown.stderr[-2000:]
   assert 'method_state/bank [256, 16] in the checkpoint, [128, 16] now' in grown.stderr
   killed = tmp_path / 'killed'
-  finished_before_kill = test_resume._sigkill_after_checkpoint(command(killed), killed, env, steps)
+  finished_before_kill = helpers.sigkill_after_checkpoint(command(killed), killed, env, steps)
   subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=600)
   config = tiny.get_config()
@@ -353,7 +339,7 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
     return checkpoints.restore(checkpoints.create_manager(str(workdir), config), steps, target)
 
   straight = restore(tmp_path / 'straight')
-  test_resume._assert_same_state(straight, restore(killed))
+  helpers.assert_same_state(straight, restore(killed))
   assert not finished_before_kill, 'the kill came too late to test anything'
   # The bank was trained: it is no longer the random rows it started from.
   assert np.abs(np.asarray(straight.method_state.bank)
@@ -362,14 +348,14 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   assert 0 <= result['knn_top1'] <= 100
 
 
+@pytest.mark.slow
 def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
   from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = run_config('end_to_end', steps=4)
   config.checkpoint_every_steps = 2
   straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))
-  resumed = test_resume.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
+  resumed = helpers.crash_after_checkpoint_and_rerun(config, tmp_path / 'resumed',
                                                          monkeypatch, checkpoint=2)
-  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
+  helpers.assert_same_state(straight, resumed)
   assert int(straight.step) == 4

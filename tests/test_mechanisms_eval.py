@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import helpers
 import main
 from moco_jax import cli
 from moco_jax.core import parallel
@@ -42,12 +43,13 @@ from moco_jax import pretrain
 from moco_jax.weights import torchvision_names
 from tests import test_mechanisms
 
+pytestmark = pytest.mark.slow  # Two training runs and every evaluation mode (pytest.ini).
 STEPS = 3
 _EXTRACT = features.extract_features  # The real one, whatever a test patches in.
 
 
 def _config(method):
-  config = test_mechanisms.run_config(method, STEPS)
+  config = helpers.run_config(method, STEPS)
   # The smallest evaluations that still run every piece: 2 probe epochs, 1 paper epoch
   # of 4 steps, 64 t-SNE points (exact t-SNE, < 1 s).
   config.eval.batch_size = 128

@@ -24,6 +24,7 @@ import time
 import jax
 import pytest
 
+import helpers
 import rounding
 from moco_jax.core import parallel
 from moco_jax import pretrain
@@ -33,6 +34,7 @@ from moco_jax.training import step as step_lib
 from tests import test_mechanisms
 from tests import test_multiprocess
 
+pytestmark = pytest.mark.slow  # Two-process clusters (pytest.ini).
 METHODS = ('end_to_end', 'memory_bank')
 STEPS = 4
 NUM_NEGATIVES = 100
@@ -48,7 +50,7 @@ def _flags(method):
 
 def _config(method):
   """What `_flags(method)` makes of configs/tiny.py."""
-  config = test_mechanisms.run_config(method, STEPS, NUM_NEGATIVES)
+  config = helpers.run_config(method, STEPS, NUM_NEGATIVES)
   config.model.dtype = rounding.DTYPE
   return config
 

@@ -17,6 +17,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import helpers
 from configs import default
 import rounding
 from configs import tiny
@@ -362,7 +363,9 @@ def _run(config, devices, steps=2):
   for _ in range(steps):
     size = config.data.image_size
     images = rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
-    state, metrics = step(state, parallel.shard_batch(images, mesh))
+    indices = np.arange(config.batch_size, dtype=np.int32)
+    state, metrics = step(state, parallel.shard_batch(images, mesh),
+                          parallel.shard_batch(indices, mesh))
     losses.append(float(metrics['train_loss']))
   return jax.device_get(state), losses
 
@@ -426,6 +429,7 @@ def test_mocov3_solarize_and_per_view_probabilities():
 # Resume and evaluation.
 
 
+@pytest.mark.slow
 def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
   from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
@@ -436,8 +440,8 @@ def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch)
   straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))
   workdir = tmp_path / 'resumed'
   resumed = jax.device_get(
-      test_resume.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
-  test_resume._assert_same_state(straight, resumed)  # pylint: disable=protected-access
+      helpers.crash_after_checkpoint_and_rerun(config, workdir, monkeypatch, checkpoint=2))
+  helpers.assert_same_state(straight, resumed)
   assert int(resumed.method_state.step) == 4
   # Every evaluation reads the ViT backbone from the checkpoint: class-token features.
   backbone, variables, step, _ = frozen.load_backbone(config, str(workdir))

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 import rounding
 from configs import tiny
 from moco_jax.core import parallel
@@ -52,12 +53,8 @@ RUN_TIMEOUT_S = 240
 
 
 def _config():
-  config = tiny.get_config()
-  config.num_train_steps = STEPS
-  config.checkpoint_every_steps = 4
-  config.log_every_steps = 1
-  config.model.dtype = rounding.DTYPE
-  return config
+  return helpers.tiny_config(num_train_steps=STEPS, checkpoint_every_steps=4, log_every_steps=1,
+                             model__dtype=rounding.DTYPE)
 
 
 def _flags():
@@ -133,8 +130,7 @@ class TwoProcesses:
 
 
 def _rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return helpers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
 
 
 @pytest.fixture(scope='module')
@@ -213,18 +209,10 @@ def reference(tmp_path_factory):
 
 def _restore(workdir, step):
   """Checkpoint `step` of `workdir` restored on this process's 8 devices."""
-  config = _config()
-  mesh = parallel.make_mesh()
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 4, STEPS))
-  setup = step_lib.make_step_setup(config, jax.device_count(), tx)
-  target = step_lib.init_state(config, setup, mesh)
-  manager = checkpoints.create_manager(str(workdir), config)
-  try:
-    return jax.device_get(checkpoints.restore(manager, step, target))
-  finally:
-    manager.close()
+  return jax.device_get(helpers.restore_checkpoint(workdir, _config(), step))
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_stops_the_other_naming_it(chain):
   print('2-process runs (s):', {k: round(v, 1) for k, v in chain['durations'].items()},
         f'process 0 exited {chain["a_exit_after_kill_s"]:.1f} s after the SIGKILL')
@@ -236,6 +224,7 @@ def test_sigkill_of_one_process_stops_the_other_naming_it(chain):
   assert '8' not in chain['a_checkpoints'] and '4' in chain['a_checkpoints']
 
 
+@pytest.mark.slow
 def test_sigterm_both_saves_the_same_step_and_the_rerun_resumes(chain):
   # A preempted run exits 75 (EX_TEMPFAIL) on every process, so a retry loop reruns it.
   assert chain['b_rc'] == [stopping.EXIT_PREEMPTED] * 2, chain['tails']
@@ -249,6 +238,7 @@ def test_sigterm_both_saves_the_same_step_and_the_rerun_resumes(chain):
   assert chain['c_rc'] == [0, 0], chain['tails']
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_checkpoint(chain, reference):
   """Equal up to float64 summation order (tests/rounding.py).
 
@@ -263,6 +253,7 @@ def test_two_processes_give_the_one_process_checkpoint(chain, reference):
   rounding.assert_agree_to_rounding(two, reference['state'], '2 processes vs 1, step 8')
 
 
+@pytest.mark.slow
 def test_knn_on_two_processes_equals_one_process(chain, reference):
   assert chain['d_rc'] == [0, 0], chain['tails']
   with open(chain['workdir'] / 'eval.json') as f:
@@ -274,6 +265,7 @@ def test_knn_on_two_processes_equals_one_process(chain, reference):
     assert f"'knn_top1': {two['knn_top1']}" in log, log[-2000:]
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_metrics_and_config(chain):
   workdir = chain['workdir']
   steps = [r['step'] for r in _rows(workdir) if 'train_loss' in r]
@@ -286,6 +278,7 @@ def test_only_process_0_writes_metrics_and_config(chain):
                                          'metrics.jsonl', 'tensorboard']
 
 
+@pytest.mark.slow
 def test_export_of_a_two_process_checkpoint(chain, reference):
   with jax.enable_x64(rounding.DTYPE == 'float64'):
     path_two = export.run_export(_config(), str(chain['workdir']))

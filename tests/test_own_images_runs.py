@@ -47,7 +47,7 @@ def test_one_and_eight_devices_agree_on_each_kind(tmp_path, kind):
       mesh = parallel.make_mesh(devices)
       images, indices, n = test_mechanisms._images_and_indices(config, 0)
       setup, lr, state = test_mechanisms._setup(config, len(devices), n)
-      step = step_lib.make_sharded_step(setup, lr, mesh, with_indices=True)
+      step = step_lib.make_sharded_step(setup, lr, mesh)
       state, metrics = step(parallel.replicate(state, mesh), parallel.shard_batch(images, mesh),
                             parallel.shard_batch(indices, mesh))
       runs.append(jax.device_get((state, metrics)))

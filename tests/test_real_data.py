@@ -34,6 +34,7 @@ def _small_archive(path: pathlib.Path):
         break
 
 
+@pytest.mark.slow
 def test_training_on_a_real_archive_writes_metrics_and_knn(tmp_path):
   archive = tmp_path / 'cifar_small.tar.gz'
   _small_archive(archive)

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-from configs import default
+import helpers
 from configs import tiny
 from moco_jax.core import errors
 from moco_jax.data import batching
@@ -96,10 +96,7 @@ def _source(data):
 
 
 def _data(path, tmp_path):
-  config = default.get_config().data
-  config.update(path=str(path), image_size=32, num_workers=2,
-                cache_dir=str(tmp_path / 'cache'))
-  return config
+  return helpers.data_config(path, cache_dir=str(tmp_path / 'cache'))
 
 
 def test_stray_files_are_ignored_and_counted_in_trees_and_archives(tmp_path, caplog):
@@ -212,15 +209,8 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
 
 
 def _config(steps=4, **overrides):
-  config = tiny.get_config()
-  config.num_train_steps = steps
-  config.checkpoint_every_steps = 2
-  config.log_every_steps = 1
-  config.tensorboard = False
-  for field, value in overrides.items():
-    section, _, name = field.rpartition('__')
-    (config[section] if section else config)[name] = value
-  return config
+  return helpers.tiny_config(**dict(dict(num_train_steps=steps, checkpoint_every_steps=2,
+                                         log_every_steps=1, tensorboard=False), **overrides))
 
 
 def _saved_steps(workdir):
@@ -250,6 +240,7 @@ def _corrupt(step_dir):
   assert count
 
 
+@pytest.mark.slow
 def test_resume_safety_end_to_end(tmp_path, caplog):
   workdir = tmp_path / 'run'
   first = jax.device_get(pretrain.train_and_evaluate(_config(), str(workdir)))
@@ -334,6 +325,7 @@ def _main(*args):
     (['--config.data.path=/nonexistent/imagenette.tgz'],
      "Error (data): data.path='/nonexistent/imagenette.tgz' does not exist"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_message_and_exit_2(tmp_path, args, needle):
   result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}', *args)
   assert result.returncode == errors.EXIT_CODE, result.stderr[-2000:]

@@ -14,9 +14,9 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
 
+import helpers
 from configs import default
 from configs import tiny
 from moco_jax import cli
@@ -69,6 +69,7 @@ def test_each_user_error_carries_its_kind():
     assert error_type('x').kind == kind, error_type
 
 
+@pytest.mark.slow
 def test_knn_on_an_empty_workdir_is_one_line_without_the_flag_help(tmp_path):
   rc, stderr = _main(['--mode=knn', f'--workdir={tmp_path}'])
   line = _one_error_line(stderr, 'config')
@@ -112,6 +113,7 @@ def test_a_broken_config_json_names_the_file_and_line(tmp_path):
     run_config.load_run_config(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_broken_config_json_is_one_line_from_the_cli(tmp_path):
   (tmp_path / 'config.json').write_text('{"batch_size": 8,')
   rc, stderr = _main(['--mode=knn', f'--workdir={tmp_path}'])
@@ -162,6 +164,7 @@ def test_an_evaluation_stops_on_a_signal_with_training_s_exit_codes(signum, code
   assert signal.getsignal(signum) == before  # Handlers restored.
 
 
+@pytest.mark.slow
 def test_sigterm_stops_an_evaluation_process_with_exit_75(tmp_path):
   """`--mode=knn` of the random-init encoder (no checkpoint needed), SIGTERM once it runs."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
@@ -242,10 +245,9 @@ def test_a_failed_save_names_its_step_and_the_os_reason():
 
 
 def _tree(root, count):
-  for i in range(count):
-    folder = root / 'train' / f'c{i % 2}'
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(folder / f'{i}.png')
+  """ROOT/train/c0, c1: `count` PNGs, half in each class (a second call adds files)."""
+  helpers.image_tree(root, {'train': count // 2}, classes=2, size=(20, 20), class_name='c{}',
+                     ext='png')
 
 
 def test_a_streamed_resume_refuses_a_changed_file_list(tmp_path, caplog):
@@ -306,6 +308,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_cluster_that_does_not_form_ends_in_one_line_on_every_process(tmp_path):
   """Process 0 without its peer, and a process 1 whose coordinator is not there: both end
   in one line naming the flags at --initialization_timeout (jax's own ending is a C++ abort)."""

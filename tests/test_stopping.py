@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from moco_jax import pretrain
 from moco_jax.run import run_config
 from moco_jax.run import stopping
@@ -40,6 +42,7 @@ def _rows(workdir):
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_main_py_saves_the_step_and_the_run_resumes_from_its_own_config(tmp_path):
   """A real `python main.py`: SIGINT mid-run -> exit 130, step saved, resume command printed;
   then the run's own config.json (plus an override) finishes it from the saved step."""

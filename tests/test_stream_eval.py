@@ -3,14 +3,12 @@
 import json
 import logging
 import os
-import pathlib
 from unittest import mock
 
 import numpy as np
-from PIL import Image
 import pytest
 
-from configs import tiny
+import helpers
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
@@ -70,43 +68,23 @@ def test_streamed_scores_equal_the_in_memory_vote():
 # On a generated folder small enough for both paths.
 
 
-def _photo(rng, width, height):
-  small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
-  return Image.fromarray(small).resize((width, height), Image.BICUBIC)
-
-
 @pytest.fixture(scope='module')
 def tree(tmp_path_factory):
   """ROOT/{train,val}/classN/*.jpg: 4 classes x 12 train + 4 val, each class its own tint."""
-  root = tmp_path_factory.mktemp('stream_eval') / 'tree'
-  rng = np.random.default_rng(0)
-  for split, count in (('train', 12), ('val', 4)):
-    for c in range(4):
-      folder = root / split / f'class{c}'
-      folder.mkdir(parents=True)
-      for i in range(count):
-        image = np.asarray(_photo(rng, 40 if i % 2 else 30, 30 if i % 2 else 40), np.int32)
-        image[..., c % 3] = np.clip(image[..., c % 3] + 60 * (c + 1), 0, 255)
-        Image.fromarray(image.astype(np.uint8)).save(folder / f'{i}.jpg', quality=90)
+  root = helpers.image_tree(tmp_path_factory.mktemp('stream_eval') / 'tree',
+                            {'train': 12, 'val': 4}, classes=4, class_name='class{}', blur=8,
+                            tint=60)
   (root / 'train' / 'class1' / 'broken.jpg').write_bytes(b'not a jpeg')
   return root
 
 
 def _config(tree_path, tmp_path, **overrides):
-  config = tiny.get_config()
-  config.data.path = str(tree_path)
-  config.data.image_size = 16
-  config.data.cache_dir = str(tmp_path / 'cache')
-  config.data.num_workers = 2
-  config.batch_size = 16
-  config.eval.random_init = True
-  config.eval.batch_size = 10  # 49 train images: 5 batches, the last one padded.
-  config.eval.knn_k = 10
-  config.eval.linear_epochs = 3
-  for key, value in overrides.items():
-    section, _, field = key.rpartition('.')
-    (config[section] if section else config)[field] = value
-  return config
+  # eval.batch_size 10: 49 train images make 5 batches, the last one padded.
+  config = helpers.tiny_config(**{
+      'data.path': str(tree_path), 'data.image_size': 16, 'data.cache_dir': str(tmp_path / 'cache'),
+      'data.num_workers': 2, 'batch_size': 16, 'eval.random_init': True, 'eval.batch_size': 10,
+      'eval.knn_k': 10, 'eval.linear_epochs': 3})
+  return helpers.override(config, **overrides)
 
 
 def test_streamed_knn_equals_the_in_memory_knn(tree, tmp_path, caplog):
@@ -213,6 +191,7 @@ def test_streamed_linear_probe_and_report(tree, tmp_path, caplog):
       'random_init_linear_top1']
 
 
+@pytest.mark.slow
 def test_the_knn_monitor_runs_on_a_streamed_run(tree, tmp_path, caplog):
   config = _config(tree, tmp_path, **{'data.max_in_memory_gb': 0.0, 'num_train_steps': 2,
                                       'eval.knn_every_epochs': 0, 'eval.random_init': False,

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import helpers
 from configs import default
 from moco_jax.data import batching
 from moco_jax.data import folder
@@ -26,28 +27,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
-def _photo(rng, width, height) -> Image.Image:
-  """A smooth random image (compresses and decodes like a photo, unlike white noise)."""
-  small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-  return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+_photo = helpers.photo
 
 
-def make_tree(root: pathlib.Path, classes=3, per_class=6, size=(40, 30), seed=0):
-  rng = np.random.default_rng(seed)
-  for c in range(classes):
-    folder = root / 'train' / f'class{c:04d}'
-    folder.mkdir(parents=True)
-    for i in range(per_class):
-      w, h = size if i % 2 else size[::-1]
-      _photo(rng, w, h).save(folder / f'{i}.jpg', quality=90)
-  return root
+def make_tree(root: pathlib.Path, classes=3, per_class=6):
+  return helpers.image_tree(root, {'train': per_class}, classes=classes)
 
 
 def _config(path, tmp_path, **overrides):
-  config = default.get_config().data
-  config.update(dict(path=str(path), image_size=16, cache_dir=str(tmp_path / 'cache'),
-                     max_in_memory_gb=0.0), **overrides)
-  return config
+  return helpers.data_config(path, **dict(dict(image_size=16, cache_dir=str(tmp_path / 'cache'),
+                                               max_in_memory_gb=0.0), **overrides))
 
 
 def _source(data):
@@ -206,6 +195,7 @@ def test_tfds_imagenet2012_streams_through_its_data_source(tmp_path):
   assert batches[0]['image'].shape == (4, 2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_streaming_a_folder_needs_no_tensorflow(tmp_path):
   """With TensorFlow unimportable, a folder streams through grain worker processes,
   and their shared memory is released by the end."""

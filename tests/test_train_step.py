@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import rounding
-from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax.data import sources
@@ -22,14 +22,9 @@ AXIS = parallel.AXIS
 
 
 def _config(bn_mode='sync', **overrides):
-  config = tiny.get_config()
-  config.moco.bn_mode = bn_mode
-  config.moco.momentum = 0.9  # Large enough that the EMA visibly moves.
-  config.optim.base_lr = 0.5
-  for key, value in overrides.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
+  # moco.momentum 0.9: large enough that the EMA visibly moves.
+  return helpers.tiny_config(**dict(dict(moco__bn_mode=bn_mode, moco__momentum=0.9,
+                                         optim__base_lr=0.5), **overrides))
 
 
 def _setup(config, num_devices):
@@ -41,10 +36,14 @@ def _setup(config, num_devices):
   return setup, lr, state
 
 
-def _images(config, step=0):
+def _batch(config, step=0):
   ds = sources.from_config(config).load('train')
   return next(batching.train_batches(ds, global_batch=config.batch_size, seed=0,
-                                           start_step=step))['image']
+                                     start_step=step))
+
+
+def _images(config, step=0):
+  return _batch(config, step)['image']
 
 
 def _run_steps(config, devices, num_steps=2):
@@ -55,7 +54,9 @@ def _run_steps(config, devices, num_steps=2):
   step = step_lib.make_sharded_step(setup, lr, mesh)
   states, metrics = [jax.device_get(state)], []
   for i in range(num_steps):
-    state, m = step(state, parallel.shard_batch(_images(config, i), mesh))
+    batch = _batch(config, i)
+    state, m = step(state, parallel.shard_batch(batch['image'], mesh),
+                    parallel.shard_batch(batch['index'], mesh))
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
   return states, metrics
@@ -119,9 +120,11 @@ def test_queue_identical_on_all_devices_and_holds_gathered_keys_in_order():
   devices = jax.devices()
   mesh = parallel.make_mesh(devices)
   setup, lr, state = _setup(config, len(devices))
-  images = _images(config)
+  batch = _batch(config)
+  images = batch['image']
   step = functools.partial(step_lib.train_step, setup=setup, learning_rate_fn=lr)
-  new_state, _ = _per_device(step, mesh, (P(), P(AXIS)))(state, images)
+  new_state, _ = _per_device(lambda s, x, i: step(s, x, indices=i), mesh,
+                             (P(), P(AXIS), P(AXIS)))(state, images, batch['index'])
   queues = np.asarray(new_state.method_state.queue)
   for d in range(1, len(devices)):
     np.testing.assert_array_equal(queues[d], queues[0])

@@ -26,16 +26,6 @@ CROP_UNIFORMS = 2 * _CROP_TRIES + 2
 # Geometry.
 
 
-def crop_box(key: jax.Array, height: int, width: int, scale=(0.08, 1.0),
-             ratio=(3 / 4, 4 / 3)) -> jax.Array:
-  """Samples a RandomResizedCrop box (top, left, h, w) as torchvision does.
-
-  See `crop_box_from_uniforms`; returns float32 [4] of integers.
-  """
-  u = jax.random.uniform(key, (CROP_UNIFORMS,))
-  return crop_box_from_uniforms(u, height, width, scale, ratio)
-
-
 def crop_box_from_uniforms(u: jax.Array, height: int, width: int, scale, ratio) -> jax.Array:
   """RandomResizedCrop's box from `CROP_UNIFORMS` uniforms in [0, 1).
 
@@ -166,7 +156,8 @@ def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
 
   When the image is no larger than the output (cache_size <= image_size),
   every crop is upsampled, where bilinear needs no antialiasing: two
-  separable gather+lerp passes, about 10x cheaper than a resampling matmul.
+  separable gather+lerp passes, much cheaper than a resampling matmul
+  (docs/benchmarks.md, "Numbers behind design choices").
   Otherwise `scale_and_translate` takes the box as traced numbers (no dynamic
   shapes) and, with antialias=True, filters when shrinking like PIL. Both
   sample the real pixels just outside the box at its border (no edge
@@ -202,8 +193,8 @@ def grayscale(image: jax.Array) -> jax.Array:
   """Luma [H, W, 1] of an RGB image (torchvision's rgb_to_grayscale weights).
 
   A dot, not a sum of channel slices: on XLA:CPU the slices of the 3-long
-  last axis made the whole view 2-3x slower (measured; so did a planar
-  [3, H, W] layout for all colour ops).
+  last axis made the whole view slower, as did a planar [3, H, W] layout for
+  all colour ops (docs/benchmarks.md, "Numbers behind design choices").
   """
   return image @ jnp.asarray(_LUMA, image.dtype)[:, None]
 
@@ -289,11 +280,6 @@ def adjust_hue(image, shift):
   k = n + h6 + 6.0 * shift
   k = k - 6.0 * jnp.floor(k * (1.0 / 6.0))  # mod 6; jnp.mod is a scalar libm call on CPU.
   return maxc - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
-def _jitter_factors(key: jax.Array, strength) -> jax.Array:
-  """Samples torchvision ColorJitter factors [b, c, s, h] from strengths (b, c, s, h)."""
-  return jitter_factors_from_uniforms(jax.random.uniform(key, (4,)), strength)
 
 
 def jitter_factors_from_uniforms(u: jax.Array, strength) -> jax.Array:

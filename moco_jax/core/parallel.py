@@ -50,10 +50,10 @@ def pmean_packed(tree, axis_name: str = AXIS):
   """`jax.lax.pmean(tree, axis_name)` as one all-reduce per dtype (call under shard_map).
 
   `lax.pmean` of a pytree is one all-reduce per leaf. Across processes on CPU
-  (gloo over TCP) each all-reduce costs a round trip, about 7 ms, whatever
-  its size: the ~80 gradients and BatchNorm statistics of even a tiny ResNet
-  then cost several times the step's compute (docs/benchmarks.md, "Two
-  processes against one"). Here the leaves of each dtype are raveled into one
+  (gloo over TCP) each all-reduce costs a round trip whatever its size: the
+  ~80 gradients and BatchNorm statistics of even a tiny ResNet then cost
+  several times the step's compute (docs/benchmarks.md, "Two processes
+  against one"). Here the leaves of each dtype are raveled into one
   vector, reduced once and split back: the same sums, element by element.
   GPUs and TPUs already combine small all-reduces (XLA's combiner pass); the
   concatenation costs them one copy of the tree.

@@ -47,8 +47,8 @@ CROP_UNIFORMS = 2 * CROP_TRIES + 2
 MAX_SUBSTITUTES = 16
 # A JPEG is decoded at reduced DCT scale only while both crop boxes keep at
 # least this many times the output side: the final antialiased resize then
-# still filters >= 2 source pixels per output pixel (measured: mean |diff| vs
-# a full decode <= ~1.5/255; at 1x the DC-only 1/8 decode aliases, ~2.5/255).
+# still filters >= 2 source pixels per output pixel; at 1x the DC-only 1/8
+# decode aliases (docs/benchmarks.md, "Numbers behind design choices").
 _DRAFT_MARGIN = 2
 _DECODE_ERRORS = decode.DECODE_ERRORS
 

@@ -32,8 +32,9 @@ from moco_jax.data.spec import DataSpec
 # Seconds a download socket may wait (connect or read) before tfds' retries give up on it:
 # without it a host whose packets are dropped would wait forever.
 DOWNLOAD_SOCKET_TIMEOUT_S = 20
-# Offline, tfds retries each URL 10 times with exponential backoff (~3.5 min measured);
-# resolving and connecting to this host first (tfds' GCS mirror) fails in seconds instead.
+# Offline, tfds retries each URL 10 times with exponential backoff (minutes: docs/benchmarks.md,
+# "Numbers behind design choices"); resolving and connecting to this host first (tfds' GCS
+# mirror) fails in seconds instead.
 PROBE_HOST, PROBE_TIMEOUT_S = 'storage.googleapis.com', 5.0
 _PROXY_VARIABLES = ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY', 'all_proxy',
                     'ALL_PROXY')

@@ -55,7 +55,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
   """
   positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive)
-  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+  accuracy = jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(logits.dtype))
   return loss, accuracy
 
 
@@ -68,7 +68,7 @@ def infonce_loss(queries, keys, queue, temperature):
   logits = moco_logits(queries, keys, queue, temperature)
   # `cross_entropy` with labels 0, written with a slice: the positive is column 0.
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
-  return loss, jnp.mean(jnp.argmax(logits, axis=1) == 0)
+  return loss, jnp.mean((jnp.argmax(logits, axis=1) == 0).astype(logits.dtype))
 
 
 def global_labels(local: int) -> jax.Array:

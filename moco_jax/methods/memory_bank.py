@@ -127,8 +127,8 @@ class MemoryBank(base.Method):
     """InfoNCE of this device's queries against their bank rows and K shared bank rows."""
     if batch.indices is None:
       raise errors.ConfigError(
-          'method=memory_bank needs the dataset index of every example: pass them to the step '
-          '(step.make_sharded_step(..., with_indices=True) and step(state, images, indices)).')
+          'method=memory_bank needs the dataset index of every example: pass them in '
+          'StepBatch.indices (the sharded step always does).')
     variables = {'params': params, 'batch_stats': batch_stats}
     queries, updates = self.encoder.apply(variables, batch.query_view, train=True,
                                           mutable=['batch_stats'])

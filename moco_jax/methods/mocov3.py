@@ -44,12 +44,17 @@ class MoCoV3State:
   step: jax.Array
 
 
-def momentum_at(step, total_steps: int, base_momentum: float, cosine: bool):
-  """m of step `step`: m0, or with `cosine` 1 - (1 - m0)(1 + cos(pi step / total)) / 2."""
+def momentum_at(step, total_steps: int, base_momentum: float, cosine: bool,
+                dtype=jnp.float32):
+  """m of step `step`: m0, or with `cosine` 1 - (1 - m0)(1 + cos(pi step / total)) / 2.
+
+  In `dtype`: the parameters' (float64 in a float64 run, where a float32 m would
+  round every key-encoder update to float32's precision).
+  """
   if not cosine or total_steps <= 0:
-    return jnp.asarray(base_momentum, jnp.float32)
-  progress = jnp.asarray(step, jnp.float32) / total_steps
-  return 1.0 - (1.0 - base_momentum) * (1.0 + jnp.cos(math.pi * progress)) / 2.0
+    return jnp.asarray(base_momentum, dtype)
+  progress = jnp.asarray(step, dtype) / total_steps
+  return (1.0 - (1.0 - base_momentum) * (1.0 + jnp.cos(math.pi * progress)) / 2.0).astype(dtype)
 
 
 def symmetric_contrastive_loss(queries, keys, temperature: float):
@@ -140,7 +145,8 @@ class MoCoV3(base.Method):
     x1, x2 = batch.query_view, batch.key_view
     q1, batch_stats = self._apply(params, batch_stats, x1, True)
     q2, batch_stats = self._apply(params, batch_stats, x2, True)
-    m = momentum_at(method_state.step, self.total_steps, self.momentum, self.momentum_cosine)
+    m = momentum_at(method_state.step, self.total_steps, self.momentum, self.momentum_cosine,
+                    jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32))
     current = jax.lax.stop_gradient({k: params[k] for k in method_state.key_params})
     key_params = jax.tree.map(lambda k, q: k * m + q * (1.0 - m), method_state.key_params,
                               current)

@@ -29,8 +29,12 @@ VIT_ARCHS = {
 }
 
 
-def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0,
+                              dtype=np.float32) -> np.ndarray:
   """[1 + grid^2, dim] fixed position embedding of vits.py (a zero row for the cls token).
+
+  Computed in `dtype`: float32 as the official code, float64 in a float64 run
+  (a float32 table would put float32 rounding into every token).
 
   The official code builds `meshgrid(arange(w), arange(h))` with torch's 'ij'
   indexing, so for patch p (row-major) its first half encodes p // grid and its
@@ -39,12 +43,12 @@ def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0)
   if dim % 4:
     raise ValueError(f'ViT width {dim} must be divisible by 4 for the 2-D sin-cos embedding.')
   pos_dim = dim // 4
-  omega = 1.0 / temperature**(np.arange(pos_dim, dtype=np.float32) / pos_dim)
+  omega = 1.0 / temperature**(np.arange(pos_dim, dtype=dtype) / pos_dim)
   index = np.arange(grid * grid)
-  out_w = (index // grid).astype(np.float32)[:, None] * omega[None]
-  out_h = (index % grid).astype(np.float32)[:, None] * omega[None]
+  out_w = (index // grid).astype(dtype)[:, None] * omega[None]
+  out_h = (index % grid).astype(dtype)[:, None] * omega[None]
   emb = np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
-  return np.concatenate([np.zeros((1, dim), np.float32), emb], axis=0).astype(np.float32)
+  return np.concatenate([np.zeros((1, dim), dtype), emb], axis=0).astype(dtype)
 
 
 def _uniform(limit: float):
@@ -134,11 +138,17 @@ class ViT(nn.Module):
     x = x.reshape(batch, grid * grid, self.dim)
     cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, self.dim))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.dim)), x], 1)
-    x = x + jnp.asarray(sincos_position_embedding(grid, self.dim), self.dtype)[None]
+    table = sincos_position_embedding(grid, self.dim, dtype=self._wide)
+    x = x + jnp.asarray(table, self.dtype)[None]
     for i in range(self.depth):
       x = EncoderBlock(self.dim, self.heads, dtype=self.dtype, name=f'block{i}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
-    return x[:, 0].astype(jnp.float32)
+    return x[:, 0].astype(self._wide)  # float32, or float64 in a float64 run.
+
+  @property
+  def _wide(self):
+    """float32 for float32 and bfloat16 runs, float64 for a float64 run."""
+    return np.dtype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def frozen_params_mask(params) -> Any:

@@ -157,13 +157,6 @@ def _quiet_orphaned_reads():
 
 def restore(manager: ocp.CheckpointManager, step: int, target):
   """Checkpoint `step` restored like `target`."""
-  metadata = manager.item_metadata(step)
-  if metadata is not None and _is_legacy(metadata):
-    logging.info('Step %d is a checkpoint of the pre-seam layout: restoring it field by field.',
-                 step)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _legacy_tree(target))
-    return _from_legacy_tree(manager.restore(step, args=ocp.args.StandardRestore(abstract)),
-                             target)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -207,7 +200,7 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
   found = _shapes(metadata)
   if found == _shapes(target):
     return
-  params = _trained_params(metadata) if hasattr(metadata, 'get') else None
+  params = metadata.get('params') if hasattr(metadata, 'get') else None
   backbone = describe.flat_shapes(params.get('backbone', {})) if params is not None else {}
   described = describe.describe_backbone(backbone) if backbone else 'an unknown backbone'
   wanted = describe.describe_backbone(describe.flat_shapes(target.params.get('backbone', {})))
@@ -226,43 +219,6 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
       f'{len(_shapes(target))} arrays): the method, model, embed_dim or the method\'s sizes '
       '(e.g. moco.queue_size) differ. Rerun with the config that wrote it, or pass a new '
       '--workdir.')
-
-
-# Checkpoints written before the method seam hold MoCo's state flat: the trained
-# encoder as query_params / query_batch_stats and the method's fields (key_params,
-# key_batch_stats, queue, queue_ptr) at the top level. They restore into today's
-# TrainState field by field.
-_LEGACY_NAMES = {'params': 'query_params', 'batch_stats': 'query_batch_stats'}
-
-
-def _trained_params(metadata):
-  """The trained encoder's params in checkpoint metadata (today's or the pre-seam layout)."""
-  return metadata.get('params', metadata.get(_LEGACY_NAMES['params']))
-
-
-def _is_legacy(metadata) -> bool:
-  return hasattr(metadata, 'get') and 'params' not in metadata and 'query_params' in metadata
-
-
-def _legacy_tree(state) -> dict:
-  """`state` (a TrainState) laid out as a pre-seam checkpoint: method fields at the top."""
-  tree = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng,
-          'query_params': state.params, 'query_batch_stats': state.batch_stats}
-  if dataclasses.is_dataclass(state.method_state):
-    tree.update({f.name: getattr(state.method_state, f.name)
-                 for f in dataclasses.fields(state.method_state)})
-  return tree
-
-
-def _from_legacy_tree(tree: dict, target):
-  """The TrainState of a restored pre-seam checkpoint, shaped like `target`."""
-  method_state = target.method_state
-  if dataclasses.is_dataclass(method_state):
-    method_state = method_state.replace(
-        **{f.name: tree[f.name] for f in dataclasses.fields(method_state)})
-  return target.replace(step=tree['step'], params=tree['query_params'],
-                        batch_stats=tree['query_batch_stats'], opt_state=tree['opt_state'],
-                        method_state=method_state, rng=tree['rng'])
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -356,7 +312,7 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
       where = f'The checkpoint at step {step} in {directory}'
       try:
         metadata = manager.item_metadata(step)
-        params = _trained_params(metadata) if metadata is not None else None
+        params = metadata.get('params') if metadata is not None else None
         if params is None:
           raise errors.CheckpointError(f'{where} is not a train state of this code (no params).')
         found = describe.flat_shapes(params.get('backbone', {}))
@@ -367,8 +323,6 @@ def restore_query_encoder(workdir: str, model_config, step: Optional[int] = None
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        if _is_legacy(restored):
-          restored = {k: restored[v] for k, v in _LEGACY_NAMES.items()}
         return restored['params'], restored['batch_stats'], int(step)
       except errors.CheckpointError:
         raise

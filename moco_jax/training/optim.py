@@ -7,6 +7,7 @@ an optional linear warm-up, then cosine decay, x0.1 steps or a constant.
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from moco_jax import models
@@ -43,12 +44,20 @@ def learning_rate_schedule(peak: float, total_steps: int, *, kind: str = 'cosine
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> Callable:
-  """Pretraining lr per step: base_lr x batch / 256, optional warm-up, then the schedule."""
+  """Pretraining lr per step: base_lr x batch / 256, optional warm-up, then the schedule.
+
+  With `model.dtype='float64'` the step count is made float64 before the
+  schedule sees it: optax counts steps in int32, and an int32 count makes every
+  schedule float32, which would round each update of a float64 run.
+  """
   warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
-  return learning_rate_schedule(
+  schedule = learning_rate_schedule(
       config.optim.base_lr * config.batch_size / 256, total_steps, kind=config.optim.schedule,
       warmup_steps=warmup,
       boundaries=[int(e * steps_per_epoch) for e in config.optim.step_epochs])
+  if config.model.dtype != 'float64':
+    return schedule
+  return lambda step: schedule(jnp.asarray(step, jnp.float64))
 
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars', 'lars_mocov3')

@@ -83,7 +83,7 @@ def step_on_views(state: state_lib.TrainState, batch: base.StepBatch, setup: Ste
 
 
 def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
-               learning_rate_fn: Callable, indices=None, sizes=None):
+               learning_rate_fn: Callable, indices, sizes=None):
   """One step on this device's slice of the batch (call under shard_map).
 
   Args:
@@ -93,7 +93,7 @@ def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
       with `setup.canvas`: uint8 [local_batch, C, C, 3], padded canvases).
     setup: static method, optimiser and hyper-parameters.
     learning_rate_fn: step -> lr, for the metrics only.
-    indices: int32 [local_batch] dataset indices of the images, or None.
+    indices: int32 [local_batch] dataset indices of the images.
     sizes: int32 [local_batch, 2] true (height, width) in each canvas (`setup.canvas`).
 
   Returns:
@@ -112,13 +112,12 @@ def train_step(state: state_lib.TrainState, images: jax.Array, setup: StepSetup,
 
 
 def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
-                      on_device_data: bool = False, with_indices: bool = False):
+                      on_device_data: bool = False):
   """jit(shard_map(train_step)): state replicated, the batch split on 'data'.
 
-  Called as step(state, images) with uint8 images [B, S, S, 3]; with
-  `with_indices` as step(state, images, indices), the int32 [B] dataset indices
-  of the images sharded like them (the trainer always passes them: a method
-  may keep state per example); or, with `on_device_data`, as step(state,
+  Called as step(state, images, indices): uint8 images [B, S, S, 3] and the
+  int32 [B] dataset indices of the images, sharded like them (a method may
+  keep state per example); or, with `on_device_data`, as step(state,
   dataset, indices): the whole decoded split stays on every device and the
   host sends only the int32 indices of the batch, so no image crosses the
   host-device link during training. With `setup.canvas` (streamed canvases)
@@ -140,10 +139,8 @@ def make_sharded_step(setup: StepSetup, learning_rate_fn: Callable, mesh: Mesh,
     fn, in_specs = step_on_canvases, (P(), P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS))
   elif on_device_data:
     fn, in_specs = gather_and_step, (P(), P(), P(parallel.AXIS))
-  elif with_indices:
-    fn, in_specs = step_with_indices, (P(), P(parallel.AXIS), P(parallel.AXIS))
   else:
-    fn, in_specs = step, (P(), P(parallel.AXIS))
+    fn, in_specs = step_with_indices, (P(), P(parallel.AXIS), P(parallel.AXIS))
   sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))

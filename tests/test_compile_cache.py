@@ -1,0 +1,68 @@
+"""config.compile_cache_dir: JAX's persistent compilation cache for runs and evaluations."""
+
+import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moco_jax.run import compile_cache
+
+_FIELDS = ('jax_enable_compilation_cache', 'jax_compilation_cache_dir',
+           'jax_compilation_cache_max_size')
+
+
+@pytest.fixture
+def restored():
+  """This process's cache settings (tests/conftest.py's), put back after the test."""
+  before = {name: getattr(jax.config, name) for name in _FIELDS}
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()
+
+
+def _compile_something_new(seed: float):
+  """Compiles (and runs) a program no earlier test compiled: a constant of its own."""
+  return np.asarray(jax.jit(lambda x: jnp.sin(x) * seed)(jnp.arange(3.0)))
+
+
+def test_the_cache_directory_receives_the_programs_and_serves_them(tmp_path, monkeypatch,
+                                                                   restored):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_MAX_SIZE', raising=False)
+  where = compile_cache.enable(str(tmp_path / 'cache'))
+  jax_cache.reset_cache()
+  assert where == str(tmp_path / 'cache')
+  assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
+  first = _compile_something_new(1.2345)
+  entries = [n for n in os.listdir(where) if n.endswith('-cache')]
+  assert entries, os.listdir(where)
+  # A fresh process is simulated by clearing the in-memory caches: the program is read back.
+  jax.clear_caches()
+  jax_cache.reset_cache()
+  np.testing.assert_array_equal(_compile_something_new(1.2345), first)
+  assert sorted(n for n in os.listdir(where) if n.endswith('-cache')) == sorted(entries)
+
+
+def test_empty_turns_it_off_and_the_environment_wins_over_the_config(tmp_path, monkeypatch,
+                                                                     restored):
+  assert compile_cache.enable('') == ''
+  assert not jax.config.jax_enable_compilation_cache
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'from_env'))
+  assert compile_cache.enable(str(tmp_path / 'from_config')) == str(tmp_path / 'from_env')
+  assert jax.config.jax_enable_compilation_cache
+  assert compile_cache.enable('') == ''  # '' still turns it off.
+
+
+def test_an_unwritable_directory_is_a_warning_and_no_cache(tmp_path, monkeypatch, restored,
+                                                           caplog):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with caplog.at_level('WARNING'):
+    assert compile_cache.enable(str(blocker / 'cache')) == ''
+  assert not jax.config.jax_enable_compilation_cache
+  assert 'is not a writable directory' in caplog.text and 'compile_cache_dir' in caplog.text
