@@ -187,8 +187,7 @@ def run(argv, modes: dict[str, Callable]):
     distributed.check_agreement(  # Many processes: the same command everywhere, first.
         f'--mode={FLAGS.mode}', {**distributed.config_values(FLAGS.config),
                                  'checkpoints': checkpoints.checkpoint_steps(FLAGS.workdir)})
-    decode.set_max_image_pixels(FLAGS.config.data.get('max_image_pixels',
-                                                      decode.DEFAULT_MAX_IMAGE_PIXELS))
+    decode.configure(FLAGS.config)  # data.max_image_pixels, before any image is decoded.
     normalisation.resolve(FLAGS.config)  # aug.mean / std = 'auto': the train split's numbers.
     try:
       if FLAGS.mode == 'train':  # Training stops at a step boundary itself (StopWatcher).

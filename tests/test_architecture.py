@@ -137,7 +137,8 @@ def test_only_the_data_package_reads_the_data_section():
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
       if isinstance(node, ast.Attribute) and node.attr == 'data' and (
-          isinstance(node.value, ast.Name) and node.value.id == 'config'):
+          isinstance(node.value, ast.Name) and node.value.id == 'config' or
+          isinstance(node.value, ast.Attribute) and node.value.attr == 'config'):
         parent = parents.get(node)
         if isinstance(parent, ast.Attribute) and parent.attr in INPUT_FIELDS:
           continue

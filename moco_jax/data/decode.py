@@ -36,6 +36,11 @@ def set_max_image_pixels(limit: int) -> None:
   Image.MAX_IMAGE_PIXELS = None if limit == -1 else limit / 2
 
 
+def configure(config) -> None:
+  """Applies `config.data.max_image_pixels` to Pillow (once per process, before any decode)."""
+  set_max_image_pixels(config.data.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS))
+
+
 def max_image_pixels() -> int:
   return -1 if Image.MAX_IMAGE_PIXELS is None else int(2 * Image.MAX_IMAGE_PIXELS)
 
