@@ -170,7 +170,8 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   start = time.perf_counter()
   out_dir = os.path.join(workdir, REPORT_DIR)
   writing = jax.process_index() == 0  # Every process extracts features; process 0 draws.
-  if writing:
+  if writing:  # The page's path first: a refusal after the pictures would leave them behind.
+    files.check_file(os.path.join(out_dir, 'index.html'), 'the report')
     files.make_dir(out_dir, 'the report')
   data = sources.from_config(config)
   train_ds = eval_reader.bounded_split(data, 'train', 'Report')
