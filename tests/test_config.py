@@ -174,6 +174,7 @@ ACCEPTED = {
     ('data.data_dir', 'empty'): "'' = tfds default",
     ('data.path', 'empty'): "'' = no folder (source=tfds here)",
     ('init_from', 'empty'): "'' = no official checkpoint",
+    ('compile_cache_dir', 'empty'): "'' = no persistent compilation cache",
     ('data.max_in_memory_gb', 'zero'): '0: always stream',
     ('data.stream_processes', 'zero'): '0: no grain worker processes',
     ('eval.knn_every_epochs', 'zero'): '0: kNN only at the end',

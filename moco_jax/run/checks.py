@@ -21,6 +21,9 @@ def check_config(config, *, num_devices: int, process_count: int = 1) -> None:
                  f'--config.batch_size={max(1, batch // num_devices) * num_devices}.')
   checks.require(batch % process_count == 0,
                  f'config.batch_size={batch} is not divisible by the {process_count} processes.')
+  if 'compile_cache_dir' in config:
+    check('compile_cache_dir', checks.text,
+          "must be a directory path ('' turns JAX's persistent compilation cache off)")
   check('num_train_steps', lambda v: checks.integer(v) and (v == -1 or v > 0),
         'must be -1 (num_epochs x steps per epoch) or > 0')
   if config.num_train_steps == -1:
