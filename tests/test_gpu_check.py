@@ -185,7 +185,7 @@ def test_every_stage_missing_a_prerequisite_is_skipped_with_its_fix(tmp_path, mo
   stages = gpu_check.plan(gpu_check.parse_args(['--rehearse']), str(tmp_path))
   needers = {n: {s.name for s in stages if n in s.needs} for n in gpu_check.PREREQUISITES}
   assert needers['peer'] == needers['torch'] == {'official_fp32', 'official_bf16'}
-  assert needers['archive'] == {'time_to_accuracy'}
+  assert needers['archive'] == {'time_to_accuracy', 'packed_stream'}
   real = dict(gpu_check.PREREQUISITES)
   for name, (_, fix) in real.items():
     monkeypatch.setattr(gpu_check, 'PREREQUISITES',

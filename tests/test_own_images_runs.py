@@ -21,7 +21,7 @@ from moco_jax.evaluation import frozen
 from tests import own_images
 from tests import rounding
 from tests import test_mechanisms
-from tests import test_resume
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -72,7 +72,7 @@ def _restore(workdir, steps=STEPS, channels=3):
   config.moco.queue_size = 24
   config.batch_size = 8
   config.num_train_steps = steps
-  return test_resume._restore_step(workdir, config, steps)
+  return helpers.restore_checkpoint(workdir, config, steps, devices=jax.devices()[:2])
 
 
 @pytest.mark.parametrize('kind,streamed', [('nested', False), ('csv_labels', True),
@@ -87,13 +87,13 @@ def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
   assert straight.returncode == 0, straight.stderr[-3000:]
   assert ('streaming it' in straight.stderr) == streamed
   killed = tmp_path / 'killed'
-  finished = test_resume._sigkill_after_checkpoint(command(killed), killed, ENV, STEPS,
+  finished = helpers.sigkill_after_checkpoint(command(killed), killed, ENV, STEPS,
                                                    checkpoint=2)
   rerun = subprocess.run(command(killed), cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   channels = own_images.OVERRIDES.get(kind, {}).get('data.channels', 3)
-  test_resume._assert_same_state(_restore(tmp_path / 'straight', channels=channels),
+  helpers.assert_same_state(_restore(tmp_path / 'straight', channels=channels),
                                  _restore(killed, channels=channels))
   assert not finished, 'the kill came too late to test anything'
 

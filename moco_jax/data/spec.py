@@ -181,6 +181,8 @@ def _kind(data_config) -> tuple[str, str]:
   channels = int(data_config.get('channels', 3))
   if raw:
     path = os.path.normpath(os.path.abspath(os.path.expanduser(raw)))
+    if os.path.isfile(os.path.join(path, PACKED_MANIFEST)):
+      return 'packed', path
     if _is_listed(data_config, path):
       return 'listed', path
     if channels != 3:
@@ -191,8 +193,6 @@ def _kind(data_config) -> tuple[str, str]:
           '.csv, or set --config.data.channels=3.')
     if os.path.isfile(path) and is_archive_name(path):
       return 'archive', path
-    if os.path.isfile(os.path.join(path, PACKED_MANIFEST)):
-      return 'packed', path
     return 'folder', path
   if channels != 3:
     raise errors.ConfigError(f'data.channels={channels} needs data.path (a folder or list of '

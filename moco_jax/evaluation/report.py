@@ -178,9 +178,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   labelled = bool(train_ds.class_names)
   try:
     eval_ds = eval_reader.bounded_split(data, 'eval', 'Report')
-  except errors.DataError as e:
-    if labelled:
-      raise
+  except errors.DataError as e:  # No eval split (your own images without a held-out part).
     logging.info('Report: %s Using train images as the queries and t-SNE points.', e)
     eval_ds = train_ds
   if labelled:
