@@ -274,8 +274,9 @@ def test_only_process_0_writes_metrics_and_config(chain):
   assert os.path.exists(workdir / 'config.json')
   events = [f for f in os.listdir(workdir / 'tensorboard') if f.startswith('events')]
   assert len(events) <= 3, events  # One per training run of process 0.
+  # stream_file_list.json: the train data's identity, which a resume checks (guard.data_identity).
   assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'eval.json',
-                                         'metrics.jsonl', 'tensorboard']
+                                         'metrics.jsonl', 'stream_file_list.json', 'tensorboard']
 
 
 @pytest.mark.slow
