@@ -341,8 +341,10 @@ def test_a_tfds_dataset_packs_through_its_data_source(tmp_path):
   from unittest import mock  # pylint: disable=g-import-not-at-top
   config = _config('', tmp_path, **{'data.source': 'tfds', 'data.name': 'imagenet2012'})
   out = tmp_path / 'out'
+  from moco_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=12), \
-      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True), \
+      mock.patch.object(tfds_source, 'split_counts', return_value={'train': 12}):
     pack.run_pack(config, str(out))
     want = sources.from_config(config).open('train')
     want_labels = [want.label(i) for i in range(len(want))]
