@@ -42,20 +42,8 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return array
   if array.dtype == np.bool_:
     return array.astype(np.uint8) * 255
-  values = np.asarray(array, np.float64)
-  values = np.where(np.isfinite(values), values, 0.0)
-  low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-  if array.dtype == np.uint16:
-    scaled = values / 257.0
-  elif np.issubdtype(array.dtype, np.floating) and low >= 0 and high <= 1:
-    scaled = values * 255.0
-  elif low >= 0 and high <= 255:
-    scaled = values
-  elif low >= 0 and high <= 65535:
-    scaled = values / 257.0
-  else:
-    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-  return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+  return decode.scale_to_uint8(array, array.dtype == np.uint16,
+                               np.issubdtype(array.dtype, np.floating))
 
 
 def _tiff_array(data: bytes) -> np.ndarray:

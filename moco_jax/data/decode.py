@@ -60,12 +60,22 @@ def to_8bit(image: Image.Image) -> Image.Image:
   """
   if image.mode not in _SIXTEEN_BIT + ('I', 'F'):
     return image
-  values = np.asarray(image, dtype=np.float64)
+  return Image.fromarray(scale_to_uint8(np.asarray(image), image.mode in _SIXTEEN_BIT,
+                                        image.mode == 'F'), 'L')
+
+
+def scale_to_uint8(array, sixteen_bit: bool, floating: bool) -> np.ndarray:
+  """uint8 of 16-bit, float or wide-range values: the one scaling law of every decoder.
+
+  16-bit / 257; floats in [0, 1] x 255; values already in [0, 255] kept; [0, 65535] / 257;
+  anything else stretched from its own min-max. Non-finite values count as 0.
+  """
+  values = np.asarray(array, np.float64)
   values = np.where(np.isfinite(values), values, 0.0)
   low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-  if image.mode in _SIXTEEN_BIT:
+  if sixteen_bit:
     scaled = values / 257.0
-  elif image.mode == 'F' and low >= 0 and high <= 1:
+  elif floating and low >= 0 and high <= 1:
     scaled = values * 255.0
   elif low >= 0 and high <= 255:
     scaled = values
@@ -73,7 +83,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
     scaled = values / 257.0
   else:
     scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), 'L')
+  return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def load_rgb(encoded, reduce_to: Optional[Callable] = None):
