@@ -234,7 +234,7 @@ def _canvas_feeder(config, spec, source, mesh: Mesh, start_step: int,
   """step -> (sharded canvases, sharded sizes, sharded indices) from the canvas loader.
 
   This process decodes only its slice of each global batch into uint8
-  [b, C, C, 3] canvases with their true sizes (`moco_jax.data.canvas_loader`);
+  [b, C, C, data.channels] canvases with their true sizes (`moco_jax.data.canvas_loader`);
   the step cuts both crops. Reports replaced files, and once that images
   larger than the canvas were reduced on the host.
   """
@@ -246,12 +246,12 @@ def _canvas_feeder(config, spec, source, mesh: Mesh, start_step: int,
                'data.num_workers), each image decoded (%s) into a %d px canvas, both crops cut '
                'on the device; up to %d batches of %.0f MiB in flight.', source.where, processes,
                threads, spec.decoder, side, in_flight,
-               canvas_loader.batch_bytes(local, side) / 2**20)
+               canvas_loader.batch_bytes(local, side, spec.channels) / 2**20)
   batches = canvas_loader.train_batches(
       source, global_batch=config.batch_size, seed=config.seed, canvas_side=side,
       start_step=start_step, end_step=total_steps, process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=threads, num_processes=processes,
-      decoder=spec.decoder)
+      decoder=spec.decoder, channels=spec.channels)
   count_replaced, reduced = _replaced_files_counter(), [False]
 
   def feed(step):

@@ -235,3 +235,41 @@ def test_auto_reads_folders_inside_folders_as_a_tree(tmp_path):
     sources.from_config(config).load('train')
   own_images.flat_folder(tmp_path / 'one_level' / 'a', 2)  # One level of folders: listed.
   assert sources.from_config(_config(tmp_path / 'one_level', tmp_path)).spec.kind == 'listed'
+
+
+@pytest.mark.parametrize('kind', ['npy13', 'tiff16_4', 'gray_png_1'])
+def test_streamed_canvases_keep_each_files_channels(tmp_path, kind):
+  """The device-crop loader reads C-channel files into [S, S, C] canvases: each image whole in
+  the top-left (the same uint8 values the in-memory path starts from), zero elsewhere."""
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import channels as channels_lib  # pylint: disable=g-import-not-at-top
+  config = _config(own_images.make(kind, tmp_path / kind, count=12), tmp_path)
+  own_images.apply(kind, config)
+  channels = config.data.channels
+  source = sources.from_config(config).open('train')
+  load = canvas_loader.LoadCanvasBatch(source, global_batch=8, seed=0, process_index=0,
+                                       process_count=1, canvas_side=32, channels=channels)
+  batch = load(0)
+  assert batch['image'].shape == (8, 32, 32, channels) and not batch['reduced'].any()
+  for canvas, (h, w), index in zip(batch['image'], batch['size'], batch['index']):
+    name = source.name(int(index))
+    whole = channels_lib.read_uint8(source.read(int(index)), name, channels)
+    np.testing.assert_array_equal(canvas[:h, :w], whole, err_msg=name)
+    assert not canvas[h:].any() and not canvas[:, w:].any()
+  # A canvas smaller than the images: each reduced to fit, the flag set.
+  small = canvas_loader.LoadCanvasBatch(source, global_batch=8, seed=0, process_index=0,
+                                        process_count=1, canvas_side=12, channels=channels)(0)
+  assert small['reduced'].all() and (small['size'].max(axis=1) == 12).all()
+
+
+def test_streamed_canvases_name_a_file_with_another_channel_count(tmp_path):
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import channels as channels_lib  # pylint: disable=g-import-not-at-top
+  own_images.npy_folder(tmp_path / 'mixed', 8, channels=13)
+  np.save(tmp_path / 'mixed' / 'sub' / 'a_000.npy', np.zeros((20, 20, 4), np.float32))
+  config = _config(tmp_path / 'mixed', tmp_path, **{'data.channels': 13})
+  source = sources.from_config(config).open('train')
+  load = canvas_loader.LoadCanvasBatch(source, global_batch=8, seed=0, process_index=0,
+                                       process_count=1, canvas_side=32, channels=13)
+  with pytest.raises(channels_lib.ChannelError, match=r'a_000\.npy has 4 channel'):
+    load(0)

@@ -57,6 +57,33 @@ def test_one_and_eight_devices_agree_on_each_kind(tmp_path, kind):
   rounding.assert_agree_to_rounding(eight, one, f'{kind} state')
 
 
+@pytest.mark.parametrize('kind', ['npy13', 'gray_png_1'])
+def test_streamed_canvases_of_each_channel_count_agree_on_one_and_eight_devices(tmp_path, kind):
+  """Two steps on C-channel canvases from the streaming loader (crops on the device): 1 device
+  and 8 agree to float64 rounding."""
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from tests import test_device_crops  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.path = own_images.make(kind, tmp_path / kind, count=16)
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.image_size = 16
+  config.batch_size = 8
+  config.moco.queue_size = 16
+  own_images.apply(kind, config)
+  normalisation.resolve(config)
+  source = sources.from_config(config).open('train')
+  it = canvas_loader.train_batches(source, global_batch=8, seed=3, canvas_side=32, num_threads=2,
+                                   channels=config.data.channels)
+  batches = [next(it) for _ in range(2)]
+  assert batches[0]['image'].shape[-1] == config.data.channels
+  with rounding.precise(config):
+    one = test_device_crops._canvas_run(config, jax.devices()[:1], batches)
+    eight = test_device_crops._canvas_run(config, jax.devices(), batches)
+  rounding.assert_logged_agree(eight[1], one[1])
+  rounding.assert_agree_to_rounding(eight[0], one[0], f'{kind} streamed canvases')
+  assert int(one[0].step) == 2
+
+
 def _command(workdir, data_path, cache, *extra):
   return [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.path={data_path}', f'--config.data.cache_dir={cache}',
@@ -77,7 +104,7 @@ def _restore(workdir, steps=STEPS, channels=3):
 
 @pytest.mark.parametrize('kind,streamed', [('nested', False), ('csv_labels', True),
                                            ('flat', True), ('gray_png', False),
-                                           ('tiff16_4', False), ('npy13', False)])
+                                           ('tiff16_4', False), ('npy13', True)])
 def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
   data_path = own_images.make(kind, tmp_path / kind)
   extra = (['--config.data.max_in_memory_gb=0'] if streamed else []) + own_images.flags(kind)

@@ -3,7 +3,7 @@
 `data.stream_crops='device'` (the default). Every step, each JAX process reads
 its 1/P slice of the global batch (the examples `train_indices(N, B, seed,
 step)`, as `host_crops`) and decodes each image straight into its slot of the
-step's batch buffer, uint8 [b, C, C, 3] (C = `data.canvas_side`), top-left,
+step's batch buffer, uint8 [b, C, C, K] (C = `data.canvas_side`, K = `data.channels`), top-left,
 the rest zero, with its true (height, width) beside it. Both
 RandomResizedCrop boxes are drawn, cut and resized in the jitted step
 (`augment.two_views_from_canvas`), from keys folded from the global example
@@ -19,7 +19,10 @@ image, and the batch's 'reduced' count lets the caller say so once.
 The default C = 512 holds ImageNet's usual photos (at most 500 px a side)
 whole, and up to 4096 px after one draft reduction.
 
-Host memory: (threads + prefetch) batches of b x C x C x 3 bytes per worker
+Images with other channel counts, and .npy arrays, are read with their own
+channels (`moco_jax.data.channels`) into the same canvases.
+
+Host memory: (threads + prefetch) batches of b x C x C x K bytes per worker
 process (`host_crops.read_batches`), as bounded as the host-crop loader's.
 Unreadable files are replaced as in `host_crops` (same substitutes, counted).
 No JAX here: grain's worker processes import this module.
@@ -33,6 +36,7 @@ from PIL import Image
 
 from moco_jax.core import errors
 from moco_jax.data import batching
+from moco_jax.data import channels as channels_lib
 from moco_jax.data import decode
 from moco_jax.data import decoders
 from moco_jax.data import host_crops
@@ -80,6 +84,33 @@ def decode_into(encoded, canvas: np.ndarray, decoder: str = 'pillow') -> Optiona
       reduced = True
   except decode.DECODE_ERRORS:
     return None
+  return _place(array, canvas, reduced)
+
+
+def decode_channels_into(encoded, name: str, canvas: np.ndarray) -> Optional[tuple]:
+  """`decode_into` for a file read with its own channels (`channels.keeps_channels`: any file
+  when data.channels != 3, a .npy always): canvas uint8 [S, S, C].
+
+  Values become uint8 by `channels.to_uint8`'s rules, as on the in-memory path;
+  an image larger than the canvas is reduced to fit by each channel's
+  antialiased bilinear resize. None for an unreadable file; `channels.ChannelError`
+  for a file with another channel count than the canvas (a mixed folder).
+  """
+  array = channels_lib.read_uint8(encoded, name, canvas.shape[-1])
+  if array is None:
+    return None
+  side, (h, w) = canvas.shape[0], array.shape[:2]
+  reduced = h > side or w > side
+  if reduced:
+    fit = side / max(h, w)
+    h, w = max(1, min(side, round(h * fit))), max(1, min(side, round(w * fit)))
+    array = channels_lib.resize_channels(array, (w, h))
+  return _place(array, canvas, reduced)
+
+
+def _place(array: np.ndarray, canvas: np.ndarray, reduced: bool) -> tuple:
+  """Writes `array` into the top-left of `canvas`, zero elsewhere: (height, width, reduced)."""
+  h, w = array.shape[:2]
   canvas[:h, :w] = array
   canvas[h:] = 0
   canvas[:h, w:] = 0
@@ -95,8 +126,9 @@ class LoadCanvasBatch:
   """
 
   def __init__(self, source: StreamSource, *, global_batch: int, seed: int, process_index: int,
-               process_count: int, canvas_side: int, decoder: str = 'pillow'):
+               process_count: int, canvas_side: int, decoder: str = 'pillow', channels: int = 3):
     self.source = source
+    self.channels = channels
     self.num = len(source)
     self.global_batch, self.seed = global_batch, seed
     self.local = global_batch // process_count
@@ -111,7 +143,7 @@ class LoadCanvasBatch:
     # A plain array, copied once into shared memory by grain in a worker process.
     # (Decoding straight into a grain SharedMemoryArray saves that copy but leaks
     # the segments of batches still in a worker's read buffer when the loader closes.)
-    batch = {'image': np.empty((self.local, self.side, self.side, 3), np.uint8),
+    batch = {'image': np.empty((self.local, self.side, self.side, self.channels), np.uint8),
              'size': np.empty((self.local, 2), np.int32),
              'label': np.empty((self.local,), np.int32),
              'index': np.empty((self.local,), np.int64),
@@ -130,7 +162,11 @@ class LoadCanvasBatch:
         encoded = self.source.read(candidate)
       except OSError:
         encoded = b''
-      decoded = decode_into(encoded, batch['image'][j], self.decoder)
+      name = self.source.name(candidate)
+      if channels_lib.keeps_channels(name, self.channels):
+        decoded = decode_channels_into(encoded, name, batch['image'][j])
+      else:
+        decoded = decode_into(encoded, batch['image'][j], self.decoder)
       if decoded is not None:
         if attempt:
           logging.warning('Unreadable image %s (not a readable image file): read %s instead.',
@@ -150,14 +186,14 @@ class LoadCanvasBatch:
 def train_batches(source: StreamSource, *, global_batch: int, seed: int, canvas_side: int,
                   start_step: int = 0, end_step: Optional[int] = None, process_index: int = 0,
                   process_count: int = 1, num_threads: int = 4, num_processes: int = 0,
-                  prefetch: int = 2, decoder: str = 'pillow') -> Iterator[dict]:
+                  prefetch: int = 2, decoder: str = 'pillow', channels: int = 3) -> Iterator[dict]:
   """Yields this process's slice of every global batch from `start_step` on, as canvases.
 
-  Batches are {'image': uint8 [b, C, C, 3], 'size': int32 [b, 2] (true height,
+  Batches are {'image': uint8 [b, C, C, K], 'size': int32 [b, 2] (true height,
   width), 'label': int32 [b], 'index': int64 [b] (dataset index read),
   'skipped': int32 [b] (unreadable files replaced), 'reduced': int32 [b]
   (images larger than the canvas, reduced on the host)}, b = global_batch /
-  process_count, C = canvas_side. Step s holds `train_indices(N, global_batch,
+  process_count, C = canvas_side, K = `channels` (data.channels). Step s holds `train_indices(N, global_batch,
   seed, s)`, so a run resumed at `start_step` continues the same sequence.
   Threads, worker processes and prefetch as `host_crops.train_batches`.
   """
@@ -169,11 +205,11 @@ def train_batches(source: StreamSource, *, global_batch: int, seed: int, canvas_
   end_step = end_step if end_step is not None else 2**40
   load = LoadCanvasBatch(source, global_batch=global_batch, seed=seed,
                          process_index=process_index, process_count=process_count,
-                         canvas_side=canvas_side, decoder=decoder)
+                         canvas_side=canvas_side, decoder=decoder, channels=channels)
   ds = grain.MapDataset.range(start_step, end_step).map(load)
   return host_crops.read_batches(ds, num_threads, num_processes, prefetch)
 
 
-def batch_bytes(local_batch: int, canvas_side: int) -> int:
+def batch_bytes(local_batch: int, canvas_side: int, channels: int = 3) -> int:
   """Bytes of one batch of canvases (what each batch in flight holds)."""
-  return local_batch * canvas_side * canvas_side * 3
+  return local_batch * canvas_side * canvas_side * channels

@@ -82,6 +82,14 @@ def read_array(data: bytes, name: str) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
+def resize_channels(array: np.ndarray, size: tuple, box: Optional[tuple] = None) -> np.ndarray:
+  """uint8 [H, W, C] -> [height, width, C] (`size` = (width, height), Pillow's order): each
+  channel resized as Pillow resizes an RGB image (bilinear, antialiased), from `box` if given."""
+  bands = [np.asarray(Image.fromarray(np.ascontiguousarray(array[..., c]), 'L').resize(
+      size, Image.BILINEAR, box=box)) for c in range(array.shape[-1])]
+  return np.stack(bands, axis=-1)
+
+
 def fit_square_channels(array: np.ndarray, side: int) -> np.ndarray:
   """uint8 [H, W, C] -> [side, side, C]: each channel as `decode.fit_square` resizes RGB."""
   height, width = array.shape[:2]
@@ -89,14 +97,12 @@ def fit_square_channels(array: np.ndarray, side: int) -> np.ndarray:
     return np.ascontiguousarray(array)
   s = min(width, height)
   left, top = (width - s) // 2, (height - s) // 2
-  box = (left, top, left + s, top + s)
-  bands = [np.asarray(Image.fromarray(np.ascontiguousarray(array[..., c]), 'L').resize(
-      (side, side), Image.BILINEAR, box=box)) for c in range(array.shape[-1])]
-  return np.stack(bands, axis=-1)
+  return resize_channels(array, (side, side), (left, top, left + s, top + s))
 
 
-def decode_channels(data: bytes, name: str, side: int, channels: int) -> Optional[np.ndarray]:
-  """uint8 [side, side, channels] of one file; None if unreadable; ChannelError if C differs."""
+def read_uint8(data: bytes, name: str, channels: int) -> Optional[np.ndarray]:
+  """uint8 [H, W, channels] of one file at its own size; None if unreadable; ChannelError if
+  its channel count is not `channels`."""
   try:
     array = read_array(bytes(data), name)
   except (ValueError, *decode.DECODE_ERRORS):
@@ -107,7 +113,19 @@ def decode_channels(data: bytes, name: str, side: int, channels: int) -> Optiona
         f'data.channels={channels}: every image of a run needs the same count. Remove or '
         f'convert that file, or set --config.data.channels={array.shape[-1]} if all have it '
         '(data.channels=3 converts any Pillow image to RGB).')
-  return fit_square_channels(to_uint8(array), side)
+  return to_uint8(array)
+
+
+def decode_channels(data: bytes, name: str, side: int, channels: int) -> Optional[np.ndarray]:
+  """uint8 [side, side, channels] of one file; None if unreadable; ChannelError if C differs."""
+  array = read_uint8(data, name, channels)
+  return None if array is None else fit_square_channels(array, side)
+
+
+def keeps_channels(name: str, channels: int) -> bool:
+  """Whether `name` decodes through this module (its own channels) rather than Pillow's RGB:
+  every file when data.channels != 3, array files always."""
+  return channels != 3 or name.lower().endswith(ARRAY_SUFFIXES)
 
 
 def named_decoder(channels: int) -> Callable:
@@ -119,6 +137,6 @@ def named_decoder(channels: int) -> Callable:
 
 def _rgb(name: str, data: bytes, side: int):
   """RGB as today (Pillow, any mode converted); a .npy must have 3 channels (else ChannelError)."""
-  if name.lower().endswith(ARRAY_SUFFIXES):
+  if keeps_channels(name, 3):
     return decode_channels(data, name, side, 3)
   return decode.decode_image(data, side)

@@ -95,12 +95,15 @@ def plan(source: Source, split: str = 'train', log: bool = True,
         'or raise --config.data.max_in_memory_gb if this host has the memory.')
   if size > budget:
     reader = source.open(split)
-    if not evaluation and (spec.channels != 3 or getattr(reader, 'has_arrays', False)):
-      # The streaming loaders cut or decode RGB Pillow images (host_crops, canvas_loader).
+    if (not evaluation and spec.stream_crops == 'host'
+        and (spec.channels != 3 or getattr(reader, 'has_arrays', False))):
+      # The host-crop loader cuts RGB Pillow images; the canvas loader reads any channels.
       raise errors.DataError(
-          f'{what}, more than {budget_text}, and streamed training reads 3-channel images only '
-          f'(data.channels={spec.channels}' + (', .npy arrays' if spec.channels == 3 else '') +
-          '): raise --config.data.max_in_memory_gb so the split is decoded into memory once.')
+          f'{what}, more than {budget_text}, and data.stream_crops=\'host\' cuts 3-channel '
+          f'images only (data.channels={spec.channels}' +
+          (', .npy arrays' if spec.channels == 3 else '') + '): set '
+          '--config.data.stream_crops=device (the default), or raise '
+          '--config.data.max_in_memory_gb so the split is decoded into memory once.')
     result = Plan(True, f'{what} > {budget / 2**30:.2f} GiB = {budget_text}: streaming it',
                   reader)
   else:
