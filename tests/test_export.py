@@ -1,5 +1,6 @@
 """Export: torchvision names and layouts, checked by an independent NumPy forward pass."""
 
+import hashlib
 import json
 import os
 
@@ -190,7 +191,10 @@ def test_export_backbone_writes_npz_and_sidecar_from_a_train_state(tmp_path):
       loaded['conv1.weight'],
       np.transpose(variables['params']['backbone']['conv1']['kernel'], (3, 2, 0, 1)))
   with open(os.path.join(tmp_path, 'out', 'backbone_torchvision.json')) as f:
-    assert json.load(f)['model']['width'] == config.model.width
+    sidecar = json.load(f)
+  assert sidecar['model']['width'] == config.model.width
+  with open(path, 'rb') as f:  # The sidecar names the export's content.
+    assert sidecar['sha256'] == hashlib.sha256(f.read()).hexdigest()
 
 
 def test_loads_into_torchvision_and_gives_the_same_features():

@@ -302,3 +302,43 @@ def test_a_resume_with_any_protocol_field_changed_is_refused(setup, tmp_path):
   assert digest() == before
   done = _train(setup, directory)
   assert done['done'] and done['step'] == 9
+
+
+def _first_file_flipped(step_dir):
+  """Flips one byte in the middle of the largest file of a checkpoint step."""
+  size, path = max((os.path.getsize(os.path.join(d, n)), os.path.join(d, n))
+                   for d, _, names in os.walk(step_dir) for n in names)
+  with open(path, 'r+b') as f:
+    f.seek(size // 2)
+    byte = f.read(1)
+    f.seek(size // 2)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize('damage', ['flipped', 'unrecorded'])
+def test_a_checkpoint_whose_content_changed_is_never_restored(setup, tmp_path, caplog, damage):
+  """Checkpoints at steps 3 and 6, the newest changed after its save (or with no checksum
+  recorded): it is moved aside with one warning, the protocol resumes from step 3, and the
+  result equals an uninterrupted run's."""
+  whole = _train(setup, str(tmp_path / 'whole'))
+  directory = str(tmp_path / 'cut')
+  _train(setup, directory, max_steps=7)
+  checkpoints_dir = os.path.join(directory, 'checkpoints')
+  assert sorted(int(n) for n in os.listdir(checkpoints_dir) if n.isdigit()) == [3, 6]
+  if damage == 'flipped':
+    _first_file_flipped(os.path.join(checkpoints_dir, '6'))
+  else:
+    sums = os.path.join(directory, linear_paper_store.CHECKSUMS)
+    with open(sums) as f:
+      kept = {k: v for k, v in json.load(f).items() if k != '6'}
+    with open(sums, 'w') as f:
+      json.dump(kept, f)
+  with caplog.at_level('INFO'):
+    resumed = _train(setup, directory)
+  said = [r.getMessage() for r in caplog.records if 'is not used' in r.getMessage()]
+  assert len(said) == 1 and 'step 6' in said[0], said
+  assert any('Resuming the paper linear protocol at step 3' in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(os.path.join(directory, 'checkpoints_corrupt', '6'))
+  jax.tree.map(np.testing.assert_array_equal, resumed['params'], whole['params'])
+  assert resumed['rows'] == whole['rows']

@@ -21,6 +21,7 @@ import pytest
 from configs import tiny
 from moco_jax.core import errors
 from moco_jax.data import pack
+from moco_jax.core import files
 from moco_jax.data import packed
 from moco_jax.data import sources
 from moco_jax.data import streaming
@@ -222,7 +223,7 @@ def test_a_stopped_pack_resumes_keeping_verified_shards(tree, packed_dir, tmp_pa
     pack.run_pack(config, str(out))
   assert _shard_paths(out) == [f'train-0000{k}-of-00007.array_record' for k in (0, 1)]
   assert not packed.is_packed(str(out)) and not any(p.endswith('.tmp') for p in os.listdir(out))
-  kept = {p: packed.sha256_file(str(out / p)) for p in _shard_paths(out)}
+  kept = {p: files.sha256_of(str(out / p)) for p in _shard_paths(out)}
   with open(out / _shard_paths(out)[1], 'r+b') as f:  # A shard damaged while stopped is redone.
     f.seek(100)
     f.write(b'\0' * 8)
@@ -234,7 +235,7 @@ def test_a_stopped_pack_resumes_keeping_verified_shards(tree, packed_dir, tmp_pa
   assert any('shard 2/7 written' in m for m in messages)
   # The resumed pack is the uninterrupted one, file for file.
   assert packed.read_manifest(str(out))['splits'] == packed.read_manifest(str(whole))['splits']
-  assert packed.sha256_file(str(out / _shard_paths(out)[0])) == kept[_shard_paths(out)[0]]
+  assert files.sha256_of(str(out / _shard_paths(out)[0])) == kept[_shard_paths(out)[0]]
   # Packing again into a complete pack of the same source verifies it and writes nothing.
   before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
   pack.run_pack(config, str(out))

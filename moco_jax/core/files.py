@@ -97,3 +97,17 @@ def sha256_of(path: str, chunk: int = 1 << 24) -> str:
       if not block:
         return digest.hexdigest()
       digest.update(block)
+
+
+def tree_sha256(directory: str) -> str:
+  """sha256 over every file under `directory`: its relative path, then its bytes' sha256, in
+  sorted order (a checkpoint directory's content check: a changed, missing or extra file
+  changes it)."""
+  digest = hashlib.sha256()
+  for root, dirs, names in os.walk(directory):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      digest.update(os.path.relpath(path, directory).encode('utf-8', 'surrogateescape') + b'\0')
+      digest.update(sha256_of(path).encode() + b'\n')
+  return digest.hexdigest()

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.data import dataset
 from moco_jax.data import decode
 from moco_jax.data import folder
@@ -283,7 +284,7 @@ def _pack_split(out: str, which: str, inp: SplitInput, workers: int, progress: _
       state = _read_json(state_path)
       kept = (isinstance(state, dict) and os.path.exists(path)
               and state.get('positions') == [positions.start, positions.stop]
-              and packed.sha256_file(path) == state.get('sha256'))
+              and files.sha256_of(path) == state.get('sha256'))
       if not kept:
         images = list(pool.map(inp.image, positions))
         records = [packed.encode_record(inp.labels[i], inp.names[i], image)
@@ -295,7 +296,7 @@ def _pack_split(out: str, which: str, inp: SplitInput, workers: int, progress: _
           if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
           raise _write_error(out, path, e) from e
-        state = {'positions': [positions.start, positions.stop], 'sha256': packed.sha256_file(path),
+        state = {'positions': [positions.start, positions.stop], 'sha256': files.sha256_of(path),
                  'bytes': os.path.getsize(path), 'count': len(records),
                  'labels': [inp.labels[i] for i, image in zip(positions, images) if image is not None],
                  'skipped': len(bad), 'skipped_examples': bad[:3]}
@@ -326,7 +327,7 @@ def _pack_split(out: str, which: str, inp: SplitInput, workers: int, progress: _
   return {'count': len(labels), 'skipped': skipped, 'source_split': inp.split,
           'class_names': inp.class_names, 'shards': shards,
           'labels': {'file': labels_name, 'bytes': os.path.getsize(labels_path),
-                     'sha256': packed.sha256_file(labels_path)}}
+                     'sha256': files.sha256_of(labels_path)}}
 
 
 def _write_error(out: str, path: str, error) -> errors.DataError:

@@ -28,6 +28,7 @@ from absl import logging
 import numpy as np
 
 from moco_jax.core import errors
+from moco_jax.core import files
 from moco_jax.data import cache
 from moco_jax.data import dataset
 from moco_jax.data import decode
@@ -59,14 +60,6 @@ def decode_record(record: bytes) -> tuple[int, str, bytes]:
   if magic != _MAGIC or zlib.crc32(body) != crc or name_len > len(body):
     raise ValueError('record header or CRC-32 does not match its bytes')
   return label, bytes(body[:name_len]).decode('utf-8', 'surrogateescape'), bytes(body[name_len:])
-
-
-def sha256_file(path: str, block: int = 1 << 20) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(block), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def is_packed(path: str) -> bool:
@@ -210,7 +203,7 @@ def check_files(root: str, split: str, manifest: dict, checksums: bool):
       raise errors.DataError(
           f'{path} is truncated or was changed: {size} bytes, the manifest says {item["bytes"]}; '
           f'{_repack_hint(root, manifest)}.')
-    if checksums and sha256_file(path) != item['sha256']:
+    if checksums and files.sha256_of(path) != item['sha256']:
       raise errors.DataError(f'{path} is corrupt: its SHA-256 does not match '
                              f'{os.path.join(root, MANIFEST)}; {_repack_hint(root, manifest)}.')
 

@@ -134,9 +134,11 @@ def export_backbone(state_or_params, batch_stats, path: str, model_config=None,
   else:
     files.atomic_write(path, lambda f: np.savez(f, **state), binary=True)
   if model_config is not None:
+    # No command of this program reads an export back; the sidecar carries the file's
+    # sha256 so that whoever does (a transfer job, a model registry) can check it.
     sidecar = os.path.splitext(path)[0] + '.json'
-    with open(sidecar, 'w') as f:
-      json.dump(facts, f, indent=2, sort_keys=True)
+    facts = dict(facts, sha256=files.sha256_of(path))
+    files.atomic_write(sidecar, lambda f: json.dump(facts, f, indent=2, sort_keys=True))
   return state
 
 

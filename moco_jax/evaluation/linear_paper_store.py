@@ -2,7 +2,8 @@
 
 WORKDIR/linear_paper/ (random_init_linear_paper/ for the floor) holds
 checkpoints/ (the classifier, its momentum buffer, the step and the epoch's
-running sums), metrics.jsonl (one row per epoch, rewritten whole so that a
+running sums), checksums.json (each kept checkpoint's content sha256, checked
+before it is restored), metrics.jsonl (one row per epoch, rewritten whole so that a
 resume drops the rows after the restored epoch) and curves.png.
 """
 
@@ -11,6 +12,7 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from moco_jax.core import errors
@@ -67,11 +69,57 @@ def record_protocol(directory: str, fields: dict):
                      lambda f: json.dump(fields, f, indent=2, sort_keys=True))
 
 
+CHECKSUMS = 'checksums.json'
+
+
+def _checksums_path(manager: ocp.CheckpointManager) -> str:
+  return os.path.join(os.path.dirname(str(manager.directory)), CHECKSUMS)
+
+
+def _read_checksums(manager: ocp.CheckpointManager) -> dict:
+  try:
+    with open(_checksums_path(manager)) as f:
+      sums = json.load(f)
+    return sums if isinstance(sums, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def _step_sha256(manager: ocp.CheckpointManager, step: int) -> str:
+  return files.tree_sha256(os.path.join(str(manager.directory), str(step)))
+
+
+def _verified_steps(manager: ocp.CheckpointManager) -> list:
+  """The saved steps whose content matches its recorded sha256, newest first.
+
+  A step that does not (changed or truncated files, or no checksum recorded)
+  is moved aside to DIRECTORY/checkpoints_corrupt/ with one warning, never
+  restored; the protocol then resumes from the newest step that matches, or
+  starts over.
+  """
+  sums = _read_checksums(manager)
+  steps = sorted(manager.all_steps(), reverse=True)
+  good = [step for step in steps if sums.get(str(step)) == _step_sha256(manager, step)]
+  if jax.process_count() > 1:  # Every process has read the files before process 0 moves any.
+    multihost_utils.sync_global_devices('linear_paper_checksums')
+  for step in steps:
+    if step in good:
+      continue
+    why = 'its content changed' if str(step) in sums else 'no checksum was recorded for it'
+    moved = checkpoints.move_aside(manager, step)
+    logging.warning('The linear-protocol checkpoint at step %d in %s is not used: %s since it '
+                    'was saved. Moved it to %s (nothing deleted); the protocol resumes from an '
+                    'earlier checkpoint or starts over.', step, manager.directory, why, moved)
+  return good
+
+
 def restore(manager: ocp.CheckpointManager, state: dict) -> dict:
-  """The latest saved state (or `state` when there is none); refuses another backbone's."""
-  step = manager.latest_step()
-  if step is None:
+  """The latest saved state whose content is verified (or `state` when there is none); refuses
+  another backbone's."""
+  verified = _verified_steps(manager)
+  if not verified:
     return state
+  step = verified[0]
   try:
     restored = checkpoints.restore(manager, step, jax.device_get(state))
   except Exception as e:  # pylint: disable=broad-except
@@ -88,9 +136,16 @@ def restore(manager: ocp.CheckpointManager, state: dict) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, state: dict):
-  manager.save(int(state['step']), args=ocp.args.StandardSave(jax.device_get(state)),
-               force=True)
+  """Saves `state` and records its content sha256 (process 0) for the next restore's check."""
+  step = int(state['step'])
+  manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=True)
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    kept = {str(s) for s in manager.all_steps()}
+    sums = {k: v for k, v in _read_checksums(manager).items() if k in kept}
+    sums[str(step)] = _step_sha256(manager, step)
+    files.atomic_write(_checksums_path(manager),
+                       lambda f: json.dump(sums, f, indent=2, sort_keys=True))
 
 
 def read_curve(directory: str) -> list:

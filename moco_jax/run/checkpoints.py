@@ -5,7 +5,6 @@ so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 """
 
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
@@ -76,7 +75,7 @@ def restore_latest(manager: ocp.CheckpointManager, target):
       raise
     except Exception as e:  # pylint: disable=broad-except
       _quiet_closed_event_loop_errors()
-      moved = _move_aside(manager, step)
+      moved = move_aside(manager, step)
       logging.warning('The checkpoint at step %d in %s does not restore (%s: %s); moved it to '
                       '%s (nothing deleted) and trying the previous one.', step,
                       manager.directory, type(e).__name__, _short(e), moved)
@@ -221,7 +220,7 @@ def _check_state_shapes(manager: ocp.CheckpointManager, step: int, target):
       '--workdir.')
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves step directory `step` to WORKDIR/checkpoints_corrupt/<step>[.n]; returns where."""
   source = os.path.join(str(manager.directory), str(step))
   target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
