@@ -445,6 +445,46 @@ def test_an_image_over_the_pixel_limit_is_reported_as_too_large(tmp_path, caplog
     decode.set_max_image_pixels(decode.DEFAULT_MAX_IMAGE_PIXELS)
 
 
+@pytest.mark.parametrize('crops', ['device', 'host'])
+def test_the_streaming_loaders_name_an_image_over_the_pixel_limit_as_too_large(tmp_path, caplog,
+                                                                              crops):
+  """Issue 32, item 8, streamed: the replaced image is 'too large' with its pixels, the limit
+  and the field (a corrupt file beside it stays 'not a readable image file'); the limit reaches
+  the loader's copies in grain's worker processes with the loader object."""
+  from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
+  from moco_jax.data import host_crops  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'tree'
+  (root / 'train' / 'a').mkdir(parents=True)
+  for i in range(6):
+    Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / 'train' / 'a' / f'{i}.png')
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / 'train' / 'a' / 'big.png')
+  (root / 'train' / 'a' / 'broken.png').write_bytes(b'not a png')
+  config = _config(root, cache_dir=str(tmp_path / 'cache'))
+  source = _source(config).open('train')
+  try:
+    decode.set_max_image_pixels(1000)  # 40 x 40 = 1600 pixels: over it; 20 x 20 is not.
+    if crops == 'device':
+      load = canvas_loader.LoadCanvasBatch(source, global_batch=8, seed=0, process_index=0,
+                                           process_count=1, canvas_side=48)
+    else:
+      load = host_crops.LoadExample(source, global_batch=8, seed=0, process_index=0,
+                                    process_count=1, image_size=8, crop_scale=(0.2, 1.0),
+                                    crop_ratio=(3 / 4, 4 / 3))
+    decode.set_max_image_pixels(decode.DEFAULT_MAX_IMAGE_PIXELS)  # As a fresh worker starts.
+    with caplog.at_level(logging.WARNING):
+      for i in range(1 if crops == 'device' else 8):
+        load(i)
+  finally:
+    decode.set_max_image_pixels(decode.DEFAULT_MAX_IMAGE_PIXELS)
+  said = [r.getMessage() for r in caplog.records if 'Unreadable image' in r.getMessage()]
+  big = [m for m in said if 'big.png' in m.split('(')[0]]
+  broken = [m for m in said if 'broken.png' in m.split('(')[0]]
+  assert big and broken, said
+  assert all('1600 pixels' in m and 'limit of 1000' in m and 'data.max_image_pixels' in m
+             for m in big), big
+  assert all('not a readable image file' in m for m in broken), broken
+
+
 def test_an_unreadable_directory_is_reported_not_dropped(tree, tmp_path, monkeypatch):
   """Issue 32, item 8: a class directory that cannot be listed (permissions) is an error naming
   it, for every directory of the tree (root user: the failure is injected into os.scandir)."""

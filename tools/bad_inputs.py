@@ -511,7 +511,63 @@ def third_catalogue():
         f'--config.data.cache_dir={blocker}']
   add('outputs', 'data.cache_dir is a file (the file index needs it: refused naming the field)',
       cache_dir_is_file)
+  _own_image_cases(add, wd)
   return c
+
+
+def _flat(root, count=12, mode='RGB'):
+  """root/img_NN.png: an unlabeled flat folder (issue 30)."""
+  os.makedirs(root, exist_ok=True)
+  for i in range(count):
+    pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(os.path.join(root, f'img_{i:02d}.png'))
+  return root
+
+
+def _csv(root, rows):
+  """root/list.csv with `rows` (lists of cells), beside a flat folder of 12 images."""
+  _flat(root)
+  path = os.path.join(root, 'list.csv')
+  with open(path, 'w') as f:
+    f.writelines(','.join(map(str, row)) + '\n' for row in rows)
+  return path
+
+
+def _own_image_cases(add, wd):
+  """Issue 30: unlabeled folders, lists and channels, each refused with the field and the fix."""
+  def run_on(make, *flags):
+    return lambda t: ([], [*TINY, wd(t), f'--config.data.path={make(t)}', *FOLDER_RUN, *flags])
+
+  def mixed(t):
+    root = _flat(os.path.join(t, 'gray'), mode='L')
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(os.path.join(root, 'img_05.png'))
+    return root
+  add('own images', 'data.channels=1 on a folder with one RGB image among grayscale ones',
+      run_on(mixed, '--config.data.channels=1'))
+  add('own images', 'a CSV list naming an image that does not exist',
+      run_on(lambda t: _csv(os.path.join(t, 'l'), [['path'], *[[f'img_{i:02d}.png'] for i in
+                                                                range(11)], ['gone.png']])))
+  add('own images', 'an empty folder', run_on(lambda t: os.makedirs(os.path.join(t, 'e')) or
+                                              os.path.join(t, 'e')))
+  add('own images', 'data.labels=csv on a list without a label column',
+      run_on(lambda t: _csv(os.path.join(t, 'l'), [['path'], *[[f'img_{i:02d}.png'] for i in
+                                                                range(12)]]),
+             '--config.data.labels=csv'))
+  add('own images', 'data.val_fraction=0.01 of 12 images (an empty held-out split)',
+      run_on(lambda t: _flat(os.path.join(t, 'f')), '--config.data.val_fraction=0.01'))
+  add('own images', 'data.channels=13 with aug.mean of 3 values',
+      run_on(lambda t: _flat(os.path.join(t, 'f')), '--config.data.channels=13'))
+
+  def unlabeled_then(mode):
+    def setup(t):
+      first = [*TINY, f'--workdir={os.path.join(t, "run")}',
+               f'--config.data.path={_flat(os.path.join(t, "f"), 20)}', *FOLDER_RUN,
+               '--config.data.val_fraction=0.4']
+      return [first], [f'--mode={mode}', f'--workdir={os.path.join(t, "run")}']
+    return setup
+  add('own images', '--mode=knn on a run trained on an unlabeled folder', unlabeled_then('knn'))
+  add('own images', '--mode=linear_eval on a run trained on an unlabeled folder',
+      unlabeled_then('linear_eval'))
 
 
 def _nan_checkpoint(workdir):

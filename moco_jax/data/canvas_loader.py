@@ -135,8 +135,12 @@ class LoadCanvasBatch:
     self.offset = process_index * self.local
     self.side = canvas_side
     self.decoder = decoder
+    # data.max_image_pixels, carried to grain's worker processes (which start with Pillow's own).
+    self.max_pixels = decode.max_image_pixels()
 
   def __call__(self, step: int) -> dict:
+    if decode.max_image_pixels() != self.max_pixels:
+      decode.set_max_image_pixels(self.max_pixels)
     step = int(step)
     indices = batching.train_indices(self.num, self.global_batch, self.seed, step)
     mine = indices[self.offset:self.offset + self.local]
@@ -162,6 +166,8 @@ class LoadCanvasBatch:
         encoded = self.source.read(candidate)
       except OSError:
         encoded = b''
+      if not attempt:
+        first = encoded
       name = self.source.name(candidate)
       if channels_lib.keeps_channels(name, self.channels):
         decoded = decode_channels_into(encoded, name, batch['image'][j])
@@ -169,8 +175,8 @@ class LoadCanvasBatch:
         decoded = decode_into(encoded, batch['image'][j], self.decoder)
       if decoded is not None:
         if attempt:
-          logging.warning('Unreadable image %s (not a readable image file): read %s instead.',
-                          self.source.name(index), self.source.name(candidate))
+          logging.warning('Unreadable image %s (%s): read %s instead.', self.source.name(index),
+                          decode.unreadable_reason(first), self.source.name(candidate))
         h, w, reduced = decoded
         batch['size'][j] = (h, w)
         batch['label'][j] = self.source.label(candidate)

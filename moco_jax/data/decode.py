@@ -45,6 +45,25 @@ def max_image_pixels() -> int:
   return -1 if Image.MAX_IMAGE_PIXELS is None else int(2 * Image.MAX_IMAGE_PIXELS)
 
 
+def unreadable_reason(encoded) -> str:
+  """Why `encoded` did not decode, in words, for the streaming loaders' warning.
+
+  An image over the pixel limit is no corrupt file: it is named as too large,
+  with the limit and the field that raises it; anything else is unreadable.
+  """
+  try:
+    with Image.open(io.BytesIO(bytes(encoded))):
+      pass
+  except Image.DecompressionBombError as e:
+    found = re.search(r'\((\d+) pixels\)', str(e))
+    return (f'{found.group(1) if found else "more"} pixels, over the decoder\'s limit of '
+            f'{max_image_pixels()}: raise --config.data.max_image_pixels (-1: no limit) if it '
+            'is a real image')
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return 'not a readable image file'
+
+
 _SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 

@@ -175,8 +175,12 @@ class LoadExample:
     self.scale, self.ratio = tuple(crop_scale), tuple(crop_ratio)
     self.uniforms = uniforms
     self.decoder = decoder
+    # data.max_image_pixels, carried to grain's worker processes (which start with Pillow's own).
+    self.max_pixels = decode.max_image_pixels()
 
   def __call__(self, i: int) -> dict:
+    if decode.max_image_pixels() != self.max_pixels:
+      decode.set_max_image_pixels(self.max_pixels)
     step, j = divmod(int(i), self.local)
     position = self.offset + j
     index = int(batching.train_indices(self.num, self.global_batch, self.seed, step)[position])
@@ -192,11 +196,13 @@ class LoadExample:
         encoded = self.source.read(candidate)
       except OSError:
         encoded = b''
+      if not attempt:
+        first = encoded
       crops = two_crops(encoded, u, self.image_size, self.scale, self.ratio, self.decoder)
       if crops is not None:
         if attempt:
-          logging.warning('Unreadable image %s (not a readable image file): read %s instead.',
-                          self.source.name(index), self.source.name(candidate))
+          logging.warning('Unreadable image %s (%s): read %s instead.', self.source.name(index),
+                          decode.unreadable_reason(first), self.source.name(candidate))
         return {'image': crops, 'label': np.int32(self.source.label(candidate)),
                 'index': np.int64(candidate), 'skipped': np.int32(attempt)}
     raise errors.DataError(f'{MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
