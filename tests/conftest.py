@@ -19,3 +19,26 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # A size bound makes JAX lock the directory for every read and write (moco_jax/run/compile_cache.py):
 # the suite's subprocesses share it with this process.
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
+
+
+_CACHE_DIR = os.environ['JAX_COMPILATION_CACHE_DIR']  # Tests may unset it (test_compile_cache).
+
+
+def _heal_compile_cache():
+  from moco_jax.run import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.heal(_CACHE_DIR)
+
+
+def pytest_sessionstart(session):
+  """A cache entry left half-written by a killed process stops every later write to the cache
+  (moco_jax/run/compile_cache.heal): repaired before the suite and after each test (the
+  SIGKILL tests kill runs mid-write)."""
+  del session
+  if os.path.isdir(_CACHE_DIR):
+    _heal_compile_cache()
+
+
+def pytest_runtest_teardown(item):
+  del item
+  if os.path.isdir(_CACHE_DIR):
+    _heal_compile_cache()

@@ -66,3 +66,19 @@ def test_an_unwritable_directory_is_a_warning_and_no_cache(tmp_path, monkeypatch
     assert compile_cache.enable(str(blocker / 'cache')) == ''
   assert not jax.config.jax_enable_compilation_cache
   assert 'is not a writable directory' in caplog.text and 'compile_cache_dir' in caplog.text
+
+
+def test_heal_repairs_an_entry_a_killed_process_left_without_its_access_time(tmp_path):
+  """JAX's size-bounded cache reads every entry's access time before each write: one entry
+  without it (a process killed between its two files) makes every later write fail, until
+  compile_cache.heal gives it one."""
+  from jax._src import lru_cache  # pylint: disable=g-import-not-at-top
+  cache = lru_cache.LRUCache(str(tmp_path), max_size=1 << 20)
+  cache.put('first', b'compiled')
+  os.remove(tmp_path / 'first-atime')  # Killed between the two writes.
+  with pytest.raises(FileNotFoundError):
+    cache.put('second', b'compiled')
+  assert compile_cache.heal(str(tmp_path)) == 1
+  assert compile_cache.heal(str(tmp_path)) == 0
+  cache.put('second', b'compiled')
+  assert cache.get('second') == b'compiled' and cache.get('first') == b'compiled'

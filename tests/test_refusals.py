@@ -201,84 +201,37 @@ def test_an_evaluated_checkpoint_with_nan_weights_is_refused(trained, tmp_path):
 
 # --- A corrupt latest checkpoint falls back quietly, every time (issue 32, item 10) ----------
 
-def _zero_largest(step_dir):
-  size, path = max((os.path.getsize(os.path.join(d, n)), os.path.join(d, n))
-                   for d, _, names in os.walk(step_dir) for n in names)
-  with open(path, 'wb') as f:
-    f.write(b'\0' * size)
-
-
-def _truncate_largest(step_dir):
-  size, path = max((os.path.getsize(os.path.join(d, n)), os.path.join(d, n))
-                   for d, _, names in os.walk(step_dir) for n in names)
-  with open(path, 'r+b') as f:
-    f.truncate(size // 2)
-
-
-def _garbage_chunks(step_dir):
-  for d, _, names in os.walk(step_dir):
-    if os.path.basename(d) == 'd':
-      for n in names:
-        path = os.path.join(d, n)
-        size = os.path.getsize(path)
-        with open(path, 'wb') as f:
-          f.write(b'\0garbage' * (size // 8 + 1))
-
-
-def _delete_largest(step_dir):
-  os.remove(max((os.path.getsize(os.path.join(d, n)), os.path.join(d, n))
-                for d, _, names in os.walk(step_dir) for n in names)[1])
-
-
-@pytest.fixture(scope='module')
-def two_checkpoints(tmp_path_factory):
-  """A 4-step run (checkpoints 2 and 4) and a train state to restore into."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from moco_jax.core import parallel  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from moco_jax.training import optim  # pylint: disable=g-import-not-at-top
-  from moco_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('corrupt') / 'run'
-  config = _config(num_train_steps=4)
-  pretrain.train_and_evaluate(config, str(workdir))
-  train_ds = sources.from_config(config).load('train')
-  lr = optim.create_learning_rate_fn(config, len(train_ds) // config.batch_size, 4)
-  setup = step_lib.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr),
-                                   total_steps=4, num_examples=len(train_ds))
-  return workdir, config, step_lib.init_state(config, setup, parallel.make_mesh())
-
-
-@pytest.mark.parametrize('corrupt', [_zero_largest, _truncate_largest, _garbage_chunks,
-                                     _delete_largest], ids=lambda f: f.__name__.strip('_'))
-def test_a_corrupt_latest_checkpoint_falls_back_without_a_traceback(two_checkpoints, corrupt,
-                                                                   tmp_path, capfd, caplog):
-  """Ten times per corruption pattern: the restore falls back to step 2 with one warning, and
-  nothing else reaches stderr (Orbax's orphaned chunk reads were an intermittent dump)."""
-  import gc  # pylint: disable=g-import-not-at-top
+@pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_falls_back_without_a_traceback(tmp_path):
+  """The issue's case through main.py: a finished 1-device tiny run, its latest checkpoint
+  damaged (each pattern of tools/corrupt_reruns.py, three times), the same command again. Each
+  rerun falls back with one warning and exit 0, prints no traceback, and prints the same lines
+  as every other: in process the chunk reads' "Exception ignored in: <coroutine ...>" dumps
+  never showed (pytest's own unraisable hook took them), through main.py 9 reruns of 12 did."""
   import shutil  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from moco_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
-  workdir, config, target = two_checkpoints
-  capfd.readouterr()
-  for attempt in range(10):
-    copy = tmp_path / f'run{attempt}'
-    shutil.copytree(workdir, copy)
-    corrupt(str(copy / 'checkpoints' / '4'))
-    caplog.clear()
-    with caplog.at_level('DEBUG'):
-      manager = checkpoints.create_manager(str(copy), config)
-      state = checkpoints.restore_latest(manager, target)
-      manager.close()
-      del manager
-      gc.collect()
-      time.sleep(0.2)  # Late callbacks of the reader threads.
-      gc.collect()
-    assert int(jax.device_get(state.step)) == 2
-    assert (copy / 'checkpoints_corrupt' / '4').is_dir()
-    loud = [r for r in caplog.records if r.levelname in ('ERROR', 'CRITICAL')]
-    assert not loud, (attempt, loud[0].getMessage(), len(loud))
-    warnings = [r for r in caplog.records if r.levelname == 'WARNING'
-                and 'does not restore' in r.getMessage()]
-    assert len(warnings) == 1, attempt
-    err = capfd.readouterr().err
-    assert 'Traceback' not in err and 'never retrieved' not in err, (attempt, err[:2000])
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tools import corrupt_reruns  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+
+  def main(workdir):
+    return subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}',
+                           *corrupt_reruns.RUN], cwd=corrupt_reruns.ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  finished = tmp_path / 'finished'
+  assert main(finished).returncode == 0
+  counts = set()
+  for corrupt in corrupt_reruns.CORRUPTIONS:
+    for attempt in range(3):
+      workdir = tmp_path / f'{corrupt.__name__}{attempt}'
+      shutil.copytree(finished, workdir)
+      corrupt(str(workdir / 'checkpoints' / '4'))
+      rerun = main(workdir)
+      err = rerun.stderr
+      assert rerun.returncode == 0, err[-3000:]
+      assert 'Traceback' not in err and 'Exception ignored' not in err, (
+          corrupt.__name__, attempt, len(err.splitlines()), err[:3000])
+      assert err.count('does not restore') == 1 and (workdir / 'checkpoints_corrupt' / '4').is_dir()
+      counts.add(len(err.splitlines()))
+  assert len(counts) == 1, counts
