@@ -332,3 +332,29 @@ def test_processes_that_disagree_stop_at_once_naming_the_fields(tmp_path):
     assert last.startswith('Error (distributed): The processes of this job disagree'), last
     assert 'process 1: config.moco.temperature, config.seed' in last, last
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_streamed_unlabeled_list_give_the_one_process_checkpoint(tmp_path):
+  """Your own images on a cluster (issue 30): a CSV list without labels, streamed (each process
+  decodes its slice of every batch into canvases), 2 processes x 4 devices against 1 x 8."""
+  import own_images  # pylint: disable=g-import-not-at-top
+  data = own_images.make('csv_no_labels', tmp_path / 'images', count=32)
+  fields = {'num_train_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 1,
+            'model.dtype': rounding.DTYPE, 'data.path': data,
+            'data.cache_dir': str(tmp_path / 'cache'), 'data.image_size': 16, 'batch_size': 8,
+            'moco.queue_size': 16, 'data.max_in_memory_gb': 0.0, 'data.stream_processes': 0,
+            'data.num_workers': 2}
+  run = TwoProcesses(tmp_path / 'two', tmp_path, 'listed',
+                     flags=[f'--config.{k}={v}' for k, v in fields.items()])
+  try:
+    assert [run.wait(i, RUN_TIMEOUT_S) for i in range(2)] == [0, 0], run.tails()
+  finally:
+    run.kill()
+  assert 'streaming it' in run.log(0) and 'streaming it' in run.log(1)
+  config = helpers.tiny_config(**{k.replace('.', '__'): v for k, v in fields.items()})
+  with rounding.precise(config) as config:
+    one = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'one')))
+    with jax.enable_x64(rounding.DTYPE == 'float64'):
+      two = jax.device_get(helpers.restore_checkpoint(tmp_path / 'two', config, 2))
+  rounding.assert_agree_to_rounding(two, one, '2 processes vs 1 on a streamed CSV list')

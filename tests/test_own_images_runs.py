@@ -26,6 +26,9 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 # XLA:CPU's backend optimisations off: much less compile time, the same program in every run.
+# Each test runs main.py end to end or trains several times: all in the full suite only.
+pytestmark = pytest.mark.slow
+
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
            '--xla_backend_optimization_level=0')
 
@@ -82,6 +85,24 @@ def test_streamed_canvases_of_each_channel_count_agree_on_one_and_eight_devices(
   rounding.assert_logged_agree(eight[1], one[1])
   rounding.assert_agree_to_rounding(eight[0], one[0], f'{kind} streamed canvases')
   assert int(one[0].step) == 2
+
+
+@pytest.mark.parametrize('kind', own_images.KINDS)
+def test_each_kind_trains_streamed(tmp_path, kind, caplog):
+  """Every kind through the streamed path (crops on the device): 2 steps, a finite loss."""
+  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config(num_train_steps=2, checkpoint_every_steps=2, log_every_steps=1,
+                               batch_size=8, moco__queue_size=16, data__image_size=16,
+                               data__max_in_memory_gb=0.0, data__stream_processes=0,
+                               data__num_workers=2, data__cache_dir=str(tmp_path / 'cache'),
+                               data__path=own_images.make(kind, tmp_path / kind, count=16))
+  own_images.apply(kind, config)
+  with caplog.at_level('INFO'):
+    pretrain.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'streaming it' in caplog.text
+  rows = helpers.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+  losses = [r['train_loss'] for r in rows if 'train_loss' in r]
+  assert len(losses) == 2 and np.isfinite(losses).all(), rows
 
 
 def _command(workdir, data_path, cache, *extra):

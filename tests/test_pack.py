@@ -100,6 +100,7 @@ def test_pack_keeps_examples_labels_order_and_small_jpegs_byte_for_byte(tree, pa
     assert source.read(i) == (tree / name).read_bytes()  # Short side 30 <= 32: kept as is.
 
 
+@pytest.mark.slow
 def test_every_mode_on_a_packed_copy_gives_the_source_results(tree, packed_dir, tmp_path):
   """Same bytes, labels and order: kNN, both linear protocols' inputs, training are equal."""
   src, pk = _config(tree, tmp_path), _config(packed_dir, tmp_path)
