@@ -124,6 +124,7 @@ def _restore(workdir, steps=STEPS, channels=3):
 
 
 @pytest.mark.parametrize('kind,streamed', [('nested', False), ('csv_labels', True),
+                                           ('csv_no_labels', False),
                                            ('flat', True), ('gray_png', False),
                                            ('tiff16_4', False), ('npy13', True)])
 def test_each_kind_resumes_after_sigkill_bit_for_bit(tmp_path, kind, streamed):
