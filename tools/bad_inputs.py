@@ -543,7 +543,8 @@ def _own_image_cases(add, wd):
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(os.path.join(root, 'img_05.png'))
     return root
   add('own images', 'data.channels=1 on a folder with one RGB image among grayscale ones',
-      run_on(mixed, '--config.data.channels=1'))
+      run_on(mixed, '--config.data.channels=1', '--config.aug.mean=auto',
+             '--config.aug.std=auto'))
   add('own images', 'a CSV list naming an image that does not exist',
       run_on(lambda t: _csv(os.path.join(t, 'l'), [['path'], *[[f'img_{i:02d}.png'] for i in
                                                                 range(11)], ['gone.png']])))
