@@ -124,16 +124,6 @@ def _add_image(src):
                 '"wb").write(bad_inputs._png(99))']
 
 
-def _corrupt(step_dir):
-  for dirpath, _, filenames in os.walk(step_dir):
-    if os.path.basename(dirpath) == 'd':
-      for name in filenames:
-        path = os.path.join(dirpath, name)
-        size = os.path.getsize(path)
-        with open(path, 'wb') as f:
-          f.write(b'\0garbage' * (size // 8 + 1))
-
-
 # Each case: (group, description, setup(tmp) -> (prepare commands, args), expect).
 # expect: 'error' (one clean message, exit 2) or a substring that a successful run
 # (exit 0) must print (the counted skip / the warning).
@@ -259,7 +249,8 @@ def cases():
   def corrupt_latest(t):
     workdir, first = _train(t, 'run')
     script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
-              f'import bad_inputs; bad_inputs._corrupt({os.path.join(workdir, "checkpoints", "4")!r})')
+              f'import corrupt_reruns; '
+              f'corrupt_reruns.garbage_chunks({os.path.join(workdir, "checkpoints", "4")!r})')
     return [first, ['-c', script]], [*TINY, f'--workdir={workdir}', *SMALL_RUN]
   add('checkpoints', 'corrupt latest checkpoint (falls back, moves it aside)', corrupt_latest,
       'does not restore')
@@ -291,7 +282,7 @@ def cases():
     workdir, first = _train(t, 'run')
     dirs = [os.path.join(workdir, 'checkpoints', s) for s in ('2', '4')]
     script = (f'import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
-              f'import bad_inputs; [bad_inputs._corrupt(d) for d in {dirs!r}]')
+              f'import corrupt_reruns; [corrupt_reruns.garbage_chunks(d) for d in {dirs!r}]')
     return [first, ['-c', script]], [*TINY, f'--workdir={workdir}', *SMALL_RUN]
   add('checkpoints', 'every checkpoint corrupt', all_corrupt)
 

@@ -1,6 +1,6 @@
 """Reruns `python main.py` on a run whose latest checkpoint is corrupt, many times: is it quiet?
 
-  python tools/corrupt_reruns.py [--repeats 3] [--devices 1] > table.md   # ~1 min a rerun on 2 cores
+  python tools/corrupt_reruns.py [--repeats 3] [--devices 1] > table.md   # ~8 s a rerun on 2 cores
 
 Issue 32, item 10: a 1-device configs/tiny.py run, its latest checkpoint
 damaged by one of `CORRUPTIONS`, then the same command again: the rerun must
@@ -8,7 +8,8 @@ fall back to the checkpoint before it with one warning, finish with exit 0,
 and print no traceback (Orbax's asynchronous chunk reads once printed ~3,700
 lines one time in four). Each rerun starts from a fresh copy of the finished
 run, so every repeat meets the same damage. Prints one row per rerun and a
-summary; tests/test_refusals.py applies the same patterns in process.
+summary. `CORRUPTIONS` are shared: tests/test_refusals.py reruns main.py on
+each of them, and tools/bad_inputs.py's checkpoint cases use `garbage_chunks`.
 """
 
 import argparse
