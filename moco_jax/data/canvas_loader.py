@@ -30,11 +30,9 @@ No JAX here: grain's worker processes import this module.
 
 from typing import Iterator, Optional
 
-from absl import logging
 import numpy as np
 from PIL import Image
 
-from moco_jax.core import errors
 from moco_jax.data import batching
 from moco_jax.data import channels as channels_lib
 from moco_jax.data import decode
@@ -129,6 +127,7 @@ class LoadCanvasBatch:
                process_count: int, canvas_side: int, decoder: str = 'pillow', channels: int = 3):
     self.source = source
     self.channels = channels
+    self.has_arrays = getattr(source, 'has_arrays', False)  # A list with .npy files in it.
     self.num = len(source)
     self.global_batch, self.seed = global_batch, seed
     self.local = global_batch // process_count
@@ -139,8 +138,7 @@ class LoadCanvasBatch:
     self.max_pixels = decode.max_image_pixels()
 
   def __call__(self, step: int) -> dict:
-    if decode.max_image_pixels() != self.max_pixels:
-      decode.set_max_image_pixels(self.max_pixels)
+    decode.set_max_image_pixels(self.max_pixels)
     step = int(step)
     indices = batching.train_indices(self.num, self.global_batch, self.seed, step)
     mine = indices[self.offset:self.offset + self.local]
@@ -158,35 +156,22 @@ class LoadCanvasBatch:
     return batch
 
   def _load(self, index: int, j: int, batch: dict):
-    candidate = index
-    for attempt in range(host_crops.MAX_SUBSTITUTES + 1):
-      if attempt:
-        candidate = host_crops.substitute_index(self.num, self.seed, index, attempt)
-      try:
-        encoded = self.source.read(candidate)
-      except OSError:
-        encoded = b''
-      if not attempt:
-        first = encoded
-      name = self.source.name(candidate)
-      if channels_lib.keeps_channels(name, self.channels):
-        decoded = decode_channels_into(encoded, name, batch['image'][j])
-      else:
-        decoded = decode_into(encoded, batch['image'][j], self.decoder)
-      if decoded is not None:
-        if attempt:
-          logging.warning('Unreadable image %s (%s): read %s instead.', self.source.name(index),
-                          decode.unreadable_reason(first), self.source.name(candidate))
-        h, w, reduced = decoded
-        batch['size'][j] = (h, w)
-        batch['label'][j] = self.source.label(candidate)
-        batch['index'][j] = candidate
-        batch['skipped'][j] = attempt
-        batch['reduced'][j] = int(reduced)
-        return
-    raise errors.DataError(
-        f'{host_crops.MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
-        f'{self.source.where} (first: {self.source.name(index)}): is it an image folder?')
+    canvas = batch['image'][j]
+
+    def decode_fn(encoded, candidate):
+      if self.channels != 3 or self.has_arrays:  # Only then can a file keep its channels.
+        name = self.source.name(candidate)
+        if channels_lib.keeps_channels(name, self.channels):
+          return decode_channels_into(encoded, name, canvas)
+      return decode_into(encoded, canvas, self.decoder)
+
+    candidate, attempt, (h, w, reduced) = host_crops.read_substituted(
+        self.source, self.seed, index, decode_fn)
+    batch['size'][j] = (h, w)
+    batch['label'][j] = self.source.label(candidate)
+    batch['index'][j] = candidate
+    batch['skipped'][j] = attempt
+    batch['reduced'][j] = int(reduced)
 
 
 def train_batches(source: StreamSource, *, global_batch: int, seed: int, canvas_side: int,

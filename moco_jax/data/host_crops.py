@@ -23,7 +23,7 @@ import math
 import mmap
 import os
 import signal
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from absl import flags
 from absl import logging
@@ -179,8 +179,7 @@ class LoadExample:
     self.max_pixels = decode.max_image_pixels()
 
   def __call__(self, i: int) -> dict:
-    if decode.max_image_pixels() != self.max_pixels:
-      decode.set_max_image_pixels(self.max_pixels)
+    decode.set_max_image_pixels(self.max_pixels)
     step, j = divmod(int(i), self.local)
     position = self.offset + j
     index = int(batching.train_indices(self.num, self.global_batch, self.seed, step)[position])
@@ -188,26 +187,43 @@ class LoadExample:
       u = crop_uniforms(self.seed, step, position)
     else:
       u = self.uniforms(self.seed, step // (self.num // self.global_batch), index)
-    candidate = index
-    for attempt in range(MAX_SUBSTITUTES + 1):
+    candidate, attempt, crops = read_substituted(
+        self.source, self.seed, index,
+        lambda encoded, candidate: two_crops(encoded, u, self.image_size, self.scale,
+                                             self.ratio, self.decoder))
+    return {'image': crops, 'label': np.int32(self.source.label(candidate)),
+            'index': np.int64(candidate), 'skipped': np.int32(attempt)}
+
+
+def read_substituted(source: StreamSource, seed: int, index: int, decode_fn: Callable):
+  """(example read, attempt, decode_fn's result) for example `index`, unreadable files replaced.
+
+  `decode_fn(encoded, candidate)` (the bytes and the index they were read from;
+  a source's `name` can cost a read, so it is asked only when needed) returns
+  None for an unreadable file; then up to
+  MAX_SUBSTITUTES others are tried (`substitute_index`: the same ones on every
+  process, in every loader), the replacement is logged with the reason
+  (`decode.unreadable_reason`), and DataError ends a run of unreadable ones.
+  """
+  num, candidate, first = len(source), index, b''
+  for attempt in range(MAX_SUBSTITUTES + 1):
+    if attempt:
+      candidate = substitute_index(num, seed, index, attempt)
+    try:
+      encoded = source.read(candidate)
+    except OSError:
+      encoded = b''
+    if not attempt:
+      first = encoded
+    result = decode_fn(encoded, candidate)
+    if result is not None:
       if attempt:
-        candidate = substitute_index(self.num, self.seed, index, attempt)
-      try:
-        encoded = self.source.read(candidate)
-      except OSError:
-        encoded = b''
-      if not attempt:
-        first = encoded
-      crops = two_crops(encoded, u, self.image_size, self.scale, self.ratio, self.decoder)
-      if crops is not None:
-        if attempt:
-          logging.warning('Unreadable image %s (%s): read %s instead.', self.source.name(index),
-                          decode.unreadable_reason(first), self.source.name(candidate))
-        return {'image': crops, 'label': np.int32(self.source.label(candidate)),
-                'index': np.int64(candidate), 'skipped': np.int32(attempt)}
-    raise errors.DataError(f'{MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
-                     f'{self.source.where} (first: {self.source.name(index)}): is it an image '
-                     'folder?')
+        logging.warning('Unreadable image %s (%s): read %s instead.', source.name(index),
+                        decode.unreadable_reason(first), source.name(candidate))
+      return candidate, attempt, result
+  raise errors.DataError(f'{MAX_SUBSTITUTES + 1} examples in a row failed to decode in '
+                         f'{source.where} (first: {source.name(index)}): is it an image '
+                         'folder?')
 
 
 def train_batches(source: StreamSource, *, global_batch: int, seed: int, image_size: int,
