@@ -95,6 +95,18 @@ NEW_RUN_REFUSALS = {
 }
 
 
+def test_a_workdir_whose_every_checkpoint_is_corrupt_is_refused_unchanged(trained, tmp_path):
+  """No checkpoint restores: the refusal moves nothing aside (a rerun would otherwise start
+  over silently) and says how to start from scratch."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from tools import corrupt_reruns  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  corrupt_reruns.garbage_chunks(str(workdir / 'checkpoints' / '2'))
+  _refused(_config(), workdir, errors.CheckpointError, 'No checkpoint .* restores.*Nothing was '
+           'changed')
+
+
 @pytest.mark.parametrize('name', sorted(NEW_RUN_REFUSALS))
 def test_a_refused_new_run_creates_nothing(tmp_path, name):
   overrides, match = NEW_RUN_REFUSALS[name]

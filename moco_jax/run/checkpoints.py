@@ -61,30 +61,38 @@ def save(manager: ocp.CheckpointManager, step: int, state):
 def restore_latest(manager: ocp.CheckpointManager, target):
   """The newest checkpoint that restores, in the structure and shardings of `target`.
 
-  Returns `target` unchanged when there is no checkpoint yet. A checkpoint that
-  does not restore (truncated, corrupt) is moved aside to
-  WORKDIR/checkpoints_corrupt/ with a warning, never deleted, and the next
-  older one is tried; a checkpoint of another model is a CheckpointError.
+  Returns `target` unchanged when there is no checkpoint yet. Checkpoints newer
+  than the one restored that do not restore (truncated, corrupt) are then moved
+  aside to WORKDIR/checkpoints_corrupt/ with a warning each, never deleted (the
+  run will save those steps again). When none restores nothing is moved: the
+  CheckpointError changes nothing on disk. A checkpoint of another model is a
+  CheckpointError.
   """
   steps = sorted(manager.all_steps(), reverse=True)
+  failed = []
   for step in steps:
     try:
       _check_state_shapes(manager, step, target)
-      return restore(manager, step, target)
+      restored = restore(manager, step, target)
     except errors.CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       _quiet_closed_event_loop_errors()
-      moved = move_aside(manager, step)
+      failed.append((step, e))
+      continue
+    for bad, e in failed:
+      moved = move_aside(manager, bad)
       logging.warning('The checkpoint at step %d in %s does not restore (%s: %s); moved it to '
-                      '%s (nothing deleted) and trying the previous one.', step,
-                      manager.directory, type(e).__name__, _short(e), moved)
+                      '%s (nothing deleted) and restored step %d.', bad, manager.directory,
+                      type(e).__name__, _short(e), moved, step)
+    return restored
   if steps:
     manager.reload()
+    step, e = failed[0]
     raise errors.CheckpointError(
-        f'No checkpoint in {manager.directory} restores (tried steps {steps}; moved to '
-        f'{os.path.dirname(str(manager.directory))}/checkpoints_corrupt/). Rerun to start '
-        'from scratch, or pass another --workdir.')
+        f'No checkpoint in {manager.directory} restores (tried steps {steps}; step {step}: '
+        f'{type(e).__name__}: {_short(e, 120)}). Nothing was changed: move that directory away '
+        'to start from scratch, or pass another --workdir.')
   return target
 
 
