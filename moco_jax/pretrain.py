@@ -238,7 +238,7 @@ def _canvas_feeder(config, spec, source, mesh: Mesh, start_step: int,
   the step cuts both crops. Reports replaced files, and once that images
   larger than the canvas were reduced on the host.
   """
-  processes, threads = host_crops.loader_workers(spec)
+  processes, threads = host_crops.loader_workers(spec, decode_only=True)
   side = spec.canvas_side
   local = config.batch_size // jax.process_count()
   in_flight = (processes * (threads + 2) if processes else threads + 2)

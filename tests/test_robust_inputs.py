@@ -195,6 +195,11 @@ def test_loader_processes_are_capped_to_the_usable_cores(monkeypatch, caplog):
   assert 'stream_processes=32 is more than the 2 cores' in caplog.text
   data.stream_processes = -1
   assert host_crops.loader_workers(spec.from_config(data)) == (1, 1)  # One per core but one, for the train loop.
+  # Crops on the device: auto decodes in threads of this process (no canvas copied between
+  # processes); an explicit count still means worker processes.
+  assert host_crops.loader_workers(spec.from_config(data), decode_only=True) == (0, 1)
+  data.stream_processes = 2
+  assert host_crops.loader_workers(spec.from_config(data), decode_only=True) == (2, 1)
   data.stream_processes = 0
   assert host_crops.loader_workers(spec.from_config(data))[0] == 0
 

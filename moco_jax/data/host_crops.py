@@ -317,17 +317,24 @@ def _ignore_ctrl_c(worker_index: int, worker_count: int):
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader_workers(spec: DataSpec) -> tuple[int, int]:
-  """(worker processes, threads per process) of the streaming loader.
+def loader_workers(spec: DataSpec, decode_only: bool = False) -> tuple[int, int]:
+  """(worker processes, threads per process) of a streaming loader.
 
-  data.stream_processes (-1: one per core but one, for the train loop) worker
-  processes, each reading with one thread; without worker processes,
-  data.num_workers threads in this process (Pillow releases the GIL while
-  decoding and resizing, the Python around it does not).
+  data.stream_processes worker processes, each reading with one thread, or
+  with 0 data.num_workers threads in this process (Pillow and simplejpeg
+  release the GIL while decoding and resizing, the Python around it does not).
+  -1 (auto) picks by the loader's work: the host-crop loader (decode + two
+  resizes) gets one process per core but one, for the train loop; the canvas
+  loader (`decode_only`: crops on the device) gets that many threads in this
+  process instead, because a worker process hands each canvas batch over
+  through shared memory, and that copy costs more than decoding a 256 px JPEG
+  (docs/benchmarks.md, issue 29).
   """
   cores = usable_cores()
   processes = spec.stream_processes
   if processes < 0:
+    if decode_only:
+      return 0, max(1, cores - 1)
     processes = max(1, cores - 1)
   elif processes > cores:
     # More decoding processes than cores only add switching and memory (32 on 2
