@@ -105,14 +105,18 @@ def get_config() -> ml_collections.ConfigDict:
   # A train split whose decoded size (N x S x S x 3 bytes) exceeds this many GiB is streamed
   # from disk instead of held in memory; -1: 25% of the host's RAM; 0: always stream.
   config.data.max_in_memory_gb = -1.0
-  config.data.stream_processes = -1  # Streaming: grain worker processes; -1: cores - 1; 0: none.
+  # Streaming: grain worker processes (0: none, data.num_workers threads here); -1: auto, one per
+  # core but one: crops on the device decode in that many threads of this process instead.
+  config.data.stream_processes = -1
   # Images with more pixels than this are refused as too large (Pillow's decompression-bomb
   # guard, reported with the count); raise it for real giant scans; -1: no limit.
   config.data.max_image_pixels = 178_956_970
   # Streaming: 'device' = the host decodes each image into a padded canvas and the step cuts both
   # RandomResizedCrop views; 'host' = the host cuts them (twice the host work per image).
   config.data.stream_crops = 'device'
-  config.data.canvas_side = 512  # Streaming, crops on the device: canvas side; larger images reduced.
+  # Streaming, crops on the device: canvas side (px); larger images are reduced on the host.
+  # 0: auto, 512 (ImageNet's photos whole), or 1.5 x the pack side for a packed copy (384).
+  config.data.canvas_side = 0
   config.data.decoder = 'pillow'  # Streaming: JPEG decoder, 'pillow' or 'simplejpeg' (same pixels).
   config.data.synthetic_examples = 1024  # Dataset size for source=synthetic.
   config.data.synthetic_classes = 10  # Labels drawn for source=synthetic.

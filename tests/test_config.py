@@ -56,7 +56,7 @@ def test_shipped_configs_validate(name):
      'config.data.image_size=32'),
     ('data.num_workers', 0, 'config.data.num_workers=0 must be >= 1'),
     ('data.stream_crops', 'gpu', "config.data.stream_crops='gpu' must be 'device'"),
-    ('data.canvas_side', 0, 'config.data.canvas_side=0 must be >= 1 (px)'),
+    ('data.canvas_side', -1, 'config.data.canvas_side=-1 must be >= 1 (px)'),
     ('data.decoder', 'turbojpeg', "config.data.decoder='turbojpeg' must be 'pillow' or "
      "'simplejpeg'"),
     ('aug.crop_scale', (1.0, 0.2), 'config.aug.crop_scale=(1.0, 0.2) must be (min, max)'),
@@ -177,6 +177,7 @@ ACCEPTED = {
     ('compile_cache_dir', 'empty'): "'' = no persistent compilation cache",
     ('data.max_in_memory_gb', 'zero'): '0: always stream',
     ('data.stream_processes', 'zero'): '0: no grain worker processes',
+    ('data.canvas_side', 'zero'): '0: auto (512, or 1.5 x a packed copy\'s pack side)',
     ('eval.knn_every_epochs', 'zero'): '0: kNN only at the end',
     ('eval.linear_step_epochs', 'empty'): 'no lr step',
     ('optim.step_epochs', 'empty'): 'no lr step',

@@ -24,6 +24,7 @@ from moco_jax.data import pack
 from moco_jax.core import files
 from moco_jax.data import packed
 from moco_jax.data import sources
+from moco_jax.data import spec as spec_lib
 from moco_jax.data import streaming
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
@@ -90,6 +91,7 @@ def test_pack_keeps_examples_labels_order_and_small_jpegs_byte_for_byte(tree, pa
   assert manifest['class_names'] == [f'class{c}' for c in range(4)]
   assert not os.path.exists(packed_dir / pack.STATE_DIR)
   assert sources.from_config(_config(packed_dir, tmp_path)).spec.kind == 'packed'
+  assert manifest['pack_side'] == 32 and manifest['quality'] == pack.QUALITY >= 90
   source = sources.from_config(_config(packed_dir, tmp_path)).open('train')
   want = sorted(p.relative_to(tree).as_posix() for p in (tree / 'train').glob('*/*.jpg')
                 if p.name != 'broken.jpg')
@@ -98,6 +100,24 @@ def test_pack_keeps_examples_labels_order_and_small_jpegs_byte_for_byte(tree, pa
     name = source.name(i)
     assert source.label(i) == int(name.split('/')[1][len('class'):])
     assert source.read(i) == (tree / name).read_bytes()  # Short side 30 <= 32: kept as is.
+
+
+def test_the_auto_canvas_of_a_packed_copy_holds_3_to_2_photos_whole(packed_dir, tmp_path):
+  """data.canvas_side=0: 1.5 x the manifest's pack side, up to a multiple of 32; 512 elsewhere;
+  a configured side wins."""
+  config = _config(packed_dir, tmp_path, **{'data.canvas_side': 0})
+  assert sources.from_config(config).spec.canvas_side == 64  # 1.5 x 32 = 48 -> 64.
+  config.data.path = str(tmp_path)
+  assert sources.from_config(config).spec.canvas_side == spec_lib.DEFAULT_CANVAS == 512
+  assert spec_lib.canvas_side(0, 'packed', str(packed_dir)) == 64
+  assert [spec_lib.canvas_side(0, 'packed', '/nowhere')] == [512]  # The reader names it.
+  for side, want in ((256, 384), (250, 384), (224, 352), (320, 480)):
+    manifest = tmp_path / str(side)
+    manifest.mkdir()
+    (manifest / 'manifest.json').write_text(json.dumps({'pack_side': side}))
+    got = spec_lib.canvas_side(0, 'packed', str(manifest))
+    assert got == want and got % 32 == 0 and got >= 1.5 * side, (side, got)
+  assert spec_lib.canvas_side(100, 'packed', str(packed_dir)) == 100
 
 
 @pytest.mark.slow

@@ -44,8 +44,9 @@ def check_config(config) -> None:
          'must be an int >= 0, or -1 for one per core but one')
   _check(data, 'stream_crops', lambda v: v in ('device', 'host'),
          "must be 'device' (the step cuts the crops) or 'host' (the loader cuts them)")
-  _check(data, 'canvas_side', checks.positive_int,
-         'must be >= 1 (px): the side of the canvas each streamed image is decoded into')
+  _check(data, 'canvas_side', lambda v: checks.integer(v) and v >= 0,
+         'must be >= 1 (px): the side of the canvas each streamed image is decoded into, '
+         'or 0 (auto)')
   _check(data, 'decoder', lambda v: v in ('pillow', 'simplejpeg'),
          "must be 'pillow' or 'simplejpeg'")
   checks.choice(data, 'labels', spec.LABEL_MODES, prefix=PREFIX)

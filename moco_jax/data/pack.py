@@ -7,7 +7,7 @@ directory, a tar archive of one, or a prepared tfds dataset. Each image is
 stored once, in the source's order, as a JPEG whose short side is at most
 `data.pack_side`: larger images are decoded (at the reduced DCT scale that
 still covers the target), resized (bicubic, antialiased) and re-encoded at
-quality 95 with 4:2:0 chroma; a JPEG that is already small enough is
+quality 90 with 4:2:0 chroma (FFCV's default); a JPEG that is already small enough is
 kept byte for byte (a second lossy generation would only lose). Unreadable
 images are dropped and counted once per split, as the in-memory path does.
 
@@ -52,7 +52,9 @@ from moco_jax.data import tfds_source
 from moco_jax.data.spec import DataSpec
 
 SHARD_IMAGES = 1024  # Records per shard: ~30-50 MB at 256 px; the unit of resume.
-QUALITY = 95
+# 90, not 95: a third fewer bytes, and the decode, which is the host's whole work on a packed
+# copy, is faster by as much (docs/benchmarks.md, issue 29).
+QUALITY = 90
 # 4:2:0 chroma, as nearly every source photo (ImageNet's) already is: it decodes ~1.8x faster
 # than 4:4:4 at 256 px (docs/benchmarks.md), and the host's decode is what packing speeds up.
 SUBSAMPLING = 2

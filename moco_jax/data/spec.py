@@ -9,6 +9,7 @@ and two readers cannot disagree about what "data.path is an archive" means.
 """
 
 import dataclasses
+import json
 import os
 
 from moco_jax.core import errors
@@ -208,6 +209,30 @@ def _kind(data_config) -> tuple[str, str]:
   return source, ''
 
 
+DEFAULT_CANVAS = 512  # ImageNet's photos (at most 500 px a side) fit whole.
+
+
+def canvas_side(configured: int, kind: str, path: str) -> int:
+  """`data.canvas_side`, or for 0 (auto): 1.5 x a packed copy's pack side (a multiple of 32),
+  else DEFAULT_CANVAS.
+
+  A packed image's short side is at most its pack side, so 1.5 x holds 3:2
+  and 4:3 photos whole (ImageNet's 500x333 packs to 384x256) while the canvas
+  the host fills and hands over is 44% smaller than 512's; wider ones are
+  reduced on the host and the run says so once.
+  """
+  if configured > 0:
+    return configured
+  if kind == 'packed':
+    try:
+      with open(os.path.join(path, PACKED_MANIFEST)) as f:
+        side = int(json.load(f)['pack_side'])
+      return max(32, -(-side * 3 // 2 // 32) * 32)
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # The packed reader names a bad manifest when it opens it.
+  return DEFAULT_CANVAS
+
+
 def from_config(data_config) -> DataSpec:
   """The one place that reads `config.data`: returns its `DataSpec`."""
   kind, path = _kind(data_config)
@@ -227,7 +252,7 @@ def from_config(data_config) -> DataSpec:
       stream_processes=int(data_config.get('stream_processes', -1)),
       on_device=bool(data_config.get('on_device', False)),
       stream_crops=str(data_config.get('stream_crops', 'device')),
-      canvas_side=int(data_config.get('canvas_side', 512)),
+      canvas_side=canvas_side(int(data_config.get('canvas_side', 0)), kind, path),
       decoder=str(data_config.get('decoder', 'pillow')),
       pack_side=int(data_config.get('pack_side', 256)),
       labels=labels_mode(data_config), val_fraction=float(data_config.get('val_fraction', 0.0)),
