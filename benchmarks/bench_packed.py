@@ -1,22 +1,13 @@
-"""Row (c) of `bench_stream.py host` (issue 29): packed shards, random read + decode, per core.
+"""Packed shards for the benchmarks (issue 29): the packed copy row (c) reads, and the GPU check's stage.
 
-  python benchmarks/bench_stream.py generate --out=/tmp/inet_like --num=2000 --unique=400
-  python benchmarks/bench_packed.py --data=/tmp/inet_like --cores=1   # rows a and c, one run
+  # Row (c) of the host table is `bench_stream.py host` (it packs --data once, beside it):
+  python benchmarks/bench_stream.py host --data=/tmp/inet_like --cores=1 --simplejpeg
   # The GPU check's stage: pack an archive, streamed train step vs synthetic data (JSON line):
   python benchmarks/bench_packed.py --step_archive=.data/imagenette2-128sq.tgz
 
-The host work of training from a packed directory with the crops on the device:
-each example is one random read of an ArrayRecord record (grain's
-ArrayRecordDataSource, through `moco_jax.data.packed.PackedReader`) and one
-Pillow decode of its JPEG (short side <= data.pack_side = 256) into a fixed
-`canvas_side` canvas with its true (h, w), as row b's canvas loader does for
-JPEG files; no crop and no resize on the host. The examples are read in the
-training order (`batching.train_indices`), by `cores` grain worker processes
-pinned with this process to `cores` CPUs, like every other row.
-
-`row_c` plugs into `bench_stream.HOST_ROWS` (args -> (name, call, python)); the
-packed copy of `--data` is made once beside it (`<data>_packed`, --mode=pack's
-code) before the timed process is pinned.
+`packed_copy(data)` packs an ImageFolder once into `<data>_packed` with
+`--mode=pack`'s code (outside the timed, pinned processes); row (c) then runs
+the canvas loader on it as training does (`bench_stream.run_canvas`).
 """
 
 import argparse
@@ -26,7 +17,6 @@ import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = 'c: packed shards'
 
 
 def packed_copy(data: str) -> str:
@@ -39,64 +29,6 @@ def packed_copy(data: str) -> str:
   config.data.num_workers = os.cpu_count() or 1
   config.data.cache_dir = os.path.join(tempfile.gettempdir(), 'bench_stream_cache')
   return pack.run_pack(config, data.rstrip('/') + '_packed')
-
-
-class DecodeIntoCanvas:
-  """Dataset index -> {'image': uint8 [C, C, 3] (top-left), 'size': int32 [2]} (picklable)."""
-
-  def __init__(self, source, canvas_side: int):
-    self.source, self.canvas_side = source, canvas_side
-
-  def __call__(self, index: int) -> dict:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from moco_jax.data import decode  # pylint: disable=g-import-not-at-top
-    image, _ = decode.load_rgb(self.source.read(int(index)))
-    pixels = np.asarray(image)[:self.canvas_side, :self.canvas_side]
-    canvas = np.zeros((self.canvas_side, self.canvas_side, 3), np.uint8)
-    canvas[:pixels.shape[0], :pixels.shape[1]] = pixels
-    return {'image': canvas, 'size': np.asarray(pixels.shape[:2], np.int32)}
-
-
-def run_packed(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
-               canvas_side: int = 512) -> dict:
-  """Row c: `cores` grain worker processes read + decode packed records into canvases."""
-  del size  # The crops (and their size) are the device's work on this path.
-  root = packed_copy(data)
-  os.sched_setaffinity(0, set(range(cores)))
-  import grain.python as grain  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import batching  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from moco_jax.data import spec  # pylint: disable=g-import-not-at-top
-  config = default.get_config().data
-  config.path = root
-  source = sources.open_source(spec.from_config(config)).open('train')
-  n, total = len(source), (warmup + steps) * batch
-  order = np.concatenate([batching.train_indices(n, batch, 0, s) for s in range(warmup + steps)])
-  ds = grain.MapDataset.source(order[:total].tolist()).map(DecodeIntoCanvas(source, canvas_side))
-  it = ds.batch(batch, drop_remainder=True).to_iter_dataset(grain.ReadOptions(num_threads=1))
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  it = iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cores,
-                                                        per_worker_buffer_size=2)))
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = next(it)
-  seconds = time.perf_counter() - start
-  assert out['image'].shape == (batch, canvas_side, canvas_side, 3)
-  it.close()
-  return {'loader': NAME, 'images_per_sec': steps * batch / seconds}
-
-
-def row_c(args):
-  """bench_stream.HOST_ROWS entry: (name, call over `b` = bench_stream, python)."""
-  common = f'{args.data!r}, {args.cores}, {args.batch}, {args.steps}, {args.warmup}, {args.size}'
-  canvas = getattr(args, 'canvas_side', 512)
-  return NAME, f'__import__("bench_packed").run_packed({common}, {canvas})', sys.executable
 
 
 def _train_rate(command: list, workdir: str) -> dict:
@@ -162,15 +94,6 @@ def main():
   parser.add_argument('--step_config', default=os.path.join(_ROOT, 'configs', 'imagenet.py'))
   parser.add_argument('--step_steps', type=int, default=40)
   parser.add_argument('--step_log_every', type=int, default=10)
-  parser.add_argument('--data', default='')
-  parser.add_argument('--cores', type=int, default=1)
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--canvas_side', type=int, default=512)
-  parser.add_argument('--rounds', type=int, default=1)
-  parser.add_argument('--nice', type=int, default=10)
   args, extra = parser.parse_known_args()
   if args.step_archive:  # Unknown arguments (--config.a.b=v) go to both runs.
     import json  # pylint: disable=g-import-not-at-top
@@ -178,46 +101,7 @@ def main():
       print(json.dumps(step_vs_synthetic(args.step_archive, tmp, args.step_config,
                                          args.step_steps, args.step_log_every, extra)))
     return
-  if extra or not args.data:
-    parser.error(f'--data is required (unknown: {extra})')
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench_stream  # pylint: disable=g-import-not-at-top
-  packed_copy(args.data)  # Outside the timed, pinned processes.
-  common = f'{args.data!r}, {args.cores}, {args.batch}, {args.steps}, {args.warmup}, {args.size}'
-  best = {}
-  for _ in range(args.rounds):  # Alternating, so both rows see the same load.
-    for call in (f'b.run_ours({common})', row_c(args)[1]):
-      fresh = getattr(bench_stream, '_fresh', None)
-      row = (fresh(call, sys.executable, args.nice) if fresh else
-             _fresh_here(call, args.nice))
-      best[row['loader']] = max(best.get(row['loader'], 0.0), row['images_per_sec'])
-  load = os.getloadavg()
-  print(f'cores={args.cores} batch={args.batch} steps={args.steps} canvas={args.canvas_side} '
-        f'rounds={args.rounds} (best of rounds); load avg {load[0]:.1f}')
-  print('| row | img/s | img/s per core |')
-  print('| --- | --- | --- |')
-  for name, ips in best.items():
-    print(f'| {name} | {ips:.1f} | {ips / args.cores:.1f} |')
-  names = list(best)
-  print(f'| ({NAME[0]}) / ({names[0][0]}) per core | {best[NAME] / best[names[0]]:.2f}x | |')
-
-
-def _fresh_here(call: str, nice: int) -> dict:
-  """bench_stream's fresh-process runner, for a bench_stream without `_fresh`."""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  code = (f'import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); '
-          f'import bench_stream as b\nif __name__ == "__main__":\n  print("RESULT", '
-          f'json.dumps({call}))')
-  script = os.path.join(tempfile.gettempdir(), f'bench_packed_{os.getpid()}.py')
-  with open(script, 'w') as f:
-    f.write(code)
-  out = subprocess.run(['nice', '-n', str(nice), sys.executable, script], capture_output=True,
-                       text=True, timeout=3600, cwd=_ROOT)
-  lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
-  if out.returncode or not lines:
-    raise RuntimeError(f'{call} failed:\n{out.stderr[-4000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+  parser.error('--step_archive is required (row (c) of the host table: bench_stream.py host)')
 
 
 if __name__ == '__main__':

@@ -18,12 +18,17 @@ ratios. The rows (`HOST_ROWS`, one function each; a new input path adds one):
                     processes: decode (JPEG draft where the crops allow) + two
                     RandomResizedCrop(224, scale=(0.2, 1)) views -> uint8
                     [B, 2, 224, 224, 3]. Colour ops later, on the accelerator.
+     (threads)      the same in `cores` threads of this process, for reference.
   b  device crops   JPEG folder + crops on the device (data.stream_crops=
-                    'device', the default): `canvas_loader.train_batches`, the
-                    host only decodes each image into a 512 px canvas -> uint8
-                    [B, 512, 512, 3] + sizes; `--decoder` picks Pillow or
-                    simplejpeg (row b-simplejpeg with --simplejpeg).
-  c  packed shards  (issue 29 item 2: added by the packed source with its row function)
+                    'device', the default): `canvas_loader.train_batches` as
+                    training runs it (`cores` decoding threads in this
+                    process, the auto canvas: 512 px), the host only decodes
+                    each image into its canvas -> uint8 [B, 512, 512, 3] +
+                    sizes; Pillow, and simplejpeg with --simplejpeg.
+  c  packed shards  the same loader on the packed copy of --data (`<data>_packed`,
+                    made once by --mode=pack's code: 256 px short side, JPEG
+                    quality 90): one random ArrayRecord read + one decode per
+                    image into the auto canvas (384 px).
   d  torchvision    torchvision ImageFolder + DataLoader(num_workers=cores),
                     each example two RandomResizedCrop(224, scale=(0.2, 1)) +
                     PILToTensor views: the same host work as row a. Needs
@@ -142,8 +147,10 @@ def _pin(cores: int):
   os.sched_setaffinity(0, set(range(cores)))
 
 
-def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: int) -> dict:
-  """Our streaming loader: `cores` grain worker processes, pinned with this one to `cores` CPUs."""
+def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
+             threads: bool = False) -> dict:
+  """The host-crop loader: `cores` grain worker processes (its default, `loader_workers`), or
+  `cores` threads in this process (`threads`), pinned with this one to `cores` CPUs."""
   _pin(cores)
   sys.path.insert(0, _ROOT)
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -154,8 +161,8 @@ def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: i
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
   source = _source(config).open('train')
   it = host_crops.train_batches(source, global_batch=batch, seed=0, image_size=size,
-                               crop_scale=(0.2, 1.0), num_threads=1, num_processes=cores,
-                               prefetch=2)
+                               crop_scale=(0.2, 1.0), num_threads=cores if threads else 1,
+                               num_processes=0 if threads else cores, prefetch=2)
   for _ in range(warmup):
     next(it)
   start = time.perf_counter()
@@ -164,23 +171,28 @@ def run_ours(data: str, cores: int, batch: int, steps: int, warmup: int, size: i
   seconds = time.perf_counter() - start
   assert out['image'].shape == (batch, 2, size, size, 3)
   it.close()
-  return {'loader': 'a: host crops', 'images_per_sec': steps * batch / seconds}
+  name = 'a: host crops' + (' (threads)' if threads else '')
+  return {'loader': name, 'images_per_sec': steps * batch / seconds}
 
 
 def run_canvas(data: str, cores: int, batch: int, steps: int, warmup: int, size: int,
-               canvas_side: int = 512, decoder: str = 'pillow') -> dict:
-  """Row b: the canvas loader (host decodes only), `cores` grain worker processes."""
+               canvas_side: int = 0, decoder: str = 'pillow', name: str = 'b: device crops') -> dict:
+  """Rows b and c: the canvas loader (the host decodes only) over `data` (a JPEG folder or a
+  packed copy), as training runs it: `cores` decoding threads in this process (the default,
+  `loader_workers(decode_only=True)`), the canvas side `data.canvas_side` resolves to (0: auto)."""
   _pin(cores)
   sys.path.insert(0, _ROOT)
   from configs import default  # pylint: disable=g-import-not-at-top
   from moco_jax.data import canvas_loader  # pylint: disable=g-import-not-at-top
   from moco_jax.data import streaming  # pylint: disable=g-import-not-at-top
   config = default.get_config().data
-  config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0,
+  config.update(dict(path=data, image_size=size, max_in_memory_gb=0.0, canvas_side=canvas_side,
                      cache_dir=os.path.join(tempfile.gettempdir(), 'bench_stream_cache')))
-  source = _source(config).open('train')
+  data_source = _source(config)
+  canvas_side = data_source.spec.canvas_side
+  source = data_source.open('train')
   it = canvas_loader.train_batches(source, global_batch=batch, seed=0, canvas_side=canvas_side,
-                                   num_threads=1, num_processes=cores, prefetch=2,
+                                   num_threads=cores, num_processes=0, prefetch=2,
                                    decoder=decoder)
   for _ in range(warmup):
     next(it)
@@ -192,8 +204,9 @@ def run_canvas(data: str, cores: int, batch: int, steps: int, warmup: int, size:
   seconds = time.perf_counter() - start
   assert out['image'].shape == (batch, canvas_side, canvas_side, 3)
   it.close()
-  name = 'b: device crops' + ('' if decoder == 'pillow' else f' ({decoder})')
-  return {'loader': name, 'images_per_sec': steps * batch / seconds, 'reduced': reduced}
+  name += '' if decoder == 'pillow' else f' ({decoder})'
+  return {'loader': name, 'images_per_sec': steps * batch / seconds, 'reduced': reduced,
+          'canvas_side': canvas_side}
 
 
 def run_canvas_loop(data: str, images: int, canvas_side: int = 512,
@@ -286,6 +299,10 @@ def _row_a(args):
   return 'a: host crops', f'b.run_ours({_common(args)})', sys.executable
 
 
+def _row_a_threads(args):
+  return 'a: host crops (threads)', f'b.run_ours({_common(args)}, True)', sys.executable
+
+
 def _row_b(args):
   return ('b: device crops', f'b.run_canvas({_common(args)}, {args.canvas_side}, "pillow")',
           sys.executable)
@@ -310,20 +327,39 @@ def _row_torch_mocov2(args):
   return 'torch-mocov2', f'b.run_torch({_common(args)}, "mocov2")', args.peer_python
 
 
-def _row_c(args):
-  """Packed shards (benchmarks/bench_packed.py: packs `args.data` once beside it)."""
+def _packed(args) -> str:
+  """The packed copy of `args.data` beside it (benchmarks/bench_packed.py packs it once)."""
   sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
   import bench_packed  # pylint: disable=g-import-not-at-top
-  return bench_packed.row_c(args)
+  return bench_packed.packed_copy(args.data)
+
+
+def _row_c(args):
+  common = _common(args).replace(repr(args.data), repr(_packed(args)), 1)
+  return ('c: packed shards', f'b.run_canvas({common}, 0, "pillow", "c: packed shards")',
+          sys.executable)
+
+
+def _row_c_simplejpeg(args):
+  if not args.simplejpeg:
+    return None
+  common = _common(args).replace(repr(args.data), repr(_packed(args)), 1)
+  return ('c: packed shards (simplejpeg)',
+          f'b.run_canvas({common}, 0, "simplejpeg", "c: packed shards")', sys.executable)
 
 
 # The rows of `host`, in order: each `args -> (name, call, python)`; python None means the
 # row cannot run here and `call` says why; None skips it.
-HOST_ROWS = [_row_a, _row_b, _row_b_simplejpeg, _row_c, _row_d, _row_torch_mocov2]
+HOST_ROWS = [_row_a, _row_a_threads, _row_b, _row_b_simplejpeg, _row_c, _row_c_simplejpeg,
+             _row_d, _row_torch_mocov2]
 # (numerator, denominator) rows whose per-core ratio the table reports.
 RATIOS = [('b-loop', 'a-loop'), ('b-loop (simplejpeg)', 'a-loop'),
           ('b: device crops', 'a: host crops'), ('b: device crops (simplejpeg)', 'a: host crops'),
           ('c: packed shards', 'a: host crops'), ('c: packed shards', 'd: torchvision'),
+          ('c: packed shards (simplejpeg)', 'a: host crops'),
+          ('c: packed shards (simplejpeg)', 'd: torchvision'),
+          ('c: packed shards', 'a: host crops (threads)'),
+          ('b: device crops', 'a: host crops (threads)'),
           ('b: device crops', 'd: torchvision'), ('b: device crops (simplejpeg)', 'd: torchvision'),
           ('a: host crops', 'd: torchvision')]
 
@@ -365,7 +401,8 @@ def host(args):
       rows.append(_fresh(f'b.run_ours_loop({args.data!r}, {args.loop}, {args.size})',
                          sys.executable, args.nice))
       for decoder in ('pillow', 'simplejpeg') if args.simplejpeg else ('pillow',):
-        rows.append(_fresh(f'b.run_canvas_loop({args.data!r}, {args.loop}, {args.canvas_side}, '
+        rows.append(_fresh(f'b.run_canvas_loop({args.data!r}, {args.loop}, '
+                           f'{args.canvas_side or 512}, '
                            f'{decoder!r})', sys.executable, args.nice))
   best = {}
   for row in rows:
@@ -572,8 +609,10 @@ def main():
                  help='also time N images of rows a and b in a bare loop (no loader, one core)')
   h.add_argument('--peer_python', '--torch_python', dest='peer_python', default='',
                  help='python of a venv with torch + torchvision (row d)')
-  h.add_argument('--canvas_side', type=int, default=512)
-  h.add_argument('--simplejpeg', action='store_true', help='also row b with data.decoder=simplejpeg')
+  h.add_argument('--canvas_side', type=int, default=0,
+                 help='row b\'s canvas; 0: auto, as training (512; the packed row: 384)')
+  h.add_argument('--simplejpeg', action='store_true',
+                 help='also rows b and c with data.decoder=simplejpeg')
   h.add_argument('--nice', type=int, default=10)
   fl = sub.add_parser('flops')
   fl.add_argument('--preset', default='r50_224')

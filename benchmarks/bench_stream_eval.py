@@ -70,21 +70,31 @@ def main():
   parser.add_argument('--nice', type=int, default=10)
   parser.add_argument('--cold_linear', action='store_true',
                       help='Delete the stored features before linear_eval (it extracts again).')
+  parser.add_argument('--modes', default='knn,linear_eval,linear_raw,report',
+                      help='which evaluations to run, in this order (train runs first when the '
+                      'workdir has no checkpoint); linear_* reuse knn\'s features when it ran')
   args = parser.parse_args()
+  modes = args.modes.split(',')
   workdir = os.path.join(args.out, 'run')
   rows = {}
   if not os.path.exists(os.path.join(workdir, 'checkpoints')):
     rows['train'] = _timed(args, workdir, 'train')
-  rows['knn'] = _timed(args, workdir, 'knn')
   features_dir = os.path.join(workdir, 'features')
-  disk = sum(os.path.getsize(os.path.join(features_dir, f)) for f in os.listdir(features_dir))
-  log = rows['knn']['log']
-  stored = re.findall(r'Stored (\d+) x (\d+) (\w+) features .* in ([\d.]+) s', log)
-  if args.cold_linear:  # Else linear_eval reuses the features knn stored (the same weights).
+  disk, stored = 0, []
+  if 'knn' in modes:
+    rows['knn'] = _timed(args, workdir, 'knn')
+    disk = sum(os.path.getsize(os.path.join(features_dir, f)) for f in os.listdir(features_dir))
+    log = rows['knn']['log']
+    stored = re.findall(r'Stored (\d+) x (\d+) (\w+) features .* in ([\d.]+) s', log)
+  if args.cold_linear and os.path.isdir(features_dir):  # Else linear_eval reuses knn's features.
     shutil.rmtree(features_dir)
-  rows['linear_eval'] = _timed(args, workdir, 'linear_eval')
-  rows['linear_raw'] = _timed(args, workdir, 'linear_eval', ['--config.eval.linear_protocol=raw'])
-  rows['report'] = _timed(args, workdir, 'report')
+  if 'linear_eval' in modes:
+    rows['linear_eval'] = _timed(args, workdir, 'linear_eval')
+  if 'linear_raw' in modes:
+    rows['linear_raw'] = _timed(args, workdir, 'linear_eval',
+                                ['--config.eval.linear_protocol=raw'])
+  if 'report' in modes:
+    rows['report'] = _timed(args, workdir, 'report')
   print('| mode | peak RSS (process tree) | wall time |')
   print('| --- | --- | --- |')
   for name, row in rows.items():
