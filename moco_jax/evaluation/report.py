@@ -41,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from sklearn.manifold import TSNE
-from sklearn.metrics import confusion_matrix
 
 from moco_jax.augmentation import augment
 from moco_jax.core import errors
@@ -141,6 +139,8 @@ def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
   """scikit-learn's t-SNE of L2-normalised features (PCA init, perplexity <= 30)."""
   num = features.shape[0]
   perplexity = float(min(30.0, max(1.0, (num - 1) / 3)))
+  # Imported here: scikit-learn is slow to import, and every main.py run imports this module.
+  from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   tsne = TSNE(n_components=2, perplexity=perplexity, init='pca', learning_rate='auto',
               random_state=seed, method='exact' if num <= 200 else 'barnes_hut')
   return tsne.fit_transform(np.asarray(features, np.float32))
@@ -270,6 +270,7 @@ def _draw_checkpoint(config, train_ds, eval_ds, class_names, train_features, eva
       report_plots.display_rgb(train_ds.images[neighbours]),
       train_ds.labels[neighbours], similarities, class_names,
       os.path.join(out_dir, 'neighbours.png'))
+  from sklearn.metrics import confusion_matrix  # pylint: disable=g-import-not-at-top
   matrix = confusion_matrix(eval_ds.labels, predictions, labels=np.arange(num_classes))
   k = min(config.eval.knn_k, len(train_ds))
   report_plots.plot_confusion(matrix, class_names, os.path.join(out_dir, 'confusion.png'),
