@@ -327,25 +327,24 @@ def _row_torch_mocov2(args):
   return 'torch-mocov2', f'b.run_torch({_common(args)}, "mocov2")', args.peer_python
 
 
-def _packed(args) -> str:
-  """The packed copy of `args.data` beside it (benchmarks/bench_packed.py packs it once)."""
+def _packed_common(args) -> str:
+  """`_common(args)` over the packed copy of `args.data`, made once beside it (bench_packed.py)."""
   sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
   import bench_packed  # pylint: disable=g-import-not-at-top
-  return bench_packed.packed_copy(args.data)
+  return _common(args).replace(repr(args.data), repr(bench_packed.packed_copy(args.data)), 1)
 
 
 def _row_c(args):
-  common = _common(args).replace(repr(args.data), repr(_packed(args)), 1)
-  return ('c: packed shards', f'b.run_canvas({common}, 0, "pillow", "c: packed shards")',
-          sys.executable)
+  return ('c: packed shards',
+          f'b.run_canvas({_packed_common(args)}, 0, "pillow", "c: packed shards")', sys.executable)
 
 
 def _row_c_simplejpeg(args):
   if not args.simplejpeg:
     return None
-  common = _common(args).replace(repr(args.data), repr(_packed(args)), 1)
   return ('c: packed shards (simplejpeg)',
-          f'b.run_canvas({common}, 0, "simplejpeg", "c: packed shards")', sys.executable)
+          f'b.run_canvas({_packed_common(args)}, 0, "simplejpeg", "c: packed shards")',
+          sys.executable)
 
 
 # The rows of `host`, in order: each `args -> (name, call, python)`; python None means the

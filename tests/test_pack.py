@@ -110,8 +110,8 @@ def test_the_auto_canvas_of_a_packed_copy_holds_3_to_2_photos_whole(packed_dir, 
   config.data.path = str(tmp_path)
   assert sources.from_config(config).spec.canvas_side == spec_lib.DEFAULT_CANVAS == 512
   assert spec_lib.canvas_side(0, 'packed', str(packed_dir)) == 64
-  assert [spec_lib.canvas_side(0, 'packed', '/nowhere')] == [512]  # The reader names it.
-  for side, want in ((256, 384), (250, 384), (224, 352), (320, 480)):
+  assert spec_lib.canvas_side(0, 'packed', '/nowhere') == 512  # The reader names it.
+  for side, want in ((256, 384), (250, 384), (224, 352), (320, 480), (43, 96), (1, 32)):
     manifest = tmp_path / str(side)
     manifest.mkdir()
     (manifest / 'manifest.json').write_text(json.dumps({'pack_side': side}))

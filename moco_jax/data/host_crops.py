@@ -333,10 +333,9 @@ def loader_workers(spec: DataSpec, decode_only: bool = False) -> tuple[int, int]
   cores = usable_cores()
   processes = spec.stream_processes
   if processes < 0:
-    if decode_only:
-      return 0, max(1, cores - 1)
-    processes = max(1, cores - 1)
-  elif processes > cores:
+    auto = max(1, cores - 1)
+    return (0, auto) if decode_only else (auto, 1)
+  if processes > cores:
     # More decoding processes than cores only add switching and memory (32 on 2
     # cores: a first step of 137 s instead of ~16 s).
     logging.warning('config.data.stream_processes=%d is more than the %d cores this process may '

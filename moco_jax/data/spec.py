@@ -227,7 +227,7 @@ def canvas_side(configured: int, kind: str, path: str) -> int:
     try:
       with open(os.path.join(path, PACKED_MANIFEST)) as f:
         side = int(json.load(f)['pack_side'])
-      return max(32, -(-side * 3 // 2 // 32) * 32)
+      return -(-side * 3 // 64) * 32  # ceil(1.5 x side / 32) x 32.
     except (OSError, ValueError, KeyError, TypeError):
       pass  # The packed reader names a bad manifest when it opens it.
   return DEFAULT_CANVAS
