@@ -3,8 +3,10 @@
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+# Once: pytest-xdist's workers inherit the controller's environment and import this file again.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,7 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.cache',
                                    'jax_test_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# Programs that compile in under 0.3 s are not written: the references run op by op (eager
+# jax.grad through a ResNet compiles ~1,000 tiny programs), and writing each under the cache's file
+# lock cost more than compiling it again (docs/architecture.md, "Testing").
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # A size bound makes JAX lock the directory for every read and write (moco_jax/run/compile_cache.py):
 # the suite's subprocesses share it with this process.
