@@ -11,7 +11,7 @@ import pytest
 from moco_jax.run import compile_cache
 
 _FIELDS = ('jax_enable_compilation_cache', 'jax_compilation_cache_dir',
-           'jax_compilation_cache_max_size')
+           'jax_compilation_cache_max_size', 'jax_persistent_cache_min_compile_time_secs')
 
 
 @pytest.fixture
@@ -37,6 +37,8 @@ def test_the_cache_directory_receives_the_programs_and_serves_them(tmp_path, mon
   jax_cache.reset_cache()
   assert where == str(tmp_path / 'cache')
   assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
+  # A program this small compiles faster than JAX's threshold for writing it (tests/conftest.py).
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   first = _compile_something_new(1.2345)
   entries = [n for n in os.listdir(where) if n.endswith('-cache')]
   assert entries, os.listdir(where)
