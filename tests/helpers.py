@@ -4,6 +4,7 @@ Also the two random image ops that only tests draw from a key (the library draws
 its uniforms once per example and calls `image_ops.*_from_uniforms`).
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -27,6 +28,27 @@ from moco_jax.training import step as step_lib
 from moco_jax import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def xla_optimized():
+  """Compiles with XLA's optimisations on, as users run, inside the block.
+
+  The suite turns them off (tests/conftest.py: compiling is most of its time).
+  The arithmetic is IEEE either way, but LLVM contracts other multiply-adds into
+  FMAs, so float32 results move by a rounding or so: the official-code goldens,
+  whose bounds are the official run's measured noise, are compared as a user's
+  run computes them. In-memory compiled programs are dropped on the way in and
+  out, so nothing compiled at the other level is reused.
+  """
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
+    jax.clear_caches()
 
 
 # --------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _from_torch(state: dict, params, batch_stats):
 
 @pytest.fixture(scope='module')
 def official_run():
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), helpers.xla_optimized():
     return run_ours_on_official()
 
 

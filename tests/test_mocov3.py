@@ -271,7 +271,8 @@ def _assert_matches_official(golden, ours, step: int, steps: int):
 
 @pytest.fixture(scope='module', params=['resnet', 'vit'])
 def official_mocov3(request):
-  return (request.param,) + run_ours_on_official(request.param)
+  with helpers.xla_optimized():
+    return (request.param,) + run_ours_on_official(request.param)
 
 
 def test_mocov3_two_official_steps_match_to_float32_rounding(official_mocov3):
