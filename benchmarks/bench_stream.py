@@ -57,6 +57,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
+def _default_canvas() -> int:
+  """The canvas side `data.canvas_side=0` gives a JPEG folder (spec.DEFAULT_CANVAS)."""
+  sys.path.insert(0, _ROOT)
+  from moco_jax.data import spec  # pylint: disable=g-import-not-at-top
+  return spec.DEFAULT_CANVAS
+
+
 def _source(data_config):
   """The data layer's source of a data section (imported late: workers import this file)."""
   from moco_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -401,7 +408,7 @@ def host(args):
                          sys.executable, args.nice))
       for decoder in ('pillow', 'simplejpeg') if args.simplejpeg else ('pillow',):
         rows.append(_fresh(f'b.run_canvas_loop({args.data!r}, {args.loop}, '
-                           f'{args.canvas_side or 512}, '
+                           f'{args.canvas_side or _default_canvas()}, '
                            f'{decoder!r})', sys.executable, args.nice))
   best = {}
   for row in rows:

@@ -26,12 +26,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_tiny_preset_runs_and_measures(tmp_path):
   # A fresh interpreter: 2 simulated devices (so FLOPs are scaled by the device
-  # count), and XLA's CPU backend optimisation off, which cuts compilation
-  # ~10x here; the harness code path is the same.
+  # count), and XLA's CPU backend optimisation off (JAX_DISABLE_MOST_OPTIMIZATIONS from
+  # tests/conftest.py), which cuts compilation ~10x here; the harness code path is the same.
   out = tmp_path / 'result.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             '--xla_backend_optimization_level=0')
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
   subprocess.run([sys.executable, os.path.join(_ROOT, 'benchmarks', 'bench_train.py'),
                   '--preset=tiny', '--steps=2', '--warmup=0', f'--json_out={out}'],
                  check=True, env=env, cwd=_ROOT, timeout=300)

@@ -162,9 +162,8 @@ def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path, cr
                             class_name='n{:08d}', ext='JPEG')
   overrides = _imagenet_overrides(tree, tmp_path / 'cache', steps)
   overrides.update({'data.stream_crops': crops, 'data.canvas_side': 48})
-  # XLA:CPU's backend optimisations off: ~10x less compile time, the same program in all runs.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             '--xla_backend_optimization_level=0')
+  # XLA's backend optimisations stay off (JAX_DISABLE_MOST_OPTIMIZATIONS, tests/conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
 
   def command(workdir):
     return ([sys.executable, 'main.py', '--config=configs/imagenet.py', f'--workdir={workdir}',
