@@ -3,10 +3,14 @@
 import os
 import sys
 
+# XLA:CPU's older loop emitters instead of its fusion emitters: the same arithmetic, compiled in
+# ~2/3 of the time (docs/architecture.md, "Testing"). The runs the tests start keep the flag
+# (helpers.xla_flags).
+COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
 # Once: pytest-xdist's workers inherit the controller's environment and import this file again.
-if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
+for _flag in (*COMPILE_FLAGS, '--xla_force_host_platform_device_count=8'):
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 # XLA's backend optimisations off (here and in the runs the tests start): compiling is most of the
 # suite's time and its programs are tiny. The official goldens are compared with them on
 # (helpers.xla_optimized).

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -30,6 +31,15 @@ from moco_jax import pretrain
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(devices=None) -> str:
+  """XLA_FLAGS for a run a test starts: the suite's (tests/conftest.py) with `devices` CPU devices
+  (None: XLA's default, one)."""
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  if devices is not None:
+    flags += f' --xla_force_host_platform_device_count={devices}'
+  return ' '.join(flags.split())
+
+
 @contextlib.contextmanager
 def xla_optimized():
   """Compiles with XLA's optimisations on, as users run, inside the block.
@@ -37,9 +47,11 @@ def xla_optimized():
   The suite turns them off (tests/conftest.py: compiling is most of its time).
   The arithmetic is IEEE either way, but LLVM contracts other multiply-adds into
   FMAs, so float32 results move by a rounding or so: the official-code goldens,
-  whose bounds are the official run's measured noise, are compared as a user's
-  run computes them. In-memory compiled programs are dropped on the way in and
-  out, so nothing compiled at the other level is reused.
+  whose bounds are the official run's measured noise, are compared with the
+  optimisations a user's run has (the suite's choice of emitters,
+  conftest.COMPILE_FLAGS, stays: XLA reads its flags once per process). In-memory
+  compiled programs are dropped on the way in and out, so nothing compiled at the
+  other level is reused.
   """
   before = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)

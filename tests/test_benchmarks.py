@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import helpers
 from benchmarks.peer import bench_peer
 from benchmarks import bench_train
 from benchmarks import flops as flops_lib
@@ -30,7 +31,7 @@ def test_tiny_preset_runs_and_measures(tmp_path):
   # tests/conftest.py), which cuts compilation ~10x here; the harness code path is the same.
   out = tmp_path / 'result.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=helpers.xla_flags(2))
   subprocess.run([sys.executable, os.path.join(_ROOT, 'benchmarks', 'bench_train.py'),
                   '--preset=tiny', '--steps=2', '--warmup=0', f'--json_out={out}'],
                  check=True, env=env, cwd=_ROOT, timeout=300)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import helpers
 from configs import imagenet_ablation
 from configs import tiny
 from configs import writeup
@@ -126,7 +127,7 @@ def test_head_dims_need_the_mlp_head():
 
 
 def _main(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(8),
              JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

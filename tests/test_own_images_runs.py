@@ -29,7 +29,7 @@ STEPS = 6
 pytestmark = pytest.mark.slow
 
 # XLA's backend optimisations stay off in the runs (JAX_DISABLE_MOST_OPTIMIZATIONS, tests/conftest.py).
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=helpers.xla_flags(2))
 
 
 @pytest.mark.parametrize('kind', own_images.KINDS)

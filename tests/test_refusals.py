@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import helpers
 from configs import tiny
 from moco_jax.core import errors
 from moco_jax import pretrain
@@ -224,7 +225,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_without_a_traceback(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from tools import corrupt_reruns  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1),
              JAX_PLATFORMS='cpu')
 
   def main(workdir):

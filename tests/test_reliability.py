@@ -313,7 +313,7 @@ def test_unwritable_checkpoints_mid_run_fail_at_once_not_hang(tmp_path, monkeypa
 
 
 def _main(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(8),
              JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

@@ -42,7 +42,7 @@ def _source(data):
 
 def _main(args, timeout=60):
   """(exit code, stderr) of `python main.py args` on one CPU device."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=helpers.xla_flags())
   proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   return proc.returncode, proc.stderr
@@ -167,7 +167,7 @@ def test_an_evaluation_stops_on_a_signal_with_training_s_exit_codes(signum, code
 @pytest.mark.slow
 def test_sigterm_stops_an_evaluation_process_with_exit_75(tmp_path):
   """`--mode=knn` of the random-init encoder (no checkpoint needed), SIGTERM once it runs."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=helpers.xla_flags())
   proc = subprocess.Popen(
       [sys.executable, 'main.py', '--mode=knn', '--config=configs/tiny.py',
        f'--workdir={tmp_path}', '--config.eval.random_init=True'],
@@ -318,7 +318,7 @@ def test_a_cluster_that_does_not_form_ends_in_one_line_on_every_process(tmp_path
   """Process 0 without its peer, and a process 1 whose coordinator is not there: both end
   in one line naming the flags at --initialization_timeout (jax's own ending is a C++ abort)."""
   timeout = 4
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=helpers.xla_flags())
   common = ['--config=configs/tiny.py', '--num_processes=2',
             f'--initialization_timeout={timeout}']
   runs = {

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import helpers
 from moco_jax import pretrain
 from moco_jax.run import run_config
 from moco_jax.run import stopping
@@ -46,7 +47,7 @@ def _rows(workdir):
 def test_ctrl_c_on_main_py_saves_the_step_and_the_run_resumes_from_its_own_config(tmp_path):
   """A real `python main.py`: SIGINT mid-run -> exit 130, step saved, resume command printed;
   then the run's own config.json (plus an override) finishes it from the saved step."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS='cpu')
   workdir = tmp_path / 'run'
   command = [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
