@@ -54,21 +54,24 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
+_whole_arrays = []  # Set once per process: Orbax warns at each registration.
+
+
 def _save_replicated_arrays_whole():
   """Each replicated array is written whole by its first replica when there is one process.
 
   Orbax's default on CPU and TPU ("replica-parallel") splits every replicated
   array into one slice per device and writes each slice from its own device, so
   that the hosts of a pod share the writing. Each slice is a compiled
-  `slice_in_dim`: the first save of a run compiled ~2,700 of them for the tiny
-  ResNet on 8 CPU devices (2.5 s of a 9 s run) and many more for a ResNet-50.
-  With one process every slice is written by the same host anyway, so nothing is
-  shared: saving whole costs nothing and compiles nothing. Jobs of several
-  processes keep Orbax's default.
+  `slice_in_dim`, one per leaf and device, compiled at the first save of a run
+  (docs/benchmarks.md, "Checkpoints"). With one process every slice is written
+  by the same host anyway, so nothing is shared: saving whole costs nothing and
+  compiles nothing. Jobs of several processes keep Orbax's default.
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 and not _whole_arrays:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _whole_arrays.append(True)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state):
