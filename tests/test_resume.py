@@ -14,10 +14,13 @@ import pytest
 import helpers
 import rounding
 from configs import imagenet
+from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import stopping
+from moco_jax.training import optim
+from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +45,35 @@ def test_train_and_evaluate_writes_checkpoints_and_metrics(tmp_path):
   saved = json.load(open(tmp_path / 'config.json'))
   assert saved['moco']['queue_size'] == config.moco.queue_size
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_a_one_process_save_compiles_nothing_and_restores_exactly(tmp_path):
+  """A replicated state on 8 devices is written whole (moco_jax/run/checkpoints.py): Orbax's
+  replica-parallel default compiled a slice program per leaf and device at the first save."""
+  config = _config()
+  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 4, 6))
+  setup = step_lib.make_step_setup(config, jax.device_count(), tx)
+  state = jax.block_until_ready(step_lib.init_state(config, setup, parallel.make_mesh()))
+  compiled = []
+
+  def listen(event, secs, **kwargs):
+    del secs, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  manager = checkpoints.create_manager(str(tmp_path), config)
+  try:
+    checkpoints.save(manager, 1, state)
+    manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  try:
+    assert compiled == []
+    helpers.assert_same_state(jax.device_get(checkpoints.restore(manager, 1, state)),
+                              jax.device_get(state))
+  finally:
+    manager.close()
 
 
 @pytest.fixture(scope='module')
