@@ -1,7 +1,9 @@
 """The pictures of a run report, from plain arrays (no JAX, no checkpoints).
 
 matplotlib draws the plots (through `matplotlib.figure.Figure`, which renders
-with Agg and touches no global pyplot state) and Pillow the image grids. Each
+with Agg and touches no global pyplot state) and Pillow the image grids.
+matplotlib is imported by the functions that draw: main.py imports this module
+for every mode, and importing matplotlib is a third of a second of each start. Each
 function writes one PNG of a fixed pixel size, the same for any dataset, so a
 report reads the same for CIFAR-10 at 32 px and Imagenette at 128 px; the
 sizes are module constants that the tests check. `moco_jax.evaluation.report` gathers
@@ -10,8 +12,6 @@ the arrays and writes the HTML page around these pictures.
 
 from typing import Optional, Sequence
 
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -53,12 +53,15 @@ def display_rgb(images) -> np.ndarray:
   return np.ascontiguousarray(images[..., :3])
 
 
-def _figure(size) -> Figure:
+def _figure(size):
+  """A matplotlib Figure of `size` pixels."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   return Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout='constrained')
 
 
 def class_colors(num_classes: int) -> np.ndarray:
   """[num_classes, 4] RGBA: tab10 up to 10 classes, tab20 up to 20, then evenly spaced turbo."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
   if num_classes <= 10:
     return colormaps['tab10'](np.arange(num_classes))
   if num_classes <= 20:
