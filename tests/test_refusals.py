@@ -217,7 +217,7 @@ def test_an_evaluated_checkpoint_with_nan_weights_is_refused(trained, tmp_path):
 @pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_without_a_traceback(tmp_path):
   """The issue's case through main.py: a finished 1-device tiny run, its latest checkpoint
-  damaged (each pattern of tools/corrupt_reruns.py, three times), the same command again. Each
+  damaged (each pattern of tools/corrupt_reruns.py, twice), the same command again. Each
   rerun falls back with one warning and exit 0, prints no traceback, and prints the same lines
   as every other: in process the chunk reads' "Exception ignored in: <coroutine ...>" dumps
   never showed (pytest's own unraisable hook took them), through main.py 9 reruns of 12 did."""
@@ -236,7 +236,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_without_a_traceback(tmp_path):
   assert main(finished).returncode == 0
   counts = set()
   for corrupt in corrupt_reruns.CORRUPTIONS:
-    for attempt in range(3):
+    for attempt in range(2):  # Before the fix 9 of 12 reruns dumped: 8 clean by chance, 0.25**8.
       workdir = tmp_path / f'{corrupt.__name__}{attempt}'
       shutil.copytree(finished, workdir)
       corrupt(str(workdir / 'checkpoints' / '4'))
