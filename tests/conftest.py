@@ -55,15 +55,3 @@ def pytest_runtest_teardown(item):
   del item
   if os.path.isdir(_CACHE_DIR):
     _heal_compile_cache()
-
-
-def pytest_collection_modifyitems(config, items):
-  """The modules that hold `slow` tests run first, each module's tests still together.
-
-  pytest-xdist hands tests out in this order as workers free up: with the long tests first and
-  the many short ones last, both workers finish within seconds of each other (run last, one
-  module's main.py runs kept one worker busy ~45 s after the other had finished).
-  """
-  del config
-  slow = {item.module.__name__ for item in items if item.get_closest_marker('slow')}
-  items.sort(key=lambda item: item.module.__name__ not in slow)  # Stable: modules stay whole.
