@@ -5,6 +5,7 @@ so a run killed mid-save leaves the previous checkpoint intact (atomic saves).
 """
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -54,9 +55,7 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
-_whole_arrays = []  # Set once per process: Orbax warns at each registration.
-
-
+@functools.cache  # Once per process: Orbax warns at each registration.
 def _save_replicated_arrays_whole():
   """Each replicated array is written whole by its first replica when there is one process.
 
@@ -68,10 +67,9 @@ def _save_replicated_arrays_whole():
   by the same host anyway, so nothing is shared: saving whole costs nothing and
   compiles nothing. Jobs of several processes keep Orbax's default.
   """
-  if jax.process_count() == 1 and not _whole_arrays:
+  if jax.process_count() == 1:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-    _whole_arrays.append(True)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state):
