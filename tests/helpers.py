@@ -138,12 +138,17 @@ def image_tree(root, splits=None, classes: int = 3, size=(40, 30), seed: int = 0
 # Checkpoints.
 
 
+def fresh_state(config, devices=None, steps_per_epoch: int = 4):
+  """The TrainState of `config` a run starts from, on `devices` (all), as pretraining builds it."""
+  devices = jax.devices() if devices is None else devices
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch, config.num_train_steps)
+  setup = step_lib.make_step_setup(config, len(devices), optim.create_optimizer(config, lr))
+  return step_lib.init_state(config, setup, parallel.make_mesh(devices))
+
+
 def write_checkpoint(config, workdir, step: int):
   """A real Orbax checkpoint of a fresh TrainState at `step`, saved as pretraining does."""
-  lr = optim.create_learning_rate_fn(config, 1, 1)
-  setup = step_lib.make_step_setup(config, jax.device_count(), optim.create_optimizer(config, lr))
-  state = step_lib.init_state(config, setup, parallel.make_mesh())
-  state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+  state = fresh_state(config).replace(step=jax.numpy.asarray(step, jax.numpy.int32))
   manager = checkpoints.create_manager(str(workdir), config)
   checkpoints.save(manager, step, state)
   manager.wait_until_finished()
@@ -152,11 +157,7 @@ def write_checkpoint(config, workdir, step: int):
 
 def restore_checkpoint(workdir, config, step: int, devices=None, steps_per_epoch: int = 4):
   """Checkpoint `step` of WORKDIR restored as a TrainState of `config` on `devices` (all)."""
-  devices = jax.devices() if devices is None else devices
-  mesh = parallel.make_mesh(devices)
-  lr = optim.create_learning_rate_fn(config, steps_per_epoch, config.num_train_steps)
-  setup = step_lib.make_step_setup(config, len(devices), optim.create_optimizer(config, lr))
-  target = step_lib.init_state(config, setup, mesh)
+  target = fresh_state(config, devices, steps_per_epoch)
   manager = checkpoints.create_manager(str(workdir), config)
   try:
     return checkpoints.restore(manager, step, target)

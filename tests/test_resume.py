@@ -14,13 +14,10 @@ import pytest
 import helpers
 import rounding
 from configs import imagenet
-from moco_jax.core import parallel
 from moco_jax.data import batching
 from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.run import stopping
-from moco_jax.training import optim
-from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +48,7 @@ def test_a_one_process_save_compiles_nothing_and_restores_exactly(tmp_path):
   """A replicated state on 8 devices is written whole (moco_jax/run/checkpoints.py): Orbax's
   replica-parallel default compiled a slice program per leaf and device at the first save."""
   config = _config()
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, 4, 6))
-  setup = step_lib.make_step_setup(config, jax.device_count(), tx)
-  state = jax.block_until_ready(step_lib.init_state(config, setup, parallel.make_mesh()))
+  state = jax.block_until_ready(helpers.fresh_state(config))
   compiled = []
 
   def listen(event, secs, **kwargs):
