@@ -81,8 +81,7 @@ class TwoProcesses:
   def __init__(self, workdir, logdir, name, gate=None, extra=(), flags=None, only=((), ())):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}')
-    env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                              env.get('XLA_FLAGS', '')).strip()
+    env['XLA_FLAGS'] = helpers.xla_flags()  # Each process has its --cpu_devices.
     env.pop('MOCO_TEST_GATE', None)
     env['JAX_ENABLE_X64'] = '1' if rounding.DTYPE == 'float64' else '0'
     if gate:
