@@ -8,6 +8,8 @@ the floor every result is compared with). What is done with it (features,
 export) lives elsewhere: `moco_jax.evaluation.features` runs it.
 """
 
+import functools
+
 from absl import logging
 import jax
 
@@ -28,12 +30,15 @@ def random_init_encoder(config):
   """(params, batch_stats) of the step-0 trained encoder: the untrained floor.
 
   `state.initial_encoder_variables`, which `state.create_train_state` uses
-  too: exactly the weights pretraining starts from with this config.seed.
+  too: the weights pretraining starts from with this config.seed. Compiled as one
+  program, as `step.init_state` does: run op by op, a ResNet's initialisers
+  dispatch (and compile) a hundred small programs.
   """
   encoder = registry.create(config, num_devices=1).encoder
-  return state_lib.initial_encoder_variables(jax.random.PRNGKey(config.seed), encoder,
-                                             config.data.image_size,
-                                             int(config.data.get('channels', 3)))
+  init = functools.partial(state_lib.initial_encoder_variables, encoder=encoder,
+                           image_size=config.data.image_size,
+                           channels=int(config.data.get('channels', 3)))
+  return jax.jit(init)(jax.random.PRNGKey(config.seed))
 
 
 def query_encoder(config, workdir: str):
