@@ -3,12 +3,12 @@
 One workdir goes through three 2-process runs of `configs/tiny.py`, which
 cover the faults and leave a finished run to compare:
 
-  A  SIGKILL process 1 after the step-4 checkpoint, while process 0 waits for
+  A  SIGKILL process 1 after the step-3 checkpoint, while process 0 waits for
      it in the next step's collectives: process 0 exits within the heartbeat
      timeout, naming the lost process.
-  B  Rerun both: it resumes from step 4. SIGTERM both after step 5 (a
-     preemption): both agree to save step 6 and stop.
-  C  Rerun both: it resumes from step 6 and finishes step 8.
+  B  Rerun both: it resumes from step 3 and crosses into the second epoch.
+     SIGTERM both after step 4 (a preemption): both agree to save step 5 and stop.
+  C  Rerun both: it resumes from step 5 and finishes step 6.
   D  --mode=knn on 2 processes.
 
 Then, in this pytest process (1 process x 8 devices, tests/conftest.py), the
@@ -43,7 +43,8 @@ from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
+STEPS = 6  # 4 steps an epoch.
+EVERY = 3  # checkpoint_every_steps: run A is killed after it, run B signalled a step later.
 HEARTBEAT_S = 15  # Short, so that the SIGKILL test is quick; long enough for a loaded CI box.
 RUN_TIMEOUT_S = 240
 
@@ -54,12 +55,12 @@ RUN_TIMEOUT_S = 240
 
 
 def _config():
-  return helpers.tiny_config(num_train_steps=STEPS, checkpoint_every_steps=4, log_every_steps=1,
+  return helpers.tiny_config(num_train_steps=STEPS, checkpoint_every_steps=EVERY, log_every_steps=1,
                              model__dtype=rounding.DTYPE, data__image_size=16)
 
 
 def _flags():
-  return [f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=4',
+  return [f'--config.num_train_steps={STEPS}', f'--config.checkpoint_every_steps={EVERY}',
           '--config.log_every_steps=1', f'--config.model.dtype={rounding.DTYPE}',
           '--config.data.image_size=16']
 
@@ -142,14 +143,14 @@ def chain(tmp_path_factory):
   ckpt = workdir / 'checkpoints'
   runs = []
   try:
-    # A: SIGKILL process 1 once step 4 is checkpointed; process 0 is in step 5's collectives.
+    # A: SIGKILL process 1 once step 3 is checkpointed; process 0 is in step 4's collectives.
     gate = base / 'gate_a'
     gate.mkdir()
-    a = TwoProcesses(workdir, base, 'a', gate=f'4:{gate}:1')
+    a = TwoProcesses(workdir, base, 'a', gate=f'{EVERY}:{gate}:1')
     runs.append(a)
-    a.wait_for(lambda: (gate / 'reached.1').exists() and (ckpt / '4').is_dir(),
-               'process 1 at step 4 with the step-4 checkpoint')
-    time.sleep(1.0)  # Process 0 is now blocked in step 5, waiting for process 1.
+    a.wait_for(lambda: (gate / 'reached.1').exists() and (ckpt / str(EVERY)).is_dir(),
+               f'process 1 at step {EVERY} with its checkpoint')
+    time.sleep(1.0)  # Process 0 is now blocked in the next step, waiting for process 1.
     a.procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     out['a_rc'] = a.wait(0, timeout=HEARTBEAT_S + 60)
@@ -158,13 +159,13 @@ def chain(tmp_path_factory):
     out['a_checkpoints'] = sorted(os.listdir(ckpt))
     out['durations']['a'] = time.time() - a.started
 
-    # B: rerun; SIGTERM both after step 5.
+    # B: rerun; SIGTERM both after step 4.
     gate = base / 'gate_b'
     gate.mkdir()
-    b = TwoProcesses(workdir, base, 'b', gate=f'5:{gate}')
+    b = TwoProcesses(workdir, base, 'b', gate=f'{EVERY + 1}:{gate}')
     runs.append(b)
     b.wait_for(lambda: (gate / 'reached.0').exists() and (gate / 'reached.1').exists(),
-               'both processes after step 5')
+               f'both processes after step {EVERY + 1}')
     for p in b.procs:
       p.send_signal(signal.SIGTERM)
     # JAX's notifier thread takes the signal up to ~1 s later; the steps of this
@@ -222,7 +223,7 @@ def test_sigkill_of_one_process_stops_the_other_naming_it(chain):
   assert chain['a_exit_after_kill_s'] < HEARTBEAT_S + 30, chain['a_exit_after_kill_s']
   # The coordination service (in process 0) names the process that stopped.
   assert re.search(r'stopped sending heartbeats\)?:\s*1\b', log), log[-3000:]
-  assert '8' not in chain['a_checkpoints'] and '4' in chain['a_checkpoints']
+  assert str(STEPS) not in chain['a_checkpoints'] and str(EVERY) in chain['a_checkpoints']
 
 
 @pytest.mark.slow
@@ -232,9 +233,9 @@ def test_sigterm_both_saves_the_same_step_and_the_rerun_resumes(chain):
   saved = [re.findall(r'SIGTERM: saving step (\d+)', log) for log in chain['b_logs']]
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   step = int(saved[0][0])
-  assert 5 < step < STEPS, step  # After the signal, before the end, not a periodic checkpoint.
+  assert EVERY + 1 < step < STEPS, step  # After the signal, before the end, not periodic.
   assert str(step) in chain['b_checkpoints']
-  assert 'Resuming from step 4' in chain['b_logs'][0]  # After the SIGKILL of run A.
+  assert f'Resuming from step {EVERY}' in chain['b_logs'][0]  # After the SIGKILL of run A.
   assert f'Resuming from step {step}' in chain['c_logs'][0]
   assert chain['c_rc'] == [0, 0], chain['tails']
 
@@ -251,7 +252,7 @@ def test_two_processes_give_the_one_process_checkpoint(chain, reference):
   """
   with jax.enable_x64(rounding.DTYPE == 'float64'):
     two = _restore(chain['workdir'], STEPS)
-  rounding.assert_agree_to_rounding(two, reference['state'], '2 processes vs 1, step 8')
+  rounding.assert_agree_to_rounding(two, reference['state'], f'2 processes vs 1, step {STEPS}')
 
 
 @pytest.mark.slow
@@ -270,7 +271,7 @@ def test_knn_on_two_processes_equals_one_process(chain, reference):
 def test_only_process_0_writes_metrics_and_config(chain):
   workdir = chain['workdir']
   steps = [r['step'] for r in _rows(workdir) if 'train_loss' in r]
-  # A logged 1-4 (and died in 5), B 5-6, C 7-8: each row once, from process 0 alone.
+  # A logged 1-3 (and died in 4), B 4-5, C 6: each row once, from process 0 alone.
   assert steps == list(range(1, STEPS + 1)), steps
   assert os.path.exists(workdir / 'config.json')
   events = [f for f in os.listdir(workdir / 'tensorboard') if f.startswith('events')]
