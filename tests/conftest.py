@@ -1,5 +1,7 @@
 """Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
 
+import ast
+import functools
 import os
 import sys
 
@@ -55,3 +57,39 @@ def pytest_runtest_teardown(item):
   del item
   if os.path.isdir(_CACHE_DIR):
     _heal_compile_cache()
+
+
+@functools.cache
+def _shares_fixtures(path: str) -> bool:
+  """Whether the test module at `path` defines a fixture that outlives one test (scope=...)."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.FunctionDef):
+      for decorator in node.decorator_list:
+        keywords = decorator.keywords if isinstance(decorator, ast.Call) else ()
+        if any(k.arg == 'scope' and getattr(k.value, 'value', None) != 'function'
+               for k in keywords):
+          return True
+  return False
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """pytest-xdist's load balancing, but a module with shared fixtures goes to one worker whole.
+
+  Split across two workers, such a module builds its fixtures twice (test_multiprocess's chain of
+  2-process runs: ~70 s of CPU; one suite run in two, by chance). `--dist loadgroup` would do it
+  with marks, but pytest-xdist 3.8 cannot rename pytest 9's test ids, so its groups never form.
+  """
+  if config.getvalue('dist') != 'load':  # Another --dist, asked for by name.
+    return None
+  from xdist import scheduler  # pylint: disable=g-import-not-at-top
+
+  class Scheduler(scheduler.LoadScopeScheduling):
+    """A module's path is the unit of work of a module with shared fixtures, else a test's id."""
+
+    def _split_scope(self, nodeid):
+      path = nodeid.split('::', 1)[0]
+      return path if _shares_fixtures(os.path.join(config.rootpath, path)) else nodeid
+
+  return Scheduler(config, log)
