@@ -303,7 +303,7 @@ def test_memory_bank_without_indices_fails_clearly():
 @pytest.mark.slow
 def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
   """`python main.py` killed with SIGKILL, rerun: the same bank and encoder; then kNN on it."""
-  steps = 10
+  steps = 8
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS='cpu')
 
