@@ -41,7 +41,7 @@ def test_a_16_bit_4_channel_tiff_keeps_its_channels_in_every_layout(layout):
     data = _tiff(np.moveaxis(U16, -1, 0), photometric='minisblack')
   else:
     data = _tiff(np.moveaxis(U16, -1, 0), photometric='minisblack', planarconfig='separate')
-  out = channels.decode_channels(data, f'x.tif', 20, 4)
+  out = channels.decode_channels(data, 'x.tif', 20, 4)
   assert out.shape == (20, 20, 4) and out.dtype == np.uint8
   # Reference: /257 and round, then Pillow's 'L' resize of each band over the centre box.
   want = np.clip(np.rint(U16 / 257.0), 0, 255).astype(np.uint8)[:, 3:23]

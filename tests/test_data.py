@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
 from moco_jax.core import errors
 import helpers
 from moco_jax.data import batching

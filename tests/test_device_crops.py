@@ -35,7 +35,6 @@ from moco_jax.data import decoders
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import spec as data_spec
-from moco_jax.data import streaming
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
 

@@ -20,7 +20,6 @@ import helpers
 from configs import default
 from moco_jax.augmentation import image_ops
 from moco_jax.core import parallel
-from moco_jax.evaluation import export
 from moco_jax.methods import base
 from moco_jax.methods import contrastive
 from moco_jax.methods import moco as moco_lib

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import tiny
 from moco_jax import models
 from moco_jax.core import errors
 from moco_jax.core import parallel
@@ -22,7 +21,6 @@ from moco_jax.evaluation import linear_paper
 from moco_jax.evaluation import linear_paper_ops
 from moco_jax.evaluation import linear_paper_store
 from moco_jax.evaluation import linear_probe
-from moco_jax import models
 from moco_jax.run import stopping
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -7,15 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from moco_jax.core import parallel
 from moco_jax.evaluation import classifier
 import helpers
-from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
-from moco_jax.run import checkpoints
 
 
 def _config(**eval_overrides):

@@ -352,7 +352,6 @@ def test_memory_bank_sigkill_resume_is_bit_identical_and_knn_reads_it(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_crash_and_rerun_gives_the_uninterrupted_state(tmp_path, monkeypatch):
   """Dies after checkpoint 2, reruns: the uninterrupted 4-step end-to-end state, bit for bit."""
-  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
   config = run_config('end_to_end', steps=4)
   config.checkpoint_every_steps = 2
   straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))

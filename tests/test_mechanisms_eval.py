@@ -28,7 +28,6 @@ import main
 from moco_jax import cli
 from moco_jax.core import parallel
 from moco_jax.data import sources
-from moco_jax.evaluation import export
 from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
@@ -41,7 +40,6 @@ from moco_jax.evaluation import results
 from moco_jax import models
 from moco_jax import pretrain
 from moco_jax.weights import torchvision_names
-from tests import test_mechanisms
 
 pytestmark = pytest.mark.slow  # Two training runs and every evaluation mode (pytest.ini).
 STEPS = 3

@@ -31,7 +31,6 @@ from moco_jax import pretrain
 from moco_jax.run import checkpoints
 from moco_jax.training import optim
 from moco_jax.training import step as step_lib
-from tests import test_mechanisms
 from tests import test_multiprocess
 
 pytestmark = pytest.mark.slow  # Two-process clusters (pytest.ini).

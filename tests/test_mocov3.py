@@ -22,7 +22,6 @@ from configs import default
 import rounding
 from configs import tiny
 from moco_jax.core import parallel
-from moco_jax.evaluation import export
 from moco_jax.evaluation import frozen
 from moco_jax.methods import base
 from moco_jax.methods import mocov3
@@ -433,9 +432,6 @@ def test_mocov3_solarize_and_per_view_probabilities():
 @pytest.mark.slow
 def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch):
   """Crash after step 2 (checkpoint 2), rerun: the uninterrupted 4-step state, bit for bit."""
-  from moco_jax.evaluation import features  # pylint: disable=g-import-not-at-top
-  from moco_jax import pretrain  # pylint: disable=g-import-not-at-top
-  from tests import test_resume  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
   config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
   straight = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'straight')))
@@ -452,7 +448,6 @@ def test_mocov3_vit_resumes_bit_identically_and_evaluates(tmp_path, monkeypatch)
 
 
 def test_vit_checkpoint_mismatch_names_the_vit():
-  from moco_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
   config = tiny.get_config('mocov3_vit')
   shapes = describe.expected_backbone_shapes(config.model)
   patch, dim, depth, _ = models.VIT_ARCHS['vit_tiny']

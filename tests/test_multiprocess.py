@@ -32,15 +32,11 @@ import pytest
 
 import helpers
 import rounding
-from configs import tiny
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax import pretrain
-from moco_jax.run import checkpoints
 from moco_jax.run import stopping
-from moco_jax.training import optim
-from moco_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6  # 4 steps an epoch.

@@ -1,19 +1,15 @@
 """Your own images: unlabeled folders at any depth, CSV / text lists, held-out eval splits."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from configs import tiny
 from moco_jax.core import errors
-from moco_jax.data import dataset
 from moco_jax.data import eval_reader
 from moco_jax.data import listed
 from moco_jax.data import sources
-from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe
 from moco_jax.data import spec as data_spec

@@ -25,7 +25,6 @@ from moco_jax.core import files
 from moco_jax.data import packed
 from moco_jax.data import sources
 from moco_jax.data import spec as spec_lib
-from moco_jax.data import streaming
 from moco_jax.evaluation import export
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import linear_probe

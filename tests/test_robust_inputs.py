@@ -24,7 +24,6 @@ from moco_jax.core import errors
 from moco_jax.data import host_crops
 from moco_jax.data import sources
 from moco_jax.data import spec
-from moco_jax.data import streaming
 from moco_jax.evaluation import knn
 from moco_jax.evaluation import results
 from moco_jax import config_checks

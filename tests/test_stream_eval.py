@@ -12,7 +12,6 @@ import helpers
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.data import sources
-from moco_jax.data import streaming
 from moco_jax.evaluation import feature_store
 from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen

@@ -13,7 +13,6 @@ from PIL import Image
 import pytest
 
 import helpers
-from configs import default
 from moco_jax.data import batching
 from moco_jax.data import folder
 from moco_jax.data import folder_reader

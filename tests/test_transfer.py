@@ -24,7 +24,6 @@ from configs import tiny
 from moco_jax.core import errors
 from moco_jax.core import parallel
 from moco_jax.evaluation import export
-from moco_jax.evaluation import features
 from moco_jax.evaluation import frozen
 from moco_jax.evaluation import knn
 from moco_jax import models
