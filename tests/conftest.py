@@ -62,6 +62,8 @@ def pytest_runtest_teardown(item):
 @functools.cache
 def _shares_fixtures(path: str) -> bool:
   """Whether the test module at `path` defines a fixture that outlives one test (scope=...)."""
+  if not path.endswith('.py') or not os.path.isfile(path):
+    return False
   with open(path) as f:
     tree = ast.parse(f.read())
   for node in ast.walk(tree):
