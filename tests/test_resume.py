@@ -136,7 +136,7 @@ def _restore(workdir, config):
 @pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   """A real `python main.py` killed with SIGKILL mid-run, then rerun as is."""
-  steps = 8
+  steps = 12
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS='cpu')
 
@@ -184,7 +184,7 @@ def test_streaming_imagenet_folder_trains_and_resumes_after_sigkill(tmp_path, cr
   """`main.py --config=configs/imagenet.py --config.data.path=<1,000-class folder>` streams;
   killed with SIGKILL and rerun, it ends in the uninterrupted run's state. Both streamed
   forms: canvases cropped in the step (the default) and crops cut on the host."""
-  steps = 12
+  steps = 8
   # An ImageNet-layout folder: train/n<8 digits>/<i>.JPEG, 1,000 classes of 2 tiny photos.
   tree = helpers.image_tree(tmp_path / 'imagenet', {'train': 2}, classes=1000,
                             class_name='n{:08d}', ext='JPEG')
