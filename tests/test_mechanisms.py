@@ -205,7 +205,7 @@ def _run_bank_steps(config, devices, num_steps=2):
 
 @pytest.fixture(scope='module')
 def bank_runs():
-  config = _config('memory_bank', data__image_size=16)  # float64 convolutions are slow on CPU.
+  config = _config('memory_bank', data__image_size=rounding.IMAGE_SIZE)
   with rounding.precise(config):  # 1 vs 8 devices then differ by float64 rounding alone.
     return config, _run_bank_steps(config, jax.devices()[:1]), _run_bank_steps(config, jax.devices())
 
@@ -255,7 +255,8 @@ def test_memory_bank_one_and_eight_devices_agree(bank_runs):
 
 def test_end_to_end_one_and_eight_devices_agree_under_shuffle_bn():
   """Shuffle BN with 8 groups in all: the same groups, the same step on 1 device and on 8."""
-  config = _config('end_to_end', end_to_end__bn_mode='shuffle', data__image_size=16)
+  config = _config('end_to_end', end_to_end__bn_mode='shuffle',
+                   data__image_size=rounding.IMAGE_SIZE)
   runs = []
   with rounding.precise(config):  # Equal to float64 rounding (tests/rounding.py).
     for devices in (jax.devices()[:1], jax.devices()):

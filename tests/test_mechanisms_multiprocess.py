@@ -44,14 +44,15 @@ def _flags(method):
   return [f'--config.method={method}', f'--config.num_train_steps={STEPS}',
           f'--config.checkpoint_every_steps={STEPS}', '--config.log_every_steps=1',
           f'--config.memory_bank.num_negatives={NUM_NEGATIVES}',
-          f'--config.model.dtype={rounding.DTYPE}', '--config.data.image_size=16']
+          f'--config.model.dtype={rounding.DTYPE}',
+          f'--config.data.image_size={rounding.IMAGE_SIZE}']
 
 
 def _config(method):
   """What `_flags(method)` makes of configs/tiny.py."""
   config = helpers.run_config(method, STEPS, NUM_NEGATIVES)
   config.model.dtype = rounding.DTYPE
-  config.data.image_size = 16  # float64 convolutions are slow on XLA:CPU (test_multiprocess).
+  config.data.image_size = rounding.IMAGE_SIZE
   return config
 
 

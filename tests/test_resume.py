@@ -162,7 +162,7 @@ def test_on_device_data_reads_the_same_batches_as_the_host_pipeline(tmp_path):
   both in float64, within tests/rounding.py's bound; a batch read in another order or with
   other crops would be 1e5 times that."""
   config = _config(steps=2)
-  config.data.image_size = 16  # float64 convolutions are slow on XLA:CPU.
+  config.data.image_size = rounding.IMAGE_SIZE
   with rounding.precise(config) as config:
     host = jax.device_get(pretrain.train_and_evaluate(config, str(tmp_path / 'host')))
     config.data.on_device = True

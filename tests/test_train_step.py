@@ -65,7 +65,7 @@ def _run_steps(config, devices, num_steps=2):
 @pytest.fixture(scope='module')
 def sync_runs():
   """Two steps with sync BN on 1 and on 8 devices (shared: compiling is the slow part)."""
-  config = _config('sync', optim__weight_decay=0.1, data__image_size=16)  # float64 convs: slow.
+  config = _config('sync', optim__weight_decay=0.1, data__image_size=rounding.IMAGE_SIZE)
   with rounding.precise(config):  # float64: 1 vs 8 devices differ by float64 rounding alone.
     return config, _run_steps(config, jax.devices()[:1]), _run_steps(config, jax.devices())
 
