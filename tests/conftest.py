@@ -80,7 +80,7 @@ def pytest_xdist_make_scheduler(config, log):
   """pytest-xdist's load balancing, but a module with shared fixtures goes to one worker whole.
 
   Split across two workers, such a module builds its fixtures twice (test_multiprocess's chain of
-  2-process runs: ~70 s of CPU; one suite run in two, by chance). `--dist loadgroup` would do it
+  2-process runs, in some runs: docs/architecture.md, "Testing"). `--dist loadgroup` would do it
   with marks, but pytest-xdist 3.8 cannot rename pytest 9's test ids, so its groups never form.
   """
   if config.getvalue('dist') != 'load':  # Another --dist, asked for by name.

@@ -44,7 +44,8 @@ MAX_GROWTH = 1e7
 RTOL = MAX_GROWTH * np.finfo(np.float64).eps / 2
 # The image side of the float64 runs. XLA:CPU runs float64 convolutions as loops it generates
 # (float32 ones call a library), and the suite leaves them unoptimised (tests/conftest.py): a
-# tiny-ResNet float64 step is ~3.6x cheaper at 8 px than at 16 (docs/architecture.md, "Testing").
+# tiny-ResNet float64 step is several times cheaper at 8 px than at 16 (docs/architecture.md,
+# "Testing").
 # What these runs check (sums split across devices or processes) does not depend on the size.
 IMAGE_SIZE = 8
 

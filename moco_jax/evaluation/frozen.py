@@ -32,7 +32,7 @@ def random_init_encoder(config):
   `state.initial_encoder_variables`, which `state.create_train_state` uses
   too: the weights pretraining starts from with this config.seed. Compiled as one
   program, as `step.init_state` does: run op by op, a ResNet's initialisers
-  dispatch (and compile) a hundred small programs.
+  dispatch and compile a small program per operation.
   """
   encoder = registry.create(config, num_devices=1).encoder
   init = functools.partial(state_lib.initial_encoder_variables, encoder=encoder,
