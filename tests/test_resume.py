@@ -136,7 +136,7 @@ def _restore(workdir, config):
 @pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_uninterrupted_state(tmp_path):
   """A real `python main.py` killed with SIGKILL mid-run, then rerun as is."""
-  steps = 12
+  steps = 8
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS='cpu')
 
