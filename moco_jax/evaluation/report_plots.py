@@ -4,9 +4,8 @@ matplotlib draws the plots (through `matplotlib.figure.Figure`, which renders
 with Agg and touches no global pyplot state) and Pillow the image grids.
 matplotlib is imported by the functions that draw: main.py imports this module
 for every mode, and only a report draws (the start-up it saves: docs/architecture.md,
-"Testing"). Each
-function writes one PNG of a fixed pixel size, the same for any dataset, so a
-report reads the same for CIFAR-10 at 32 px and Imagenette at 128 px; the
+"Testing"). Each function writes one PNG of a fixed pixel size, the same for any
+dataset, so a report reads the same for CIFAR-10 at 32 px and Imagenette at 128 px; the
 sizes are module constants that the tests check. `moco_jax.evaluation.report` gathers
 the arrays and writes the HTML page around these pictures.
 """
